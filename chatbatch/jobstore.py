@@ -1,0 +1,228 @@
+"""Job records and job lines in Redis, shared by the producer and the worker.
+
+Every write of a line is idempotent: a line is stored once, keyed by job and input line number
+(one custom_id per line), and the job's counts move only when a line is stored for the first
+time. A redelivered task therefore never duplicates a line or a count.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import redis
+
+from chatbatch import keys
+from chatbatch.exceptions import JobNotFoundError
+from schemas.job import BatchJob, JobErrors, JobStatus, RequestCounts
+
+# KEYS: lines hash, job hash. ARGV: line number, stored JSON, count field ("completed"/"failed"),
+# generated tokens of the line.
+_RECORD_LINE = """
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
+  redis.call('HINCRBY', KEYS[2], ARGV[3], 1)
+  redis.call('HINCRBY', KEYS[2], 'generated_tokens', ARGV[4])
+  return 1
+end
+return 0
+"""
+
+# KEYS: job hash. ARGV: now. Moves a fully answered, fully enqueued job to its final status.
+_MAYBE_FINALIZE = """
+local job = KEYS[1]
+local status = redis.call('HGET', job, 'status')
+if redis.call('HGET', job, 'enqueued') ~= '1' then return status end
+local total = tonumber(redis.call('HGET', job, 'total') or '0')
+local done = tonumber(redis.call('HGET', job, 'completed') or '0')
+           + tonumber(redis.call('HGET', job, 'failed') or '0')
+if done < total then return status end
+if status == 'in_progress' or status == 'validating' or status == 'finalizing' then
+  redis.call('HSET', job, 'status', 'completed', 'finalizing_at', ARGV[1], 'completed_at', ARGV[1])
+  return 'completed'
+end
+if status == 'cancelling' then
+  redis.call('HSET', job, 'status', 'cancelled', 'cancelled_at', ARGV[1])
+  return 'cancelled'
+end
+return status
+"""
+
+_INT_FIELDS = (
+    "created_at",
+    "in_progress_at",
+    "expires_at",
+    "finalizing_at",
+    "completed_at",
+    "failed_at",
+    "expired_at",
+    "cancelling_at",
+    "cancelled_at",
+)
+
+
+class JobStore:
+    """Reads and writes job records and lines. Thread-safe (redis-py pools connections)."""
+
+    def __init__(self, client: redis.Redis, *, job_ttl: int) -> None:
+        self.redis = client
+        self.job_ttl = job_ttl
+        self._record_line = client.register_script(_RECORD_LINE)
+        self._finalize = client.register_script(_MAYBE_FINALIZE)
+
+    def create(
+        self,
+        job_id: str,
+        *,
+        input_file: str,
+        completion_window: str = "24h",
+        expires_in: int = 86_400,
+        metadata: dict[str, str] | None = None,
+        output_file: str | None = None,
+        error_file: str | None = None,
+    ) -> bool:
+        """Create the job record in `validating`; returns False if the id is taken."""
+        now = int(time.time())
+        fields: dict[str, Any] = {
+            "id": job_id,
+            "input_file": input_file,
+            "completion_window": completion_window,
+            "status": JobStatus.validating.value,
+            "created_at": now,
+            "expires_at": now + expires_in,
+            "total": 0,
+            "completed": 0,
+            "failed": 0,
+            "enqueued": 0,
+            "metadata": json.dumps(metadata or {}),
+            "output_file": output_file or f"redis:{job_id}/output",
+            "error_file": error_file or f"redis:{job_id}/errors",
+        }
+        if not self.redis.hsetnx(keys.job(job_id), "id", job_id):
+            return False
+        self.redis.hset(keys.job(job_id), mapping=fields)
+        self.redis.zadd(keys.JOBS, {job_id: now})
+        return True
+
+    def exists(self, job_id: str) -> bool:
+        return bool(self.redis.exists(keys.job(job_id)))
+
+    def get(self, job_id: str) -> BatchJob:
+        """The job record.
+
+        Raises:
+            JobNotFoundError: no such job (or it expired from Redis).
+        """
+        raw = self.redis.hgetall(keys.job(job_id))
+        if not raw:
+            raise JobNotFoundError(
+                f"no job {job_id!r} in Redis: check the id (chatbatch prints it at submit)"
+            )
+        data = {k.decode(): v.decode() for k, v in raw.items()}
+        record: dict[str, Any] = {
+            "id": data["id"],
+            "input_file": data.get("input_file", ""),
+            "completion_window": data.get("completion_window", "24h"),
+            "status": data["status"],
+            "output_file": data.get("output_file"),
+            "error_file": data.get("error_file"),
+            "request_counts": RequestCounts(
+                total=int(data.get("total", 0)),
+                completed=int(data.get("completed", 0)),
+                failed=int(data.get("failed", 0)),
+            ),
+            "metadata": json.loads(data.get("metadata", "{}")) or None,
+        }
+        for name in _INT_FIELDS:
+            if data.get(name):
+                record[name] = int(data[name])
+        if data.get("errors"):
+            record["errors"] = JobErrors.model_validate_json(data["errors"])
+        return BatchJob.model_validate(record)
+
+    def generated_tokens(self, job_id: str) -> int:
+        """Tokens generated for the job's answered lines so far (for progress displays)."""
+        return int(self.redis.hget(keys.job(job_id), "generated_tokens") or 0)
+
+    def status(self, job_id: str) -> JobStatus | None:
+        value = self.redis.hget(keys.job(job_id), "status")
+        return JobStatus(value.decode()) if value else None
+
+    def set_status(self, job_id: str, status: JobStatus, **fields: Any) -> None:
+        now = int(time.time())
+        self.redis.hset(
+            keys.job(job_id), mapping={"status": status.value, f"{status.value}_at": now, **fields}
+        )
+
+    def start(self, job_id: str) -> None:
+        """validating -> in_progress, once."""
+        if self.status(job_id) == JobStatus.validating:
+            self.set_status(job_id, JobStatus.in_progress)
+
+    def add_inputs(self, job_id: str, lines: dict[int, str]) -> None:
+        """Remember the valid lines (number -> custom_id) before they are enqueued."""
+        if lines:
+            self.redis.hset(keys.job_inputs(job_id), mapping=lines)
+
+    def finish_enqueueing(self, job_id: str, total: int) -> JobStatus | None:
+        """Record the line count once every line was enqueued or answered; may end the job."""
+        self.redis.hset(keys.job(job_id), mapping={"total": total, "enqueued": 1})
+        self.start(job_id)
+        return self.maybe_finalize(job_id)
+
+    def record_line(
+        self, job_id: str, line: int, kind: str, payload: dict[str, Any], *, tokens: int = 0
+    ) -> bool:
+        """Store the output or error line of input line `line`; False if it was stored before.
+
+        Args:
+            kind: "output" or "error".
+            payload: the BatchRequestOutput as a dict.
+        """
+        value = json.dumps({"kind": kind, "line": payload}, separators=(",", ":"))
+        count = "completed" if kind == "output" else "failed"
+        stored = self._record_line(
+            keys=[keys.job_lines(job_id), keys.job(job_id)], args=[line, value, count, tokens]
+        )
+        return bool(stored)
+
+    def recorded(self, job_id: str, lines: list[int]) -> list[bool]:
+        """Which of these input lines already have an output or error line."""
+        if not lines:
+            return []
+        return [bool(v) for v in self.redis.hmget(keys.job_lines(job_id), lines)]
+
+    def maybe_finalize(self, job_id: str) -> JobStatus | None:
+        """End the job if every line is answered; sets the TTL of its keys when it ends."""
+        value = self._finalize(keys=[keys.job(job_id)], args=[int(time.time())])
+        if value is None:
+            return None
+        status = JobStatus(value.decode() if isinstance(value, bytes) else value)
+        if status.is_final:
+            for key in (
+                keys.job(job_id),
+                keys.job_lines(job_id),
+                keys.job_inputs(job_id),
+                keys.job_deliveries(job_id),
+            ):
+                self.redis.expire(key, self.job_ttl)
+        return status
+
+    def count_delivery(self, job_id: str, chunk: int) -> int:
+        """Count one more delivery of a chunk task; returns the count including this one."""
+        key = keys.job_deliveries(job_id)
+        count = int(self.redis.hincrby(key, str(chunk), 1))
+        self.redis.expire(key, self.job_ttl)
+        return count
+
+    def iter_lines(self, job_id: str) -> Iterator[tuple[int, str, str]]:
+        """(input line, kind, JSON line) for every stored line, in input order."""
+        numbers = sorted(int(k) for k in self.redis.hkeys(keys.job_lines(job_id)))
+        for start in range(0, len(numbers), 1000):
+            batch = numbers[start : start + 1000]
+            for number, raw in zip(batch, self.redis.hmget(keys.job_lines(job_id), batch)):
+                if raw is None:
+                    continue
+                item = json.loads(raw)
+                yield number, item["kind"], json.dumps(item["line"], separators=(",", ":"))

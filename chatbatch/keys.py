@@ -1,0 +1,52 @@
+"""Every Redis key chatbatch uses, one helper per key. Celery's own keys are not listed here."""
+
+from __future__ import annotations
+
+PREFIX = "chatbatch:"
+
+#: Sorted set: served model name -> last heartbeat (unix seconds).
+MODELS = PREFIX + "models"
+
+
+def model_workers(model: str) -> str:
+    """Hash: worker hostname -> JSON heartbeat (pid, loads, requests served)."""
+    return f"{PREFIX}model:{model}:workers"
+
+
+def result(request_id: str) -> str:
+    """String: a single request's chat.completion or error record (JSON), with a TTL."""
+    return f"{PREFIX}result:{request_id}"
+
+
+def result_ready(request_id: str) -> str:
+    """List: one element pushed when the result is stored; lets the caller block on BLPOP."""
+    return f"{PREFIX}result:{request_id}:ready"
+
+
+def job(job_id: str) -> str:
+    """Hash: the job record's fields."""
+    return f"{PREFIX}job:{job_id}"
+
+
+def job_lines(job_id: str) -> str:
+    """Hash: input line number -> JSON {"kind": "output"|"error", "line": output line}."""
+    return f"{PREFIX}job:{job_id}:lines"
+
+
+def job_inputs(job_id: str) -> str:
+    """Hash: input line number -> custom_id, for every valid line (resume and cancel use it)."""
+    return f"{PREFIX}job:{job_id}:inputs"
+
+
+def job_deliveries(job_id: str) -> str:
+    """Hash: chunk number -> times it was delivered to a worker."""
+    return f"{PREFIX}job:{job_id}:deliveries"
+
+
+def request_deliveries(request_id: str) -> str:
+    """String counter: times a single request's task was delivered."""
+    return f"{PREFIX}result:{request_id}:deliveries"
+
+
+#: Sorted set of job ids by creation time.
+JOBS = PREFIX + "jobs"

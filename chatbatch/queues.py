@@ -1,0 +1,66 @@
+"""Queue and task names, and the Celery configuration both sides share."""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+    from chatbatch.settings import Settings
+
+#: Consumed by every worker unless it is started with --queue; takes requests without a model.
+DEFAULT_QUEUE = "chatbatch"
+#: Task names: the producer sends by name and never imports the worker.
+TASK_CHAT = "chatbatch.chat"
+TASK_CHUNK = "chatbatch.chunk"
+
+
+def model_queue(model: str) -> str:
+    """The queue of requests that name `model`."""
+    safe = re.sub(r"[^A-Za-z0-9_.\-/]", "_", model)
+    return f"chatbatch.model.{safe}"
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Celery settings; the reasons are in docs/reliability.md and docs/engine.md."""
+    transport = {
+        # Longer than the longest task, or Redis hands the task to a second worker meanwhile.
+        "visibility_timeout": settings.visibility_timeout,
+    }
+    return {
+        "broker_url": settings.redis_url,
+        "broker_transport_options": transport,
+        "result_backend_transport_options": transport,
+        # JSON only: a pickled message is refused by the worker, never run.
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "event_serializer": "json",
+        # Results are written by the tasks themselves, keyed by request and line.
+        "task_ignore_result": True,
+        # At-least-once: ack after the work is stored; requeue if the worker dies mid-task.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        # On SIGTERM, finish quickly, then put unfinished tasks back on the queue.
+        "worker_soft_shutdown_timeout": 10.0,
+        "worker_enable_soft_shutdown_on_idle": True,
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,
+        "task_default_queue": DEFAULT_QUEUE,
+        "task_create_missing_queues": True,
+        "worker_hijack_root_logger": False,
+        "worker_redirect_stdouts": False,
+    }
+
+
+def make_celery(settings: Settings, name: str = "chatbatch") -> Celery:
+    """A Celery app configured for chatbatch (no tasks registered)."""
+    from celery import Celery
+
+    app = Celery(name)
+    app.conf.update(celery_config(settings))
+    return app

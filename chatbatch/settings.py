@@ -1,0 +1,75 @@
+"""The one settings object. No other module reads the environment."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+class Settings(BaseSettings):
+    """chatbatch configuration, from `CHATBATCH_*` environment variables.
+
+    S3 access is configured through boto3's own chain (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`,
+    ...), never here.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="CHATBATCH_", extra="ignore")
+
+    #: Broker, job records and results. `rediss://` for TLS; a password goes in the URL.
+    redis_url: str = DEFAULT_REDIS_URL
+    #: The model a worker serves when `--model` is not given; empty means the default model.
+    model_uri: str = ""
+    #: Where converted models and other caches live.
+    home: Path = Field(default_factory=lambda: Path.home() / ".cache" / "chatbatch")
+    #: How long a single request's result stays readable in Redis, in seconds.
+    result_ttl: int = Field(default=86_400, ge=1)
+    #: How long a job's record and lines stay in Redis after it ends, in seconds.
+    job_ttl: int = Field(default=7 * 86_400, ge=1)
+    #: Seconds a task may stay unacknowledged before Redis redelivers it to another worker.
+    visibility_timeout: int = Field(default=3_600, ge=1)
+    #: Deliveries of one task before its requests become `internal_error` lines.
+    max_deliveries: int = Field(default=3, ge=1)
+    #: Largest input line, in bytes (OpenAI: 1 MB... per request body).
+    max_line_bytes: int = Field(default=1_000_000, ge=1)
+    #: Largest input file, in bytes (OpenAI: 200 MB).
+    max_file_bytes: int = Field(default=200 * 1024 * 1024, ge=1)
+    #: Most lines in one input file (OpenAI: 50,000).
+    max_file_lines: int = Field(default=50_000, ge=1)
+    #: Lines per Celery message when a file is enqueued.
+    chunk_size: int = Field(default=32, ge=1)
+    #: Most sequences (requests times n) in one generate call.
+    max_batch_size: int = Field(default=32, ge=1)
+    #: Most prompt plus new tokens in one batch (padding included); bounds activation memory.
+    max_batch_tokens: int = Field(default=65_536, ge=1)
+    #: How long the engine waits for more requests before running a partial batch, in ms.
+    batch_wait_ms: int = Field(default=20, ge=0)
+    #: max_tokens used when a request sends none (capped by the model's context).
+    default_max_tokens: int = Field(default=1_024, ge=1)
+    #: Where the model runs: auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ...
+    device: str = "auto"
+    #: Seconds between a worker's heartbeats in the model registry.
+    heartbeat_interval: float = Field(default=5.0, gt=0)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(
+                "CHATBATCH_REDIS_URL must start with redis://, rediss:// or unix://"
+            )
+        return value
+
+    @property
+    def model_cache(self) -> Path:
+        return self.home / "models"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read from the environment once."""
+    return Settings()

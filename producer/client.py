@@ -1,0 +1,312 @@
+"""The producer's Python API: submit chat requests and JSONL jobs to Redis for the workers."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from chatbatch import keys, registry
+from chatbatch.exceptions import ConfigurationError, InputTooLargeError, JobNotFoundError
+from chatbatch.jobstore import JobStore
+from chatbatch.queues import DEFAULT_QUEUE, TASK_CHAT, TASK_CHUNK, make_celery, model_queue
+from chatbatch.redisconn import connect
+from chatbatch.settings import Settings, get_settings
+from producer.handles import JobHandle, RequestHandle
+from producer.reader import check_size, iter_lines, open_input
+from schemas.batch import LineError, error_line, parse_batch_line
+from schemas.chat import ChatCompletion, check_metadata, parse_chat_request
+from schemas.errors import ErrorCode, RequestError
+from schemas.job import BatchJob, JobStatus
+
+logger = logging.getLogger(__name__)
+
+def _seconds(window: str) -> int:
+    """'24h', '90m', '3600s' -> seconds."""
+    units = {"h": 3600, "m": 60, "s": 1}
+    if len(window) < 2 or window[-1] not in units or not window[:-1].isdigit() or int(window[:-1]) < 1:
+        raise ConfigurationError(
+            f"completion window {window!r} is not a duration: use e.g. 24h, 90m or 3600s"
+        )
+    return int(window[:-1]) * units[window[-1]]
+
+
+class Client:
+    """Submits work and hands back handles.
+
+    Args:
+        settings: defaults to the environment's (`CHATBATCH_*`).
+        redis_client: an existing connection to reuse.
+
+    Raises:
+        ConfigurationError: Redis cannot be reached.
+    """
+
+    def __init__(self, settings: Settings | None = None, *, redis_client: redis.Redis | None = None) -> None:
+        self.settings = settings or get_settings()
+        self.redis = redis_client or connect(self.settings.redis_url)
+        self.store = JobStore(self.redis, job_ttl=self.settings.job_ttl)
+        self._celery: Any = None
+        self._live: tuple[float, set[str]] = (0.0, set())
+
+    @property
+    def celery(self) -> Any:
+        if self._celery is None:
+            self._celery = make_celery(self.settings, name="chatbatch.producer")
+        return self._celery
+
+    def models(self) -> dict[str, list[dict[str, object]]]:
+        """The model names live workers serve, with their workers' heartbeats."""
+        return registry.live_models(self.redis)
+
+    def _queue_for(self, model: str | None) -> str:
+        if model is None:
+            return DEFAULT_QUEUE
+        fetched, live = self._live
+        if model not in live or time.monotonic() - fetched > 5:
+            live = set(registry.live_models(self.redis))
+            self._live = (time.monotonic(), live)
+        if model not in live:
+            served = ", ".join(sorted(live)) or "none"
+            raise RequestError(
+                ErrorCode.model_not_found,
+                f"no live worker serves model {model!r} (served now: {served}): start "
+                f"`chatbatch worker --model URI --served-model-name {model}` or omit 'model'",
+                param="model",
+            )
+        return model_queue(model)
+
+    # Single requests.
+
+    def submit(self, body: dict[str, Any], *, request_id: str | None = None) -> RequestHandle:
+        """Enqueue one chat request (an OpenAI `/v1/chat/completions` body).
+
+        Raises:
+            RequestError: the body is invalid, or names a model no worker serves.
+        """
+        request = parse_chat_request(body)
+        queue = self._queue_for(request.model)
+        request_id = request_id or f"chatreq_{uuid.uuid4().hex}"
+        self.celery.send_task(
+            TASK_CHAT, args=[request_id, request.model_dump(exclude_none=True)], queue=queue
+        )
+        return RequestHandle(request_id, self)
+
+    def chat(self, body: dict[str, Any], *, timeout: float | None = None) -> ChatCompletion:
+        """Submit one request and wait for its chat.completion."""
+        return self.submit(body).result(timeout)
+
+    def request(self, request_id: str) -> RequestHandle:
+        return RequestHandle(request_id, self)
+
+    # Batch jobs.
+
+    def job(self, job_id: str) -> JobHandle:
+        """A handle on an existing job.
+
+        Raises:
+            JobNotFoundError: no such job.
+        """
+        if not self.store.exists(job_id):
+            raise JobNotFoundError(f"no job {job_id!r} in Redis: check the id")
+        return JobHandle(job_id, self)
+
+    def submit_file(
+        self,
+        source: str,
+        *,
+        job_id: str | None = None,
+        metadata: dict[str, str] | None = None,
+        output: str | None = None,
+        errors: str | None = None,
+        completion_window: str = "24h",
+    ) -> JobHandle:
+        """Validate a JSONL file of batch lines as a stream and enqueue its valid lines.
+
+        Bad lines become error lines (with their line number and code) at once; the good lines
+        run. Submitting again with the id of an unfinished job resumes it: only lines without an
+        answer are enqueued again, and no line is ever answered twice.
+
+        Raises:
+            ConfigurationError: unreadable file, bad metadata, or the job already ended.
+            InputTooLargeError: the file is over the byte or line limit.
+        """
+        settings = self.settings
+        if source.startswith("s3://"):
+            raise ConfigurationError(
+                f"{source}: S3 input is not supported by this version: download the file first"
+            )
+        if metadata:
+            try:
+                check_metadata(metadata)
+            except ValueError as error:
+                raise ConfigurationError(f"--metadata: {error}") from None
+        stream, size = open_input(source)
+        with stream:
+            check_size(source, size, settings.max_file_bytes)
+            count = _count_lines(stream)
+            if count > settings.max_file_lines:
+                raise InputTooLargeError(
+                    f"{source} has {count:,} lines, over the limit of {settings.max_file_lines:,}: "
+                    "split the file or raise CHATBATCH_MAX_FILE_LINES"
+                )
+            stream.seek(0)
+            return self._enqueue(
+                stream,
+                source=str(Path(source).expanduser().resolve()),
+                job_id=job_id or f"batch_{uuid.uuid4().hex}",
+                metadata=metadata,
+                output=output,
+                errors=errors,
+                completion_window=completion_window,
+            )
+
+    def _enqueue(
+        self,
+        stream: Any,
+        *,
+        source: str,
+        job_id: str,
+        metadata: dict[str, str] | None,
+        output: str | None,
+        errors: str | None,
+        completion_window: str,
+    ) -> JobHandle:
+        settings = self.settings
+        store = self.store
+        created = store.create(
+            job_id,
+            input_file=source,
+            completion_window=completion_window,
+            expires_in=_seconds(completion_window),
+            metadata=metadata,
+            output_file=output,
+            error_file=errors,
+        )
+        if not created:
+            job = store.get(job_id)
+            if job.status.is_final:
+                raise ConfigurationError(
+                    f"job {job_id} already ended ({job.status.value}): read it with "
+                    f"`chatbatch results {job_id}`, or submit without --job-id for a new job"
+                )
+            if job.input_file != source:
+                raise ConfigurationError(
+                    f"job {job_id} was submitted from {job.input_file}, not {source}: resume it "
+                    "with the same file"
+                )
+            logger.info("resuming job %s", job_id)
+        seen: dict[str, int] = {}
+        chunks: dict[str, list[dict[str, Any]]] = {}
+        chunk_number = 0
+        total = 0
+
+        def flush(queue: str) -> None:
+            nonlocal chunk_number
+            items = chunks.pop(queue, [])
+            if not items:
+                return
+            answered = store.recorded(job_id, [item["line"] for item in items])
+            items = [item for item, done in zip(items, answered) if not done]
+            chunk_number += 1
+            if not items:
+                return
+            store.add_inputs(job_id, {item["line"]: item["custom_id"] for item in items})
+            self.celery.send_task(TASK_CHUNK, args=[job_id, chunk_number, items], queue=queue)
+            store.start(job_id)
+
+        for number, raw, length in iter_lines(stream, max_line_bytes=settings.max_line_bytes):
+            if raw is not None and not raw.strip():
+                continue  # blank lines carry no request and get no answer
+            total += 1
+            try:
+                if raw is None:
+                    raise LineError(
+                        number,
+                        RequestError(
+                            ErrorCode.line_too_large,
+                            f"line {number} is {length:,} bytes, over the limit of "
+                            f"{settings.max_line_bytes:,}: shorten it or raise "
+                            "CHATBATCH_MAX_LINE_BYTES",
+                        ),
+                    )
+                parsed = parse_batch_line(raw, number, max_line_bytes=settings.max_line_bytes)
+                if parsed.custom_id in seen:
+                    raise LineError(
+                        number,
+                        RequestError(
+                            ErrorCode.duplicate_custom_id,
+                            f"line {number}: custom_id {parsed.custom_id!r} repeats line "
+                            f"{seen[parsed.custom_id]}: give every line its own custom_id",
+                        ),
+                        parsed.custom_id,
+                    )
+                seen[parsed.custom_id] = number
+                try:
+                    queue = self._queue_for(parsed.body.model)
+                except RequestError as error:
+                    raise LineError(number, RequestError(error.code, f"line {number}: {error.message}"), parsed.custom_id) from None
+            except LineError as problem:
+                line = error_line(
+                    line_id=f"batch_req_{uuid.uuid4().hex}",
+                    custom_id=problem.custom_id,
+                    code=problem.error.code,
+                    message=problem.error.message,
+                    line=number,
+                )
+                store.record_line(job_id, number, "error", line.model_dump())
+                continue
+            chunks.setdefault(queue, []).append(
+                {"line": number, "custom_id": parsed.custom_id, "body": parsed.body.model_dump(exclude_none=True)}
+            )
+            if len(chunks[queue]) >= settings.chunk_size:
+                flush(queue)
+        for queue in list(chunks):
+            flush(queue)
+        status = store.finish_enqueueing(job_id, total)
+        logger.info("job %s: %d lines enqueued from %s (%s)", job_id, total, source, status)
+        return JobHandle(job_id, self)
+
+    def cancel(self, job_id: str) -> BatchJob:
+        """Cancel a job: no new line starts; unanswered lines become `cancelled` error lines.
+
+        A batch already running on a worker finishes, and its answers are kept.
+        """
+        store = self.store
+        job = store.get(job_id)
+        if job.status.is_final:
+            return job
+        store.set_status(job_id, JobStatus.cancelling)
+        inputs = self.redis.hgetall(keys.job_inputs(job_id))
+        numbers = sorted(int(k) for k in inputs)
+        for start in range(0, len(numbers), 1000):
+            batch = numbers[start : start + 1000]
+            for number, done in zip(batch, store.recorded(job_id, batch)):
+                if done:
+                    continue
+                line = error_line(
+                    line_id=f"batch_req_{uuid.uuid4().hex}",
+                    custom_id=inputs[str(number).encode()].decode(),
+                    code=ErrorCode.cancelled,
+                    message="the job was cancelled before this line ran",
+                    line=number,
+                )
+                store.record_line(job_id, number, "error", line.model_dump())
+        store.maybe_finalize(job_id)
+        return store.get(job_id)
+
+
+def _count_lines(stream: Any) -> int:
+    count = 0
+    last = b"\n"
+    while True:
+        block = stream.read(1 << 20)
+        if not block:
+            break
+        count += block.count(b"\n")
+        last = block[-1:]
+    return count + (0 if last == b"\n" else 1)

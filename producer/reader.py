@@ -1,0 +1,60 @@
+"""Reading JSONL input as a stream: memory stays flat however large the file."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from chatbatch.exceptions import ConfigurationError, InputTooLargeError
+
+_READ = 64 * 1024
+
+
+def open_input(source: str) -> tuple[BinaryIO, int]:
+    """Open a local input file; returns the stream and its size in bytes.
+
+    Raises:
+        ConfigurationError: the file is missing or unreadable.
+    """
+    path = Path(source).expanduser()
+    try:
+        stream = path.open("rb")
+        size = os.fstat(stream.fileno()).st_size
+    except OSError as error:
+        raise ConfigurationError(f"cannot read {source}: {error.strerror}: check the path") from None
+    return stream, size
+
+
+def check_size(source: str, size: int, max_bytes: int) -> None:
+    if size > max_bytes:
+        raise InputTooLargeError(
+            f"{source} is {size:,} bytes, over the limit of {max_bytes:,}: split the file or "
+            "raise CHATBATCH_MAX_FILE_BYTES"
+        )
+
+
+def iter_lines(stream: BinaryIO, *, max_line_bytes: int) -> Iterator[tuple[int, bytes | None, int]]:
+    """(1-based line number, raw line without its newline, size in bytes) for each line.
+
+    A line longer than `max_line_bytes` is never held in memory: it comes back as None with its
+    full size, and the caller turns it into a `line_too_large` error line.
+    """
+    number = 0
+    while True:
+        head = stream.readline(max_line_bytes + 2)
+        if not head:
+            return
+        number += 1
+        raw = head.rstrip(b"\r\n")
+        if len(raw) <= max_line_bytes:
+            yield number, raw, len(raw)
+            continue
+        size = len(raw)
+        while not head.endswith(b"\n"):  # skip the rest of the line
+            head = stream.readline(_READ)
+            if not head:
+                break
+            size += len(head.rstrip(b"\r\n"))
+        yield number, None, size

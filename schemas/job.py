@@ -1,0 +1,72 @@
+"""The job record: the OpenAI Batch object."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Literal
+
+from pydantic import BaseModel
+
+
+class JobStatus(str, Enum):
+    """Lifecycle of a batch job, as in the OpenAI Batch API."""
+
+    validating = "validating"
+    in_progress = "in_progress"
+    finalizing = "finalizing"
+    completed = "completed"
+    failed = "failed"
+    cancelling = "cancelling"
+    cancelled = "cancelled"
+    expired = "expired"
+
+    @property
+    def is_final(self) -> bool:
+        return self in (JobStatus.completed, JobStatus.failed, JobStatus.cancelled, JobStatus.expired)
+
+
+class RequestCounts(BaseModel):
+    """How many lines the job has, and how many ended as results and as errors."""
+
+    total: int = 0
+    completed: int = 0
+    failed: int = 0
+
+
+class JobError(BaseModel):
+    """A problem with the job as a whole (not one line)."""
+
+    code: str
+    message: str
+    line: int | None = None
+    param: str | None = None
+
+
+class JobErrors(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[JobError] = []
+
+
+class BatchJob(BaseModel):
+    """The OpenAI Batch object, as `chatbatch status` prints it."""
+
+    id: str
+    object: Literal["batch"] = "batch"
+    endpoint: str = "/v1/chat/completions"
+    errors: JobErrors | None = None
+    input_file: str
+    completion_window: str = "24h"
+    status: JobStatus
+    output_file: str | None = None
+    error_file: str | None = None
+    created_at: int
+    in_progress_at: int | None = None
+    expires_at: int | None = None
+    finalizing_at: int | None = None
+    completed_at: int | None = None
+    failed_at: int | None = None
+    expired_at: int | None = None
+    cancelling_at: int | None = None
+    cancelled_at: int | None = None
+    request_counts: RequestCounts
+    metadata: dict[str, str] | None = None

@@ -1,0 +1,1 @@
+"""The worker: owns the model, the batching engine and the result sinks."""

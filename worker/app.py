@@ -1,0 +1,196 @@
+"""The Celery app of the worker, and its two tasks.
+
+Tasks run in Celery's threads pool: each task thread hands its requests to the process's one
+engine and waits, so the requests of many tasks meet in one batch (docs/engine.md).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from chatbatch import keys
+from chatbatch.jobstore import JobStore
+from chatbatch.queues import TASK_CHAT, TASK_CHUNK, make_celery
+from chatbatch.settings import Settings, get_settings
+from schemas.batch import BatchRequestOutput, BatchResponse, error_line
+from schemas.chat import ChatCompletion, parse_chat_request
+from schemas.errors import ErrorCode, RequestError
+from schemas.job import JobStatus
+from worker.engine import Engine
+
+logger = logging.getLogger(__name__)
+
+app = make_celery(get_settings(), name="chatbatch.worker")
+
+
+@dataclass
+class WorkerState:
+    """What one worker process holds: set up once by worker.main before consuming."""
+
+    settings: Settings
+    redis: redis.Redis
+    store: JobStore
+    engine: Engine
+    served_name: str
+
+
+_state: WorkerState | None = None
+
+
+def install(state: WorkerState) -> None:
+    global _state
+    _state = state
+
+
+def state() -> WorkerState:
+    if _state is None:
+        raise RuntimeError("the worker's model is not loaded: start workers with `chatbatch worker`")
+    return _state
+
+
+def _request_error_record(error: RequestError) -> dict[str, Any]:
+    return {"error": {"code": error.code.value, "message": error.message, "param": error.param}}
+
+
+def _check_model(request_model: str | None, served: str) -> None:
+    if request_model is not None and request_model != served:
+        raise RequestError(
+            ErrorCode.model_not_found,
+            f"model {request_model!r} is not served here (this worker serves {served!r}): "
+            "start a worker with that model, or omit 'model'",
+            param="model",
+        )
+
+
+def _store_result(s: WorkerState, request_id: str, record: dict[str, Any]) -> None:
+    """Store a single request's result once; later deliveries of the same request keep it."""
+    ttl = s.settings.result_ttl
+    if s.redis.set(keys.result(request_id), json.dumps(record), nx=True, ex=ttl):
+        pipe = s.redis.pipeline()
+        pipe.rpush(keys.result_ready(request_id), 1)
+        pipe.expire(keys.result_ready(request_id), ttl)
+        pipe.execute()
+
+
+@app.task(name=TASK_CHAT, bind=True)
+def chat(self: Any, request_id: str, body: dict[str, Any]) -> None:
+    """Answer one chat request; the result goes to Redis under the request id."""
+    s = state()
+    if s.redis.exists(keys.result(request_id)):
+        return
+    deliveries = int(s.redis.incr(keys.request_deliveries(request_id)))
+    s.redis.expire(keys.request_deliveries(request_id), s.settings.result_ttl)
+    if deliveries > s.settings.max_deliveries:
+        error = RequestError(
+            ErrorCode.internal_error,
+            f"the request was delivered {deliveries - 1} times and its worker died each time; "
+            "it was not retried again",
+        )
+        _store_result(s, request_id, _request_error_record(error))
+        return
+    started = time.monotonic()
+    try:
+        request = parse_chat_request(body)
+        _check_model(request.model, s.served_name)
+        completion = s.engine.submit(request, request_id).result()
+        record: dict[str, Any] = completion.model_dump()
+    except RequestError as error:
+        record = _request_error_record(error)
+    _store_result(s, request_id, record)
+    logger.info("request %s answered in %.2fs", request_id, time.monotonic() - started)
+
+
+def _output_line(custom_id: str, completion: ChatCompletion) -> BatchRequestOutput:
+    return BatchRequestOutput(
+        id=f"batch_req_{uuid.uuid4().hex}",
+        custom_id=custom_id,
+        response=BatchResponse(
+            status_code=200, request_id=f"req_{uuid.uuid4().hex}", body=completion.model_dump()
+        ),
+        error=None,
+    )
+
+
+def _error(custom_id: str, line: int, error: RequestError, *, with_response: bool = True) -> BatchRequestOutput:
+    return error_line(
+        line_id=f"batch_req_{uuid.uuid4().hex}",
+        custom_id=custom_id,
+        code=error.code,
+        message=error.message,
+        line=line,
+        request_id=f"req_{uuid.uuid4().hex}" if with_response else None,
+    )
+
+
+@app.task(name=TASK_CHUNK, bind=True)
+def chunk(self: Any, job_id: str, number: int, items: list[dict[str, Any]]) -> None:
+    """Answer a chunk of a job's lines; each answer is stored once, keyed by line number.
+
+    Args:
+        job_id: the job.
+        number: the chunk's number within the job (counts its deliveries).
+        items: {"line", "custom_id", "body"} for each valid input line of the chunk.
+    """
+    s = state()
+    store = s.store
+    started = time.monotonic()
+    done = store.recorded(job_id, [item["line"] for item in items])
+    todo = [item for item, stored in zip(items, done) if not stored]
+    if not todo:
+        store.maybe_finalize(job_id)
+        return
+    deliveries = store.count_delivery(job_id, number)
+    status = store.status(job_id)
+    if status in (JobStatus.cancelling, JobStatus.cancelled):
+        for item in todo:
+            error = RequestError(ErrorCode.cancelled, "the job was cancelled before this line ran")
+            store.record_line(job_id, item["line"], "error", _error(item["custom_id"], item["line"], error, with_response=False).model_dump())
+        store.maybe_finalize(job_id)
+        return
+    if deliveries > s.settings.max_deliveries:
+        for item in todo:
+            error = RequestError(
+                ErrorCode.internal_error,
+                f"this line's task was delivered {deliveries - 1} times and its worker died each "
+                "time; it was not retried again",
+            )
+            store.record_line(job_id, item["line"], "error", _error(item["custom_id"], item["line"], error).model_dump())
+        store.maybe_finalize(job_id)
+        return
+    pending: list[tuple[dict[str, Any], Future[ChatCompletion] | RequestError]] = []
+    for item in todo:
+        try:
+            request = parse_chat_request(item["body"], prefix="body.")
+            _check_model(request.model, s.served_name)
+            pending.append((item, s.engine.submit(request, f"{job_id}:{item['line']}")))
+        except RequestError as error:
+            pending.append((item, error))
+    completed = failed = 0
+    for item, outcome in pending:
+        try:
+            if isinstance(outcome, RequestError):
+                raise outcome
+            completion = outcome.result()
+            line = _output_line(item["custom_id"], completion)
+            tokens = completion.usage.completion_tokens
+            kind = "output"
+            completed += 1
+        except RequestError as error:
+            line = _error(item["custom_id"], item["line"], error)
+            tokens = 0
+            kind = "error"
+            failed += 1
+        store.record_line(job_id, item["line"], kind, line.model_dump(), tokens=tokens)
+    status = store.maybe_finalize(job_id)
+    logger.info(
+        "job %s chunk %d: %d answered, %d errors in %.2fs (job %s)",
+        job_id, number, completed, failed, time.monotonic() - started, status.value if status else "?",
+    )

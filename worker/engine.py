@@ -1,0 +1,211 @@
+"""The batching engine: one thread owns the model and runs the requests of many tasks together.
+
+Celery task threads call `Engine.submit()` and wait on the returned future. The engine thread
+collects pending requests until `max_batch_size` sequences or the `batch_wait` deadline, groups
+them by prompt length (length bucketing keeps padding low), and hands each group to the runner
+as one batched generation. A request's error resolves only its own future.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from schemas.chat import ChatCompletion, ChatCompletionRequest
+from schemas.errors import ErrorCode, RequestError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Pending:
+    """A request waiting for the engine, with what the runner prepared for it."""
+
+    request: ChatCompletionRequest
+    request_id: str
+    future: Future[ChatCompletion]
+    prepared: Any = None
+    #: Rows this request occupies in a batch (its `n`).
+    rows: int = 1
+    #: Prompt tokens plus new tokens of one row; used to size batches.
+    cost: int = 0
+    enqueued_at: float = field(default_factory=time.monotonic)
+
+
+class Runner(Protocol):
+    """Model-specific hooks: set up once per process, then prepare and run batches."""
+
+    #: The name the worker serves, reported as `model` in every completion.
+    served_name: str
+    #: Whether `run_batch` benefits from many requests at once.
+    batched: bool
+
+    def prepare(self, item: Pending) -> None:
+        """Tokenize and check one request; raise RequestError for a bad one."""
+
+    def run_batch(self, items: list[Pending]) -> list[ChatCompletion | RequestError]:
+        """Generate for all items; one result or error per item, in order."""
+
+
+class Engine:
+    """Collects requests from many threads into batches for one runner.
+
+    Args:
+        runner: the model runner; only the engine thread calls it.
+        max_batch_size: most sequences (requests times n) per batch.
+        max_batch_tokens: most padded prompt-plus-new tokens per batch.
+        batch_wait: seconds to wait for more requests before running a partial batch; 0 runs
+            whatever is pending at once.
+    """
+
+    def __init__(
+        self,
+        runner: Runner,
+        *,
+        max_batch_size: int = 32,
+        max_batch_tokens: int = 65_536,
+        batch_wait: float = 0.02,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
+        if max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens must be at least 1, got {max_batch_tokens}")
+        if batch_wait < 0:
+            raise ValueError(f"batch_wait must not be negative, got {batch_wait}")
+        self.runner = runner
+        self.max_batch_size = max_batch_size if runner.batched else 1
+        self.max_batch_tokens = max_batch_tokens
+        self.batch_wait = batch_wait
+        self._queue: queue.Queue[Pending | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self.stats = {"requests": 0, "batches": 0, "generated_tokens": 0, "largest_batch": 0}
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="chatbatch-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stopping.set()
+        self._queue.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def submit(self, request: ChatCompletionRequest, request_id: str) -> Future[ChatCompletion]:
+        """Queue one request; the future holds its ChatCompletion or raises RequestError."""
+        future: Future[ChatCompletion] = Future()
+        if self._stopping.is_set():
+            future.set_exception(
+                RequestError(ErrorCode.internal_error, "the worker is shutting down")
+            )
+            return future
+        self._queue.put(Pending(request=request, request_id=request_id, future=future))
+        return future
+
+    # The engine thread.
+
+    def _loop(self) -> None:
+        backlog: list[Pending] = []
+        while not self._stopping.is_set():
+            if not backlog:
+                item = self._queue.get()
+                if item is None:
+                    break
+                self._admit(item, backlog)
+            self._collect(backlog)
+            if not backlog:
+                continue
+            batch, backlog = self._choose_batch(backlog)
+            self._run(batch)
+        for item in backlog:
+            item.future.set_exception(
+                RequestError(ErrorCode.internal_error, "the worker stopped before this request ran")
+            )
+
+    def _admit(self, item: Pending, backlog: list[Pending]) -> None:
+        """Prepare a request; a bad one is answered at once and never reaches a batch."""
+        if not item.future.set_running_or_notify_cancel():
+            return
+        try:
+            self.runner.prepare(item)
+        except RequestError as error:
+            item.future.set_exception(error)
+            return
+        except Exception as error:  # a tokenizer bug must not take the engine down
+            logger.exception("preparing request %s failed", item.request_id)
+            item.future.set_exception(
+                RequestError(ErrorCode.internal_error, f"could not prepare the request: {error}")
+            )
+            return
+        backlog.append(item)
+
+    def _collect(self, backlog: list[Pending]) -> None:
+        """Take what is pending, waiting up to batch_wait for a full batch."""
+        deadline = time.monotonic() + self.batch_wait
+        while True:
+            rows = sum(item.rows for item in backlog)
+            if rows >= self.max_batch_size:
+                timeout = 0.0
+            else:
+                timeout = max(0.0, deadline - time.monotonic())
+            try:
+                item = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if item is None:
+                self._stopping.set()
+                return
+            self._admit(item, backlog)
+
+    def _choose_batch(self, backlog: list[Pending]) -> tuple[list[Pending], list[Pending]]:
+        """The oldest request plus the requests nearest to it in length, within the limits."""
+        oldest = min(backlog, key=lambda item: item.enqueued_at)
+        by_length = sorted(backlog, key=lambda item: (abs(item.cost - oldest.cost), item.enqueued_at))
+        batch: list[Pending] = []
+        rows = 0
+        longest = 0
+        for item in by_length:
+            new_rows = rows + item.rows
+            new_longest = max(longest, item.cost)
+            if batch and (
+                new_rows > self.max_batch_size or new_rows * new_longest > self.max_batch_tokens
+            ):
+                continue
+            batch.append(item)
+            rows, longest = new_rows, new_longest
+        chosen = {id(item) for item in batch}
+        return batch, [item for item in backlog if id(item) not in chosen]
+
+    def _run(self, batch: list[Pending]) -> None:
+        started = time.monotonic()
+        try:
+            results = self.runner.run_batch(batch)
+            if len(results) != len(batch):
+                raise RuntimeError(f"runner returned {len(results)} results for {len(batch)} requests")
+        except Exception as error:
+            logger.exception("batch of %d requests failed", len(batch))
+            failure = RequestError(ErrorCode.internal_error, f"generation failed: {error}")
+            results = [failure] * len(batch)
+        generated = 0
+        for item, result in zip(batch, results):
+            if isinstance(result, RequestError):
+                item.future.set_exception(result)
+            else:
+                generated += result.usage.completion_tokens
+                item.future.set_result(result)
+        rows = sum(item.rows for item in batch)
+        self.stats["requests"] += len(batch)
+        self.stats["batches"] += 1
+        self.stats["generated_tokens"] += generated
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], rows)
+        logger.info(
+            "batch of %d requests (%d sequences): %d tokens in %.2fs",
+            len(batch), rows, generated, time.monotonic() - started,
+        )

@@ -1,0 +1,107 @@
+"""Loading the served model from an MLflow URI, once per worker process."""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from chatbatch.settings import Settings
+from worker.builders import default_model
+
+logger = logging.getLogger(__name__)
+
+#: How many times this process loaded a model; the worker reports it in its heartbeat.
+LOADS = 0
+_lock = threading.Lock()
+
+
+def resolve_uri(uri: str, settings: Settings) -> str:
+    """The URI to load: `uri`, else CHATBATCH_MODEL_URI, else the default model (built once)."""
+    uri = uri or settings.model_uri
+    if uri:
+        return uri
+    return str(default_model(settings.model_cache))
+
+
+def local_path(uri: str) -> Path:
+    """A local directory holding the model: local paths as they are, other URIs downloaded.
+
+    `runs:/`, `models:/` and `s3://` go through MLflow's artifact download (S3 through boto3's
+    own credential chain).
+    """
+    path = Path(uri.removeprefix("file://")).expanduser()
+    if path.exists():
+        return path.resolve()
+    if "://" not in uri and not uri.startswith(("runs:/", "models:/")):
+        raise FileNotFoundError(
+            f"no model at {uri}: give a directory holding an MLmodel file, or a runs:/, "
+            "models:/ or s3:// URI"
+        )
+    import mlflow
+
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+
+
+def served_name_for(uri: str, path: Path, mlmodel: Any) -> str:
+    """The name MLflow records for the model, else `default`."""
+    match = re.match(r"models:/([^/@]+)", uri)
+    if match:
+        return match.group(1)
+    name = (mlmodel.metadata or {}).get("served_model_name")
+    if name:
+        return str(name)
+    source = (mlmodel.flavors.get("transformers") or {}).get("source_model_name")
+    if source and not source.startswith(("/", ".")) and not Path(source).exists():
+        return str(source)
+    return "default"
+
+
+def load_runner(uri: str, settings: Settings, *, served_name: str | None = None) -> Any:
+    """Load the model behind `uri` and wrap it in the runner that fits it.
+
+    A transformers llm/v1/chat model is unwrapped into its components so that requests run as
+    one batched decode; any other pyfunc chat model falls back to `pyfunc.predict`.
+    """
+    global LOADS
+    from mlflow.models import Model
+
+    from worker.runners import PyfuncRunner, TransformersRunner
+
+    with _lock:
+        started = time.monotonic()
+        uri = resolve_uri(uri, settings)
+        path = local_path(uri)
+        mlmodel = Model.load(str(path / "MLmodel"))
+        name = served_name or served_name_for(uri, path, mlmodel)
+        transformers_flavor = mlmodel.flavors.get("transformers")
+        task = (mlmodel.metadata or {}).get("task") or (transformers_flavor or {}).get("inference_task")
+        runner: Any
+        if transformers_flavor is not None:
+            import mlflow.transformers
+
+            components = mlflow.transformers.load_model(str(path), return_type="components")
+            runner = TransformersRunner(
+                components["model"],
+                components["tokenizer"],
+                served_name=name,
+                default_max_tokens=settings.default_max_tokens,
+                device=settings.device,
+            )
+            kind = f"transformers ({runner.device}, {runner.model.dtype})"
+        else:
+            import mlflow.pyfunc
+
+            if task not in (None, "llm/v1/chat"):
+                raise ValueError(f"{uri} is a {task} model; chatbatch serves llm/v1/chat models")
+            runner = PyfuncRunner(mlflow.pyfunc.load_model(str(path)), served_name=name)
+            kind = "pyfunc predict, one request at a time"
+        LOADS += 1
+        logger.info(
+            "loaded model %s from %s as %r: %s in %.1fs",
+            name, uri, name, kind, time.monotonic() - started,
+        )
+        return runner
