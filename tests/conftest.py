@@ -1,0 +1,193 @@
+"""Fixtures that start real servers: redis-server on a free port, chatbatch workers as
+subprocesses. Nothing here downloads from a model hub."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+CHATBATCH = [sys.executable, "-m", "chatbatch.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"gave up waiting for {what} after {timeout}s")
+
+
+@dataclass
+class RedisServer:
+    port: int
+    dir: Path
+    process: subprocess.Popen[bytes]
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.url)
+
+
+def start_redis(directory: Path, *extra: str) -> RedisServer:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server is not installed: run `make test`, which installs it")
+    directory.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    process = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(directory), *extra],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    server = RedisServer(port=port, dir=directory, process=process)
+    wait_for(lambda: _pings(server), 10, f"redis-server on port {port}")
+    return server
+
+
+def _pings(server: RedisServer) -> bool:
+    try:
+        return bool(server.client().ping())
+    except redis.RedisError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = start_redis(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.process.terminate()
+    server.process.wait(10)
+
+
+@pytest.fixture(scope="session")
+def chatbatch_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("home")
+
+
+@pytest.fixture(scope="session")
+def base_env(redis_server: RedisServer, chatbatch_home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHATBATCH_")}
+    env.update(
+        CHATBATCH_REDIS_URL=redis_server.url,
+        CHATBATCH_HOME=str(chatbatch_home),
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        MLFLOW_TRACKING_URI=f"file://{chatbatch_home}/mlruns",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+def run_cli(env: dict[str, str], *args: str, timeout: float = 300, input: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run `chatbatch ARGS` as a subprocess; returns the completed process."""
+    return subprocess.run(
+        [*CHATBATCH, *args], env=env, capture_output=True, text=True, timeout=timeout, input=input, cwd=ROOT
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory, base_env: dict[str, str]) -> Path:
+    out = tmp_path_factory.mktemp("models") / "tiny"
+    done = run_cli(base_env, "model", "tiny", str(out))
+    assert done.returncode == 0, done.stderr
+    assert Path(done.stdout.strip()) == out.resolve()
+    return out
+
+
+@pytest.fixture(scope="session")
+def default_model(base_env: dict[str, str]) -> Path:
+    done = run_cli(base_env, "model", "default", timeout=600)
+    assert done.returncode == 0, done.stderr
+    return Path(done.stdout.strip())
+
+
+class Worker:
+    """A `chatbatch worker` subprocess in its own process group."""
+
+    def __init__(self, env: dict[str, str], log: Path, *args: str) -> None:
+        self.log = log
+        self.env = env
+        self._log_file = log.open("wb")
+        self.process = subprocess.Popen(
+            [*CHATBATCH, "worker", *args], env=env, stdout=self._log_file, stderr=subprocess.STDOUT,
+            cwd=ROOT, start_new_session=True,
+        )
+
+    def wait_ready(self, model: str, client: redis.Redis, timeout: float = 180) -> dict[str, object]:
+        from chatbatch.registry import live_models
+
+        def ready() -> dict[str, object] | None:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"worker exited with {self.process.returncode}:\n{self.output()}")
+            for info in live_models(client).get(model, []):
+                if info["pid"] == self.process.pid:
+                    return info
+            return None
+
+        return wait_for(ready, timeout, f"worker serving {model}", interval=0.2)
+
+    def info(self, client: redis.Redis, model: str) -> dict[str, object]:
+        from chatbatch import keys
+
+        for value in client.hgetall(keys.model_workers(model)).values():
+            item = json.loads(value)
+            if item["pid"] == self.process.pid:
+                return item
+        raise KeyError(self.process.pid)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> None:
+        if self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, sig)
+                self.process.wait(timeout)
+            except (subprocess.TimeoutExpired, ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(10)
+        self._log_file.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_worker(tiny_model: Path, base_env: dict[str, str], redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
+    env = {**base_env, "CHATBATCH_BATCH_WAIT_MS": "50"}
+    worker = Worker(env, tmp_path_factory.mktemp("logs") / "tiny-worker.log", "--model", str(tiny_model))
+    try:
+        worker.wait_ready("tiny-llama-chat", redis_server.client())
+        yield worker
+    finally:
+        worker.stop()
+
+
+def batch_line(custom_id: str, body: dict[str, object], url: str = "/v1/chat/completions") -> str:
+    return json.dumps({"custom_id": custom_id, "method": "POST", "url": url, "body": body})
+
+
+def user(text: str, **extra: object) -> dict[str, object]:
+    return {"messages": [{"role": "user", "content": text}], **extra}

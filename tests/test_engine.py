@@ -1,0 +1,154 @@
+"""The batching engine on the tiny model, in process: batching must not change answers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from chatbatch.settings import Settings
+from schemas import ChatCompletion, ErrorCode, RequestError, parse_chat_request
+from worker.engine import Engine
+from worker.model import load_runner
+
+
+@pytest.fixture(scope="module")
+def runner(tiny_model: Path):  # type: ignore[no-untyped-def]
+    return load_runner(str(tiny_model), Settings(redis_url="redis://127.0.0.1:1/0"))
+
+
+def _request(text: str, **extra: object):  # type: ignore[no-untyped-def]
+    return parse_chat_request({"messages": [{"role": "user", "content": text}], **extra})
+
+
+def _run_together(runner, requests, **engine_args):  # type: ignore[no-untyped-def]
+    """Submit all requests before the engine starts, so they meet in the same batches."""
+    engine = Engine(runner, batch_wait=0.0, **engine_args)
+    futures = [engine.submit(request, f"r{i}") for i, request in enumerate(requests)]
+    engine.start()
+    try:
+        outcomes = []
+        for future in futures:
+            try:
+                outcomes.append(future.result(timeout=120))
+            except RequestError as error:
+                outcomes.append(error)
+        return outcomes, engine.stats
+    finally:
+        engine.stop()
+
+
+def _generate_alone(runner, text: str, max_new: int) -> str:  # type: ignore[no-untyped-def]
+    """What transformers' own generate gives for one request, alone, greedy."""
+    import torch
+
+    tokenizer = runner.tokenizer
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+    )
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
+    with torch.inference_mode():
+        out = runner.model.generate(**ids, max_new_tokens=max_new, do_sample=False, pad_token_id=runner.pad_id)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+PROMPTS = [
+    "hi",
+    "Write me a hello world program in python",
+    "The quick brown fox jumps over the lazy dog, " * 3,
+    "0123456789",
+    "Batch inference turns many chat requests into one generate call.",
+    "a b c d e f g",
+    "system user assistant",
+    "Explain batching.",
+    "lazy " * 9,
+    "fox?",
+    "What is the capital of France? Answer in one word.",
+    "print('x')",
+    "one two three four five six seven eight nine ten eleven twelve",
+    "!",
+    "The quick brown fox",
+    "dog " * 20,
+    "many chat requests",
+    "x" * 40,
+]
+
+
+def test_batched_greedy_equals_one_at_a_time(runner) -> None:  # type: ignore[no-untyped-def]
+    requests = [_request(text, temperature=0, max_tokens=16) for text in PROMPTS]
+    lengths = {len(runner.tokenizer(t)["input_ids"]) for t in PROMPTS}
+    assert len(lengths) >= 10, "the prompts must differ in length"
+    outcomes, stats = _run_together(runner, requests, max_batch_size=len(requests))
+    assert stats["batches"] == 1 and stats["largest_batch"] == len(PROMPTS)
+    for text, outcome in zip(PROMPTS, outcomes):
+        assert isinstance(outcome, ChatCompletion)
+        assert outcome.choices[0].message.content == _generate_alone(runner, text, 16), text
+
+
+def test_context_length_exceeded_spares_the_batch(runner) -> None:  # type: ignore[no-untyped-def]
+    too_long = _request("word " * 400, max_tokens=8, temperature=0)
+    fits_but_max_tokens_too_big = _request("hi", max_tokens=runner.context_length, temperature=0)
+    good = [_request(text, max_tokens=8, temperature=0) for text in PROMPTS[:4]]
+    outcomes, stats = _run_together(runner, [good[0], too_long, good[1], fits_but_max_tokens_too_big, *good[2:]])
+    assert isinstance(outcomes[1], RequestError)
+    assert outcomes[1].code is ErrorCode.context_length_exceeded
+    assert "context" in outcomes[1].message and "max_tokens" in outcomes[1].message
+    assert isinstance(outcomes[3], RequestError)
+    assert outcomes[3].code is ErrorCode.context_length_exceeded
+    good_outcomes = [outcomes[0], outcomes[2], *outcomes[4:]]
+    assert all(isinstance(o, ChatCompletion) for o in good_outcomes)
+    assert stats["batches"] == 1 and stats["requests"] == len(good)
+
+
+def test_max_tokens_finish_reason_and_usage(runner) -> None:  # type: ignore[no-untyped-def]
+    (out,), _ = _run_together(runner, [_request("hello", temperature=0, max_completion_tokens=5)])
+    assert isinstance(out, ChatCompletion)
+    prompt = runner.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hello"}], tokenize=False, add_generation_prompt=True
+    )
+    assert out.usage.prompt_tokens == len(runner.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    choice = out.choices[0]
+    if choice.finish_reason == "length":
+        assert out.usage.completion_tokens == 5
+    else:  # EOS came first
+        assert out.usage.completion_tokens <= 5
+    assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
+
+
+def test_stop_sequence_cuts_text_and_sets_stop(runner) -> None:  # type: ignore[no-untyped-def]
+    (free,), _ = _run_together(runner, [_request("fox", temperature=0, max_tokens=24)])
+    text = free.choices[0].message.content
+    assert len(text) > 4
+    stop = text[2:4]
+    (cut,), _ = _run_together(runner, [_request("fox", temperature=0, max_tokens=24, stop=[stop])])
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].message.content == text[: text.find(stop)]
+    assert stop not in cut.choices[0].message.content
+
+
+def test_mixed_sampling_settings_share_one_batch_and_seed_reproduces(runner) -> None:  # type: ignore[no-untyped-def]
+    requests = [
+        _request("fox", temperature=0, max_tokens=12),
+        _request("fox", temperature=1.3, top_p=0.9, seed=7, max_tokens=12, n=3),
+        _request("fox", temperature=0.7, seed=11, max_tokens=12),
+        _request("fox", temperature=1.0, max_tokens=12, n=2),
+    ]
+    first, stats = _run_together(runner, requests)
+    assert stats["batches"] == 1 and stats["largest_batch"] == 7
+    assert [len(o.choices) for o in first] == [1, 3, 1, 2]
+    assert [c.index for c in first[1].choices] == [0, 1, 2]
+    # Seeded answers do not depend on the batch they ran in.
+    alone, _ = _run_together(runner, [requests[1]])
+    assert [c.message.content for c in alone[0].choices] == [c.message.content for c in first[1].choices]
+    assert len({c.message.content for c in first[1].choices}) > 1, "each choice samples its own text"
+    # Usage counts the tokens of all n choices.
+    assert 3 < first[1].usage.completion_tokens <= 3 * 12
+    greedy_alone, _ = _run_together(runner, [requests[0]])
+    assert greedy_alone[0].choices[0].message.content == first[0].choices[0].message.content
+
+
+def test_engine_rejects_bad_limits(runner) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ValueError, match="max_batch_size"):
+        Engine(runner, max_batch_size=0)
+    with pytest.raises(ValueError, match="batch_wait"):
+        Engine(runner, batch_wait=-1)

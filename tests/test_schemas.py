@@ -1,0 +1,149 @@
+"""Wire formats: validation errors carry the right code and name the field."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from schemas import (
+    BatchJob,
+    ChatCompletion,
+    ErrorCode,
+    LineError,
+    RequestError,
+    parse_batch_line,
+    parse_chat_request,
+)
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+def _code(body: object) -> tuple[ErrorCode, str]:
+    with pytest.raises(RequestError) as caught:
+        parse_chat_request(body)
+    return caught.value.code, caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("body", "code", "names"),
+    [
+        ({"messages": []}, ErrorCode.invalid_request, "messages"),
+        ({}, ErrorCode.invalid_request, "messages"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, ErrorCode.invalid_request, "messages[0].role"),
+        ({"messages": [{"role": "user"}]}, ErrorCode.invalid_request, "messages[0].content"),
+        ({"messages": MESSAGES, "max_tokens": 0}, ErrorCode.invalid_request, "max_tokens"),
+        ({"messages": MESSAGES, "max_completion_tokens": -3}, ErrorCode.invalid_request, "max_completion_tokens"),
+        ({"messages": MESSAGES, "temperature": -0.5}, ErrorCode.invalid_request, "temperature"),
+        ({"messages": MESSAGES, "temperature": float("nan")}, ErrorCode.invalid_request, "temperature"),
+        ({"messages": MESSAGES, "top_p": 0}, ErrorCode.invalid_request, "top_p"),
+        ({"messages": MESSAGES, "n": 0}, ErrorCode.invalid_request, "n"),
+        ({"messages": MESSAGES, "stop": ["a", "b", "c", "d", "e"]}, ErrorCode.invalid_request, "stop"),
+        ({"messages": MESSAGES, "colour": "red"}, ErrorCode.invalid_request, "colour"),
+        ({"messages": MESSAGES, "stream": True}, ErrorCode.unsupported_parameter, "stream"),
+        ({"messages": MESSAGES, "tools": [{"type": "function"}]}, ErrorCode.unsupported_parameter, "tools"),
+        ({"messages": MESSAGES, "logprobs": True}, ErrorCode.unsupported_parameter, "logprobs"),
+        ({"messages": MESSAGES, "response_format": {"type": "json_object"}}, ErrorCode.unsupported_parameter, "response_format"),
+        ({"messages": MESSAGES, "max_tokens": 5, "max_completion_tokens": 6}, ErrorCode.invalid_request, "max_completion_tokens"),
+        ({"messages": MESSAGES, "metadata": {f"k{i}": "v" for i in range(17)}}, ErrorCode.invalid_request, "metadata"),
+        ([1, 2], ErrorCode.invalid_request, "JSON object"),
+    ],
+)
+def test_bad_bodies_name_the_field(body: object, code: ErrorCode, names: str) -> None:
+    got, message = _code(body)
+    assert got is code
+    assert names in message
+
+
+def test_harmless_known_fields_and_content_parts_are_accepted() -> None:
+    request = parse_chat_request(
+        {
+            "messages": [
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+            ],
+            "stream": False,
+            "logprobs": False,
+            "frequency_penalty": 0,
+            "max_completion_tokens": 7,
+            "stop": "\n",
+            "seed": 3,
+            "user": "u1",
+            "metadata": {"k": "v"},
+        }
+    )
+    assert request.messages[1].text() == "ab"
+    assert request.max_new_tokens == 7
+    assert request.stop_sequences == ["\n"]
+    assert request.temperature == 1.0
+
+
+def _line(**fields: object) -> bytes:
+    base: dict[str, object] = {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {"messages": MESSAGES}}
+    base.update(fields)
+    return json.dumps(base).encode()
+
+
+@pytest.mark.parametrize(
+    ("raw", "code"),
+    [
+        (b"{not json", ErrorCode.invalid_json),
+        (b"\xff\xfe{}", ErrorCode.invalid_json),
+        (b"[" * 70 + b"]" * 70, ErrorCode.invalid_json),
+        (b"[1, 2]", ErrorCode.invalid_request),
+        (_line(url="/v1/embeddings"), ErrorCode.invalid_url),
+        (_line(method="GET"), ErrorCode.invalid_request),
+        (_line(body={"messages": MESSAGES, "stream": True}), ErrorCode.unsupported_parameter),
+        (_line(extra=1), ErrorCode.invalid_request),
+        (_line(body={"messages": MESSAGES}) + b" " * 100, ErrorCode.line_too_large),
+    ],
+)
+def test_bad_lines_carry_code_and_line_number(raw: bytes, code: ErrorCode) -> None:
+    with pytest.raises(LineError) as caught:
+        parse_batch_line(raw, 42, max_line_bytes=150)
+    assert caught.value.error.code is code
+    assert caught.value.line == 42
+    assert "line 42" in str(caught.value)
+
+
+def test_good_line_keeps_custom_id_and_body() -> None:
+    parsed = parse_batch_line(_line(custom_id="x-1", body={"messages": MESSAGES, "max_tokens": 3}), 1)
+    assert parsed.custom_id == "x-1"
+    assert parsed.body.max_tokens == 3
+
+
+def test_completion_and_job_shapes() -> None:
+    completion = ChatCompletion.model_validate(
+        {
+            "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "m",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+        }
+    )
+    assert completion.choices[0].finish_reason == "stop"
+    with pytest.raises(ValueError):
+        ChatCompletion.model_validate({**completion.model_dump(), "choices": [{"index": 0, "message": {"content": "x"}, "finish_reason": "eos"}]})
+    job = BatchJob.model_validate(
+        {"id": "batch_1", "input_file": "in.jsonl", "status": "in_progress", "created_at": 1,
+         "request_counts": {"total": 3, "completed": 1, "failed": 1}}
+    )
+    assert job.object == "batch" and job.endpoint == "/v1/chat/completions"
+    assert not job.status.is_final
+
+
+def test_schemas_import_pydantic_only() -> None:
+    code = (
+        "import sys, schemas, schemas.batch, schemas.chat, schemas.job, schemas.errors;"
+        "bad = {'torch', 'mlflow', 'celery', 'redis', 'boto3', 'transformers'} & set(sys.modules);"
+        "print(sorted(bad))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_producer_imports_no_torch_or_mlflow() -> None:
+    code = "import sys, producer, chatbatch.cli; print(sorted({'torch', 'mlflow', 'transformers'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
