@@ -95,7 +95,7 @@ def load_runner(uri: str, settings: Settings, *, served_name: str | None = None)
         else:
             import mlflow.pyfunc
 
-            if task not in (None, "llm/v1/chat"):
+            if task not in (None, "llm/v1/chat", "agent/v1/chat"):
                 raise ValueError(f"{uri} is a {task} model; chatbatch serves llm/v1/chat models")
             runner = PyfuncRunner(mlflow.pyfunc.load_model(str(path)), served_name=name)
             kind = "pyfunc predict, one request at a time"
