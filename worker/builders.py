@@ -31,10 +31,19 @@ class ModelBuildError(RuntimeError):
     """A model could not be built; the message says what to install or change."""
 
 
+def _quiet() -> None:
+    """No progress bars, and no MLflow warnings about model cards that live on a hub."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    logging.getLogger("mlflow.transformers").setLevel(logging.ERROR)
+
+
 def _save_pipeline(pipe: Any, out: Path, *, served_name: str | None) -> Path:
     """Save a text-generation pipeline as an MLflow llm/v1/chat model, atomically."""
     import mlflow
 
+    _quiet()
     out = out.expanduser().resolve()
     if (out / "MLmodel").exists():
         raise ModelBuildError(f"{out} already holds an MLflow model: choose another --out")
@@ -83,6 +92,7 @@ def default_model(cache_dir: Path, out: Path | None = None) -> Path:
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
+    _quiet()
     gguf = gguf_path()
     logger.info("converting %s into an MLflow chat model at %s (once)", gguf.name, target)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -170,6 +180,7 @@ def tiny_model(out: Path) -> Path:
     """The tiny random Llama chat model as an MLflow llm/v1/chat model (for tests)."""
     from transformers import pipeline
 
+    _quiet()
     with tempfile.TemporaryDirectory() as tmp:
         source = tiny_hf_model(Path(tmp) / "tiny-llama-chat")
         pipe = pipeline("text-generation", model=str(source))
@@ -184,6 +195,7 @@ def save_hf(name_or_path: str, out: Path, *, served_name: str | None = None) -> 
     """
     from transformers import pipeline
 
+    _quiet()
     try:
         pipe = pipeline("text-generation", model=name_or_path)
     except OSError as error:

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# The test command: set up what the tests need, then run them. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/bootstrap.sh
+exec .venv/bin/python -m pytest "$@"
