@@ -14,6 +14,7 @@ import click
 
 from chatbatch.exceptions import ChatbatchError, ConfigurationError, JobNotFoundError, RequestFailedError
 from chatbatch.settings import get_settings
+from chatbatch.storage import is_remote
 
 EXIT_FAILED = 1
 EXIT_CANNOT_START = 2
@@ -188,14 +189,10 @@ def _metadata(pairs: tuple[str, ...]) -> dict[str, str] | None:
     return result or None
 
 
-def _is_remote(dest: str | None) -> bool:
-    return bool(dest) and "://" in str(dest)
-
-
 @cli.command()
 @click.argument("file")
-@click.option("--output", help="Local file for the output lines (written when the job ends).")
-@click.option("--errors", help="Local file for the error lines (written when the job ends).")
+@click.option("--output", help="File or s3://bucket/key for the output lines, written when the job ends.")
+@click.option("--errors", help="File or s3://bucket/key for the error lines, written when the job ends.")
 @click.option("--wait", is_flag=True, help="Wait for the job to end, with a progress bar.")
 @click.option("--job-id", help="Job id; an unfinished job with this id is resumed.")
 @click.option("--metadata", multiple=True, help="key=value kept on the job (repeatable; 16 at most).")
@@ -205,13 +202,11 @@ def submit(file: str, output: str | None, errors: str | None, wait: bool, job_id
     """Submit a JSONL file in the OpenAI Batch API format; prints the job id."""
     from producer.client import Client
 
-    for dest in (output, errors):
-        if _is_remote(dest):
-            raise ConfigurationError(f"{dest}: only local --output/--errors files are supported by this version")
-    if (output or errors) and not wait:
+    local = [dest for dest in (output, errors) if dest and not is_remote(dest)]
+    if local and not wait:
         raise ConfigurationError(
-            "--output/--errors are written when the job ends: add --wait, or run "
-            "`chatbatch results JOB_ID --output FILE` later"
+            "local --output/--errors files are written when the job ends: add --wait, or run "
+            "`chatbatch results JOB_ID --output FILE` later (s3:// destinations need neither)"
         )
     client = Client()
     handle = client.submit_file(
@@ -226,9 +221,18 @@ def submit(file: str, output: str | None, errors: str | None, wait: bool, job_id
     if not wait:
         return
     job = _watch(client, handle, timeout)
-    if output or errors:
-        written, failed = handle.write_results(output, errors)
+    local_output = output if output and not is_remote(output) else None
+    local_errors = errors if errors and not is_remote(errors) else None
+    if local_output or local_errors:
+        written, failed = handle.write_results(local_output, local_errors)
         click.echo(f"{written} output lines, {failed} error lines", err=True)
+    _end(job)
+
+
+def _end(job: Any) -> None:
+    """Exit 1 unless the job completed, naming why."""
+    if job.errors and job.errors.data:
+        _fail(f"job {job.id} {job.status.value}: {job.errors.data[0].message}", EXIT_FAILED)
     if job.status.value != "completed":
         _fail(f"job {job.id} ended {job.status.value}", EXIT_FAILED)
 
@@ -272,6 +276,29 @@ def _watch(client: Any, handle: Any, timeout: float | None) -> Any:
             err=True,
         )
     return job
+
+
+@cli.command()
+@click.option("--prompts", required=True, help="Prefix of the daily prompt files: PREFIX/YYYY-MM-DD.jsonl.")
+@click.option("--out", required=True, help="Prefix of the daily outputs: OUT/YYYY-MM-DD/output.jsonl, errors.jsonl.")
+@click.option("--date", "day", type=click.DateTime(formats=["%Y-%m-%d"]), help="Day to run (default: today, UTC).")
+@click.option("--n", type=click.IntRange(1, 16), default=1, show_default=True, help="Samples per prompt.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Base of the per-line seeds.")
+@click.option("--name", default="nightly", show_default=True, help="Job id prefix.")
+@click.option("--wait", is_flag=True, help="Wait for the job to end.")
+def nightly(prompts: str, out: str, day: Any, n: int, seed: int, name: str, wait: bool) -> None:
+    """Run one day of a dataset: idempotent, so a rerun of the same day duplicates nothing."""
+    import datetime as dt
+
+    from producer.client import Client
+    from producer.nightly import submit_day
+
+    client = Client()
+    date = day.date() if day else dt.datetime.now(dt.UTC).date()
+    handle = submit_day(client, prompts=prompts, out=out, day=date, n=n, seed=seed, name=name)
+    click.echo(handle.id)
+    if wait:
+        _end(_watch(client, handle, None))
 
 
 @cli.command()

@@ -16,7 +16,7 @@ import redis
 
 from chatbatch import keys
 from chatbatch.exceptions import JobNotFoundError
-from schemas.job import BatchJob, JobErrors, JobStatus, RequestCounts
+from schemas.job import BatchJob, JobError, JobErrors, JobStatus, RequestCounts
 
 # KEYS: lines hash, job hash. ARGV: line number, stored JSON, count field ("completed"/"failed"),
 # generated tokens of the line.
@@ -29,25 +29,41 @@ end
 return 0
 """
 
-# KEYS: job hash. ARGV: now. Moves a fully answered, fully enqueued job to its final status.
+# KEYS: job hash. ARGV: now. Ends a job once every line is answered and every line enqueued.
+# Returns the status, or "deliver" to the one caller that must upload the job's files first
+# (the job waits in "finalizing", its final status kept in "final_status").
 _MAYBE_FINALIZE = """
 local job = KEYS[1]
 local status = redis.call('HGET', job, 'status')
+if status == false or status == 'completed' or status == 'failed' or status == 'cancelled'
+   or status == 'expired' or status == 'finalizing' then
+  return status
+end
 if redis.call('HGET', job, 'enqueued') ~= '1' then return status end
 local total = tonumber(redis.call('HGET', job, 'total') or '0')
 local done = tonumber(redis.call('HGET', job, 'completed') or '0')
            + tonumber(redis.call('HGET', job, 'failed') or '0')
 if done < total then return status end
-if status == 'in_progress' or status == 'validating' or status == 'finalizing' then
+local final = 'completed'
+if redis.call('HGET', job, 'expire') == '1' then
+  final = 'expired'
+elseif status == 'cancelling' then
+  final = 'cancelled'
+end
+if redis.call('HGET', job, 'deliver') == '1' then
+  redis.call('HSET', job, 'status', 'finalizing', 'finalizing_at', ARGV[1], 'final_status', final)
+  return 'deliver'
+end
+if final == 'completed' then
   redis.call('HSET', job, 'status', 'completed', 'finalizing_at', ARGV[1], 'completed_at', ARGV[1])
-  return 'completed'
+else
+  redis.call('HSET', job, 'status', final, final .. '_at', ARGV[1])
 end
-if status == 'cancelling' then
-  redis.call('HSET', job, 'status', 'cancelled', 'cancelled_at', ARGV[1])
-  return 'cancelled'
-end
-return status
+return final
 """
+
+#: maybe_finalize's answer to the caller that must write the job's files and then end it.
+DELIVER = "deliver"
 
 _INT_FIELDS = (
     "created_at",
@@ -98,6 +114,8 @@ class JobStore:
             "metadata": json.dumps(metadata or {}),
             "output_file": output_file or f"redis:{job_id}/output",
             "error_file": error_file or f"redis:{job_id}/errors",
+            # Files in object storage are written by whoever ends the job (any worker).
+            "deliver": int(any(str(d).startswith("s3://") for d in (output_file, error_file) if d)),
         }
         if not self.redis.hsetnx(keys.job(job_id), "id", job_id):
             return False
@@ -165,7 +183,7 @@ class JobStore:
         if lines:
             self.redis.hset(keys.job_inputs(job_id), mapping=lines)
 
-    def finish_enqueueing(self, job_id: str, total: int) -> JobStatus | None:
+    def finish_enqueueing(self, job_id: str, total: int) -> str | None:
         """Record the line count once every line was enqueued or answered; may end the job."""
         self.redis.hset(keys.job(job_id), mapping={"total": total, "enqueued": 1})
         self.start(job_id)
@@ -193,26 +211,67 @@ class JobStore:
             return []
         return [bool(v) for v in self.redis.hmget(keys.job_lines(job_id), lines)]
 
-    def maybe_finalize(self, job_id: str) -> JobStatus | None:
-        """End the job if every line is answered; sets the TTL of its keys when it ends."""
+    def maybe_finalize(self, job_id: str) -> str | None:
+        """End the job if every line is answered.
+
+        Returns:
+            The job's status, or DELIVER for the one caller that must write the job's files
+            and then call `end()`.
+        """
         value = self._finalize(keys=[keys.job(job_id)], args=[int(time.time())])
         if value is None:
             return None
-        status = JobStatus(value.decode() if isinstance(value, bytes) else value)
-        if status.is_final:
-            for key in (
+        outcome = value.decode() if isinstance(value, bytes) else str(value)
+        if outcome != DELIVER and JobStatus(outcome).is_final:
+            self._expire_keys(job_id)
+        return outcome
+
+    def end(self, job_id: str, error: JobError | None = None) -> JobStatus:
+        """Finish a job left in `finalizing` by DELIVER: its final status, or `failed`."""
+        now = int(time.time())
+        if error is not None:
+            self.redis.hset(
                 keys.job(job_id),
-                keys.job_lines(job_id),
-                keys.job_inputs(job_id),
-                keys.job_deliveries(job_id),
-            ):
-                self.redis.expire(key, self.job_ttl)
+                mapping={"status": "failed", "failed_at": now, "errors": JobErrors(data=[error]).model_dump_json()},
+            )
+            status = JobStatus.failed
+        else:
+            raw = self.redis.hget(keys.job(job_id), "final_status")
+            status = JobStatus(raw.decode() if raw else "completed")
+            self.redis.hset(keys.job(job_id), mapping={"status": status.value, f"{status.value}_at": now})
+        self._expire_keys(job_id)
         return status
 
-    def count_delivery(self, job_id: str, chunk: int) -> int:
+    def mark_expiring(self, job_id: str) -> bool:
+        """Flag a job whose completion window has passed; True if it is due now."""
+        raw = self.redis.hmget(keys.job(job_id), ["expires_at", "status"])
+        if raw[0] is None or raw[1] is None:
+            return False
+        if JobStatus(raw[1].decode()).is_final or int(raw[0]) > time.time():
+            return False
+        self.redis.hset(keys.job(job_id), "expire", 1)
+        return True
+
+    def is_expiring(self, job_id: str) -> bool:
+        return self.redis.hget(keys.job(job_id), "expire") == b"1"
+
+    def inputs(self, job_id: str) -> dict[int, str]:
+        """Every enqueued line: number -> custom_id."""
+        return {int(k): v.decode() for k, v in self.redis.hgetall(keys.job_inputs(job_id)).items()}
+
+    def _expire_keys(self, job_id: str) -> None:
+        for key in (
+            keys.job(job_id),
+            keys.job_lines(job_id),
+            keys.job_inputs(job_id),
+            keys.job_deliveries(job_id),
+        ):
+            self.redis.expire(key, self.job_ttl)
+
+    def count_delivery(self, job_id: str, chunk: str) -> int:
         """Count one more delivery of a chunk task; returns the count including this one."""
         key = keys.job_deliveries(job_id)
-        count = int(self.redis.hincrby(key, str(chunk), 1))
+        count = int(self.redis.hincrby(key, chunk, 1))
         self.redis.expire(key, self.job_ttl)
         return count
 

@@ -5,19 +5,20 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 import redis
 
-from chatbatch import keys, registry
-from chatbatch.exceptions import ConfigurationError, InputTooLargeError, JobNotFoundError
+from chatbatch import registry
+from chatbatch.delivery import close_unanswered, expire_if_due, finish
+from chatbatch.exceptions import ConfigurationError, JobNotFoundError
 from chatbatch.jobstore import JobStore
 from chatbatch.queues import DEFAULT_QUEUE, TASK_CHAT, TASK_CHUNK, make_celery, model_queue
 from chatbatch.redisconn import connect
 from chatbatch.settings import Settings, get_settings
+from chatbatch.storage import open_input
 from producer.handles import JobHandle, RequestHandle
-from producer.reader import check_size, iter_lines, open_input
+from producer.reader import check_lines, check_size, count_lines, iter_lines
 from schemas.batch import LineError, error_line, parse_batch_line
 from schemas.chat import ChatCompletion, check_metadata, parse_chat_request
 from schemas.errors import ErrorCode, RequestError
@@ -136,28 +137,18 @@ class Client:
             InputTooLargeError: the file is over the byte or line limit.
         """
         settings = self.settings
-        if source.startswith("s3://"):
-            raise ConfigurationError(
-                f"{source}: S3 input is not supported by this version: download the file first"
-            )
         if metadata:
             try:
                 check_metadata(metadata)
             except ValueError as error:
                 raise ConfigurationError(f"--metadata: {error}") from None
-        stream, size = open_input(source)
-        with stream:
+        with open_input(source) as (stream, size, name):
             check_size(source, size, settings.max_file_bytes)
-            count = _count_lines(stream)
-            if count > settings.max_file_lines:
-                raise InputTooLargeError(
-                    f"{source} has {count:,} lines, over the limit of {settings.max_file_lines:,}: "
-                    "split the file or raise CHATBATCH_MAX_FILE_LINES"
-                )
+            check_lines(source, count_lines(stream), settings.max_file_lines)
             stream.seek(0)
-            return self._enqueue(
+            return self.submit_stream(
                 stream,
-                source=str(Path(source).expanduser().resolve()),
+                source=name,
                 job_id=job_id or f"batch_{uuid.uuid4().hex}",
                 metadata=metadata,
                 output=output,
@@ -165,17 +156,19 @@ class Client:
                 completion_window=completion_window,
             )
 
-    def _enqueue(
+    def submit_stream(
         self,
         stream: Any,
         *,
         source: str,
         job_id: str,
-        metadata: dict[str, str] | None,
-        output: str | None,
-        errors: str | None,
-        completion_window: str,
+        metadata: dict[str, str] | None = None,
+        output: str | None = None,
+        errors: str | None = None,
+        completion_window: str = "24h",
     ) -> JobHandle:
+        """Enqueue batch lines from an open binary stream (what `submit_file` does once the
+        file is open and within its limits); `source` is recorded as the job's input file."""
         settings = self.settings
         store = self.store
         created = store.create(
@@ -189,21 +182,22 @@ class Client:
         )
         if not created:
             job = store.get(job_id)
-            if job.status.is_final:
-                raise ConfigurationError(
-                    f"job {job_id} already ended ({job.status.value}): read it with "
-                    f"`chatbatch results {job_id}`, or submit without --job-id for a new job"
-                )
             if job.input_file != source:
                 raise ConfigurationError(
                     f"job {job_id} was submitted from {job.input_file}, not {source}: resume it "
-                    "with the same file"
+                    "with the same file, or submit without --job-id for a new job"
                 )
+            if job.status.is_final or job.status == JobStatus.finalizing:
+                # Submitting a job again is idempotent: an ended job is returned as it is.
+                logger.info("job %s already %s: nothing to enqueue", job_id, job.status.value)
+                return JobHandle(job_id, self)
             logger.info("resuming job %s", job_id)
         seen: dict[str, int] = {}
         chunks: dict[str, list[dict[str, Any]]] = {}
         chunk_number = 0
         total = 0
+        # Chunks of a resumed submission get new ids, so their deliveries count afresh.
+        submission = uuid.uuid4().hex[:12]
 
         def flush(queue: str) -> None:
             nonlocal chunk_number
@@ -216,7 +210,11 @@ class Client:
             if not items:
                 return
             store.add_inputs(job_id, {item["line"]: item["custom_id"] for item in items})
-            self.celery.send_task(TASK_CHUNK, args=[job_id, chunk_number, items], queue=queue)
+            if store.status(job_id) == JobStatus.cancelling or store.is_expiring(job_id):
+                return  # recorded as inputs; closed below with cancelled or expired lines
+            self.celery.send_task(
+                TASK_CHUNK, args=[job_id, f"{submission}-{chunk_number}", items], queue=queue
+            )
             store.start(job_id)
 
         for number, raw, length in iter_lines(stream, max_line_bytes=settings.max_line_bytes):
@@ -267,7 +265,12 @@ class Client:
                 flush(queue)
         for queue in list(chunks):
             flush(queue)
-        status = store.finish_enqueueing(job_id, total)
+        if store.status(job_id) == JobStatus.cancelling:
+            close_unanswered(store, job_id, ErrorCode.cancelled, "the job was cancelled before this line ran")
+        elif store.is_expiring(job_id):
+            close_unanswered(store, job_id, ErrorCode.expired, "the job's completion window ended before this line ran")
+        store.finish_enqueueing(job_id, total)
+        status = finish(store, job_id)
         logger.info("job %s: %d lines enqueued from %s (%s)", job_id, total, source, status)
         return JobHandle(job_id, self)
 
@@ -278,35 +281,14 @@ class Client:
         """
         store = self.store
         job = store.get(job_id)
-        if job.status.is_final:
+        if job.status.is_final or job.status == JobStatus.finalizing:
             return job
         store.set_status(job_id, JobStatus.cancelling)
-        inputs = self.redis.hgetall(keys.job_inputs(job_id))
-        numbers = sorted(int(k) for k in inputs)
-        for start in range(0, len(numbers), 1000):
-            batch = numbers[start : start + 1000]
-            for number, done in zip(batch, store.recorded(job_id, batch)):
-                if done:
-                    continue
-                line = error_line(
-                    line_id=f"batch_req_{uuid.uuid4().hex}",
-                    custom_id=inputs[str(number).encode()].decode(),
-                    code=ErrorCode.cancelled,
-                    message="the job was cancelled before this line ran",
-                    line=number,
-                )
-                store.record_line(job_id, number, "error", line.model_dump())
-        store.maybe_finalize(job_id)
+        close_unanswered(store, job_id, ErrorCode.cancelled, "the job was cancelled before this line ran")
+        finish(store, job_id)
         return store.get(job_id)
 
-
-def _count_lines(stream: Any) -> int:
-    count = 0
-    last = b"\n"
-    while True:
-        block = stream.read(1 << 20)
-        if not block:
-            break
-        count += block.count(b"\n")
-        last = block[-1:]
-    return count + (0 if last == b"\n" else 1)
+    def refresh(self, job_id: str) -> BatchJob:
+        """The job record, after expiring the job if its completion window has passed."""
+        expire_if_due(self.store, job_id)
+        return self.store.get(job_id)

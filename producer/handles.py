@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from chatbatch import keys
-from chatbatch.exceptions import ChatbatchError, RequestFailedError
+from chatbatch.delivery import write_job_files
+from chatbatch.exceptions import RequestFailedError
 from schemas.chat import ChatCompletion
-from schemas.job import BatchJob, JobStatus
+from schemas.job import BatchJob
 
 if TYPE_CHECKING:
     from producer.client import Client
@@ -66,7 +64,7 @@ class JobHandle:
 
     def status(self) -> BatchJob:
         """The job record (the OpenAI Batch object)."""
-        return self._client.store.get(self.id)
+        return self._client.refresh(self.id)
 
     def wait(
         self,
@@ -97,27 +95,13 @@ class JobHandle:
             yield kind, line
 
     def write_results(self, output: str | None, errors: str | None) -> tuple[int, int]:
-        """Write the output and error lines to local files, each replaced atomically.
+        """Write the output and error lines to local files or `s3://` objects; each appears
+        complete or not at all.
 
         Returns:
-            (output lines, error lines) written.
+            (output lines, error lines) of the job.
         """
-        writers = {}
-        counts = {"output": 0, "error": 0}
-        try:
-            for kind, dest in (("output", output), ("error", errors)):
-                if dest:
-                    writers[kind] = _AtomicFile(Path(dest))
-            for kind, line in self.lines():
-                counts[kind] += 1
-                if kind in writers:
-                    writers[kind].write(line)
-            for writer in writers.values():
-                writer.commit()
-        finally:
-            for writer in writers.values():
-                writer.discard()
-        return counts["output"], counts["error"]
+        return write_job_files(self._client.store, self.id, output, errors)
 
     def cancel(self) -> BatchJob:
         """Stop the job: lines not yet answered become `cancelled` error lines."""
@@ -125,30 +109,3 @@ class JobHandle:
 
     def __repr__(self) -> str:
         return f"JobHandle({self.id!r})"
-
-
-class _AtomicFile:
-    """A file that appears at its path complete, or not at all."""
-
-    def __init__(self, path: Path) -> None:
-        path = path.expanduser()
-        if path.parent and not path.parent.exists():
-            raise ChatbatchError(f"cannot write {path}: its directory does not exist")
-        self.path = path
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
-        self.file = os.fdopen(fd, "w", encoding="utf-8")
-
-    def write(self, line: str) -> None:
-        self.file.write(line)
-        self.file.write("\n")
-
-    def commit(self) -> None:
-        self.file.close()
-        os.replace(self.tmp, self.path)
-        self.tmp = ""
-
-    def discard(self) -> None:
-        if not self.file.closed:
-            self.file.close()
-        if self.tmp and os.path.exists(self.tmp):
-            os.unlink(self.tmp)

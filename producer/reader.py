@@ -2,29 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
-from pathlib import Path
 from typing import BinaryIO
 
-from chatbatch.exceptions import ConfigurationError, InputTooLargeError
+from chatbatch.exceptions import InputTooLargeError
 
 _READ = 64 * 1024
-
-
-def open_input(source: str) -> tuple[BinaryIO, int]:
-    """Open a local input file; returns the stream and its size in bytes.
-
-    Raises:
-        ConfigurationError: the file is missing or unreadable.
-    """
-    path = Path(source).expanduser()
-    try:
-        stream = path.open("rb")
-        size = os.fstat(stream.fileno()).st_size
-    except OSError as error:
-        raise ConfigurationError(f"cannot read {source}: {error.strerror}: check the path") from None
-    return stream, size
 
 
 def check_size(source: str, size: int, max_bytes: int) -> None:
@@ -33,6 +16,27 @@ def check_size(source: str, size: int, max_bytes: int) -> None:
             f"{source} is {size:,} bytes, over the limit of {max_bytes:,}: split the file or "
             "raise CHATBATCH_MAX_FILE_BYTES"
         )
+
+
+def check_lines(source: str, count: int, max_lines: int) -> None:
+    if count > max_lines:
+        raise InputTooLargeError(
+            f"{source} has {count:,} lines, over the limit of {max_lines:,}: split the file or "
+            "raise CHATBATCH_MAX_FILE_LINES"
+        )
+
+
+def count_lines(stream: BinaryIO) -> int:
+    """Lines in a seekable stream (a last line without a newline counts); reads in blocks."""
+    count = 0
+    last = b"\n"
+    while True:
+        block = stream.read(1 << 20)
+        if not block:
+            break
+        count += block.count(b"\n")
+        last = block[-1:]
+    return count + (0 if last == b"\n" else 1)
 
 
 def iter_lines(stream: BinaryIO, *, max_line_bytes: int) -> Iterator[tuple[int, bytes | None, int]]:

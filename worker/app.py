@@ -17,6 +17,7 @@ from typing import Any
 import redis
 
 from chatbatch import keys
+from chatbatch.delivery import expire_if_due, finish
 from chatbatch.jobstore import JobStore
 from chatbatch.queues import TASK_CHAT, TASK_CHUNK, make_celery
 from chatbatch.settings import Settings, get_settings
@@ -131,12 +132,12 @@ def _error(custom_id: str, line: int, error: RequestError, *, with_response: boo
 
 
 @app.task(name=TASK_CHUNK, bind=True)
-def chunk(self: Any, job_id: str, number: int, items: list[dict[str, Any]]) -> None:
+def chunk(self: Any, job_id: str, number: str, items: list[dict[str, Any]]) -> None:
     """Answer a chunk of a job's lines; each answer is stored once, keyed by line number.
 
     Args:
         job_id: the job.
-        number: the chunk's number within the job (counts its deliveries).
+        number: the chunk's id within the job (its deliveries are counted under it).
         items: {"line", "custom_id", "body"} for each valid input line of the chunk.
     """
     s = state()
@@ -145,15 +146,14 @@ def chunk(self: Any, job_id: str, number: int, items: list[dict[str, Any]]) -> N
     done = store.recorded(job_id, [item["line"] for item in items])
     todo = [item for item, stored in zip(items, done) if not stored]
     if not todo:
-        store.maybe_finalize(job_id)
+        finish(store, job_id)
         return
     deliveries = store.count_delivery(job_id, number)
-    status = store.status(job_id)
-    if status in (JobStatus.cancelling, JobStatus.cancelled):
-        for item in todo:
-            error = RequestError(ErrorCode.cancelled, "the job was cancelled before this line ran")
-            store.record_line(job_id, item["line"], "error", _error(item["custom_id"], item["line"], error, with_response=False).model_dump())
-        store.maybe_finalize(job_id)
+    if expire_if_due(store, job_id) or store.is_expiring(job_id):
+        _close(store, job_id, todo, ErrorCode.expired, "the job's completion window ended before this line ran")
+        return
+    if store.status(job_id) in (JobStatus.cancelling, JobStatus.cancelled):
+        _close(store, job_id, todo, ErrorCode.cancelled, "the job was cancelled before this line ran")
         return
     if deliveries > s.settings.max_deliveries:
         for item in todo:
@@ -163,7 +163,7 @@ def chunk(self: Any, job_id: str, number: int, items: list[dict[str, Any]]) -> N
                 "time; it was not retried again",
             )
             store.record_line(job_id, item["line"], "error", _error(item["custom_id"], item["line"], error).model_dump())
-        store.maybe_finalize(job_id)
+        finish(store, job_id)
         return
     pending: list[tuple[dict[str, Any], Future[ChatCompletion] | RequestError]] = []
     for item in todo:
@@ -189,8 +189,17 @@ def chunk(self: Any, job_id: str, number: int, items: list[dict[str, Any]]) -> N
             kind = "error"
             failed += 1
         store.record_line(job_id, item["line"], kind, line.model_dump(), tokens=tokens)
-    status = store.maybe_finalize(job_id)
+    status = finish(store, job_id)
     logger.info(
-        "job %s chunk %d: %d answered, %d errors in %.2fs (job %s)",
-        job_id, number, completed, failed, time.monotonic() - started, status.value if status else "?",
+        "job %s chunk %s: %d answered, %d errors in %.2fs (job %s)",
+        job_id, number, completed, failed, time.monotonic() - started, status,
     )
+
+
+def _close(store: JobStore, job_id: str, items: list[dict[str, Any]], code: ErrorCode, message: str) -> None:
+    """Lines that will not run (cancelled or expired job) get their error lines."""
+    for item in items:
+        error = RequestError(code, message)
+        line = _error(item["custom_id"], item["line"], error, with_response=False)
+        store.record_line(job_id, item["line"], "error", line.model_dump())
+    finish(store, job_id)

@@ -1,0 +1,100 @@
+"""Ending jobs: writing their output and error files, cancelling and expiring them.
+
+Shared by the producer and the worker: whichever side answers a job's last line ends the job.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+from chatbatch.jobstore import DELIVER, JobStore
+from chatbatch.storage import OutputFile, StorageError, is_remote
+from schemas.batch import error_line
+from schemas.errors import ErrorCode
+from schemas.job import JobError
+
+logger = logging.getLogger(__name__)
+
+
+def write_job_files(
+    store: JobStore, job_id: str, output: str | None, errors: str | None, *, client: Any = None
+) -> tuple[int, int]:
+    """Write a job's output and error lines, in input order, to local files or S3 objects.
+
+    Each file appears complete or not at all.
+
+    Returns:
+        (output lines, error lines) of the job.
+
+    Raises:
+        StorageError: an upload failed after boto3's retries.
+    """
+    files: dict[str, OutputFile] = {}
+    counts = {"output": 0, "error": 0}
+    try:
+        for kind, dest in (("output", output), ("error", errors)):
+            if dest:
+                files[kind] = OutputFile(dest, client=client)
+        for _, kind, line in store.iter_lines(job_id):
+            counts[kind] += 1
+            if kind in files:
+                files[kind].write_line(line)
+        for file in files.values():
+            file.commit()
+    finally:
+        for file in files.values():
+            file.discard()
+    return counts["output"], counts["error"]
+
+
+def finish(store: JobStore, job_id: str) -> str | None:
+    """End the job if its last line is answered; the caller that ends it uploads its files."""
+    outcome = store.maybe_finalize(job_id)
+    if outcome != DELIVER:
+        return outcome
+    job = store.get(job_id)
+    remote = [dest if is_remote(dest) else None for dest in (job.output_file, job.error_file)]
+    try:
+        written = write_job_files(store, job_id, remote[0], remote[1])
+    except StorageError as error:
+        logger.error("job %s: %s", job_id, error)
+        return store.end(job_id, JobError(code="output_upload_failed", message=str(error))).value
+    status = store.end(job_id)
+    logger.info("job %s %s: wrote %d output and %d error lines", job_id, status.value, *written)
+    return status.value
+
+
+def close_unanswered(store: JobStore, job_id: str, code: ErrorCode, message: str) -> int:
+    """Give every enqueued line without an answer an error line; returns how many."""
+    inputs = store.inputs(job_id)
+    numbers = sorted(inputs)
+    closed = 0
+    for start in range(0, len(numbers), 1000):
+        batch = numbers[start : start + 1000]
+        for number, done in zip(batch, store.recorded(job_id, batch)):
+            if done:
+                continue
+            line = error_line(
+                line_id=f"batch_req_{uuid.uuid4().hex}",
+                custom_id=inputs[number],
+                code=code,
+                message=message,
+                line=number,
+            )
+            closed += store.record_line(job_id, number, "error", line.model_dump())
+    return closed
+
+
+def expire_if_due(store: JobStore, job_id: str) -> bool:
+    """Expire a job past its completion window: unanswered lines get `expired` error lines,
+    answered ones are kept and delivered."""
+    if not store.mark_expiring(job_id):
+        return False
+    closed = close_unanswered(
+        store, job_id, ErrorCode.expired, "the job's completion window ended before this line ran"
+    )
+    logger.info("job %s expired: %d lines closed", job_id, closed)
+    finish(store, job_id)
+    return True
