@@ -29,6 +29,19 @@ end
 return 0
 """
 
+# The same for many lines at once. ARGV: (line, JSON, count field, tokens) repeated.
+_RECORD_LINES = """
+local stored = 0
+for i = 1, #ARGV, 4 do
+  if redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) == 1 then
+    redis.call('HINCRBY', KEYS[2], ARGV[i + 2], 1)
+    redis.call('HINCRBY', KEYS[2], 'generated_tokens', ARGV[i + 3])
+    stored = stored + 1
+  end
+end
+return stored
+"""
+
 # KEYS: job hash. ARGV: now. Ends a job once every line is answered and every line enqueued.
 # Returns the status, or "deliver" to the one caller that must upload the job's files first
 # (the job waits in "finalizing", its final status kept in "final_status").
@@ -85,6 +98,7 @@ class JobStore:
         self.redis = client
         self.job_ttl = job_ttl
         self._record_line = client.register_script(_RECORD_LINE)
+        self._record_lines = client.register_script(_RECORD_LINES)
         self._finalize = client.register_script(_MAYBE_FINALIZE)
 
     def create(
@@ -204,6 +218,17 @@ class JobStore:
             keys=[keys.job_lines(job_id), keys.job(job_id)], args=[line, value, count, tokens]
         )
         return bool(stored)
+
+    def record_lines(self, job_id: str, entries: list[tuple[int, str, dict[str, Any], int]]) -> int:
+        """Store many lines in one call: (line, kind, payload, tokens) each; returns how many
+        were stored for the first time."""
+        if not entries:
+            return 0
+        args: list[Any] = []
+        for line, kind, payload, tokens in entries:
+            value = json.dumps({"kind": kind, "line": payload}, separators=(",", ":"))
+            args += [line, value, "completed" if kind == "output" else "failed", tokens]
+        return int(self._record_lines(keys=[keys.job_lines(job_id), keys.job(job_id)], args=args))
 
     def recorded(self, job_id: str, lines: list[int]) -> list[bool]:
         """Which of these input lines already have an output or error line."""

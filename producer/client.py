@@ -212,8 +212,13 @@ class Client:
             store.add_inputs(job_id, {item["line"]: item["custom_id"] for item in items})
             if store.status(job_id) == JobStatus.cancelling or store.is_expiring(job_id):
                 return  # recorded as inputs; closed below with cancelled or expired lines
+            chunk_id = f"{submission}-{chunk_number}"
             self.celery.send_task(
-                TASK_CHUNK, args=[job_id, f"{submission}-{chunk_number}", items], queue=queue
+                TASK_CHUNK,
+                args=[job_id, chunk_id, items],
+                queue=queue,
+                # Celery would otherwise render every line into the message's argsrepr.
+                argsrepr=f"({job_id!r}, {chunk_id!r}, <{len(items)} lines>)",
             )
             store.start(job_id)
 

@@ -121,7 +121,8 @@ def parse_batch_line(raw: bytes, line: int, *, max_line_bytes: int = DEFAULT_MAX
                 f"line {line} is not valid UTF-8 (byte {error.start}): save the file as UTF-8",
             ),
         ) from None
-    if _depth(text) > MAX_JSON_DEPTH:
+    # Count brackets first (fast, in C); walk the text only when it could nest too deep.
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH and _depth(text) > MAX_JSON_DEPTH:
         raise LineError(
             line,
             RequestError(

@@ -21,7 +21,7 @@ from chatbatch.delivery import expire_if_due, finish
 from chatbatch.jobstore import JobStore
 from chatbatch.queues import TASK_CHAT, TASK_CHUNK, make_celery
 from chatbatch.settings import Settings, get_settings
-from schemas.batch import BatchRequestOutput, BatchResponse, error_line
+from schemas.batch import BatchRequestOutput, error_line
 from schemas.chat import ChatCompletion, parse_chat_request
 from schemas.errors import ErrorCode, RequestError
 from schemas.job import JobStatus
@@ -109,15 +109,15 @@ def chat(self: Any, request_id: str, body: dict[str, Any]) -> None:
     logger.info("request %s answered in %.2fs", request_id, time.monotonic() - started)
 
 
-def _output_line(custom_id: str, completion: ChatCompletion) -> BatchRequestOutput:
-    return BatchRequestOutput(
-        id=f"batch_req_{uuid.uuid4().hex}",
-        custom_id=custom_id,
-        response=BatchResponse(
-            status_code=200, request_id=f"req_{uuid.uuid4().hex}", body=completion.model_dump()
-        ),
-        error=None,
-    )
+def _output_line(custom_id: str, completion: ChatCompletion) -> dict[str, Any]:
+    """A BatchRequestOutput line, built as a plain dict: this runs once per line on the hot
+    path, and every part of it was validated when it was made."""
+    return {
+        "id": f"batch_req_{uuid.uuid4().hex}",
+        "custom_id": custom_id,
+        "response": {"status_code": 200, "request_id": f"req_{uuid.uuid4().hex}", "body": completion.model_dump()},
+        "error": None,
+    }
 
 
 def _error(custom_id: str, line: int, error: RequestError, *, with_response: bool = True) -> BatchRequestOutput:
@@ -156,13 +156,12 @@ def chunk(self: Any, job_id: str, number: str, items: list[dict[str, Any]]) -> N
         _close(store, job_id, todo, ErrorCode.cancelled, "the job was cancelled before this line ran")
         return
     if deliveries > s.settings.max_deliveries:
-        for item in todo:
-            error = RequestError(
-                ErrorCode.internal_error,
-                f"this line's task was delivered {deliveries - 1} times and its worker died each "
-                "time; it was not retried again",
-            )
-            store.record_line(job_id, item["line"], "error", _error(item["custom_id"], item["line"], error).model_dump())
+        error = RequestError(
+            ErrorCode.internal_error,
+            f"this line's task was delivered {deliveries - 1} times and its worker died each "
+            "time; it was not retried again",
+        )
+        store.record_lines(job_id, [(item["line"], "error", _error(item["custom_id"], item["line"], error).model_dump(), 0) for item in todo])
         finish(store, job_id)
         return
     pending: list[tuple[dict[str, Any], Future[ChatCompletion] | RequestError]] = []
@@ -174,21 +173,20 @@ def chunk(self: Any, job_id: str, number: str, items: list[dict[str, Any]]) -> N
         except RequestError as error:
             pending.append((item, error))
     completed = failed = 0
+    entries: list[tuple[int, str, dict[str, Any], int]] = []
     for item, outcome in pending:
         try:
             if isinstance(outcome, RequestError):
                 raise outcome
             completion = outcome.result()
             line = _output_line(item["custom_id"], completion)
-            tokens = completion.usage.completion_tokens
-            kind = "output"
+            entries.append((item["line"], "output", line, completion.usage.completion_tokens))
             completed += 1
         except RequestError as error:
             line = _error(item["custom_id"], item["line"], error)
-            tokens = 0
-            kind = "error"
+            entries.append((item["line"], "error", line.model_dump(), 0))
             failed += 1
-        store.record_line(job_id, item["line"], kind, line.model_dump(), tokens=tokens)
+    store.record_lines(job_id, entries)
     status = finish(store, job_id)
     logger.info(
         "job %s chunk %s: %d answered, %d errors in %.2fs (job %s)",
@@ -198,8 +196,9 @@ def chunk(self: Any, job_id: str, number: str, items: list[dict[str, Any]]) -> N
 
 def _close(store: JobStore, job_id: str, items: list[dict[str, Any]], code: ErrorCode, message: str) -> None:
     """Lines that will not run (cancelled or expired job) get their error lines."""
-    for item in items:
-        error = RequestError(code, message)
-        line = _error(item["custom_id"], item["line"], error, with_response=False)
-        store.record_line(job_id, item["line"], "error", line.model_dump())
+    error = RequestError(code, message)
+    store.record_lines(
+        job_id,
+        [(item["line"], "error", _error(item["custom_id"], item["line"], error, with_response=False).model_dump(), 0) for item in items],
+    )
     finish(store, job_id)

@@ -81,10 +81,21 @@ class Engine:
         self.max_batch_size = max_batch_size if runner.batched else 1
         self.max_batch_tokens = max_batch_tokens
         self.batch_wait = batch_wait
+        # Requests looked at when choosing a batch: enough for length bucketing to find
+        # similar lengths, few enough that choosing stays cheap.
+        self._backlog_rows = 4 * self.max_batch_size
         self._queue: queue.Queue[Pending | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
-        self.stats = {"requests": 0, "batches": 0, "generated_tokens": 0, "largest_batch": 0}
+        self.stats: dict[str, float] = {
+            "requests": 0,
+            "batches": 0,
+            "generated_tokens": 0,
+            "largest_batch": 0,
+            # Seconds the engine spent running batches: compared with wall time, how busy the
+            # device was kept.
+            "busy_seconds": 0.0,
+        }
 
     def start(self) -> None:
         if self._thread is None:
@@ -99,15 +110,32 @@ class Engine:
             self._thread = None
 
     def submit(self, request: ChatCompletionRequest, request_id: str) -> Future[ChatCompletion]:
-        """Queue one request; the future holds its ChatCompletion or raises RequestError."""
+        """Queue one request; the future holds its ChatCompletion or raises RequestError.
+
+        The engine thread prepares it (chat template, tokenization, context check) when it
+        takes it from the queue: preparing in many task threads at once would interleave with
+        the decode loop under the GIL and slow every batch down.
+        """
         future: Future[ChatCompletion] = Future()
+        item = Pending(request=request, request_id=request_id, future=future)
         if self._stopping.is_set():
-            future.set_exception(
-                RequestError(ErrorCode.internal_error, "the worker is shutting down")
-            )
+            future.set_exception(RequestError(ErrorCode.internal_error, "the worker is shutting down"))
             return future
-        self._queue.put(Pending(request=request, request_id=request_id, future=future))
+        self._queue.put(item)
         return future
+
+    def _prepare(self, item: Pending) -> bool:
+        """Prepare a request in the engine thread; a bad one is answered at once."""
+        try:
+            self.runner.prepare(item)
+        except RequestError as error:
+            item.future.set_exception(error)
+            return False
+        except Exception as error:  # a tokenizer bug must fail this request, not the worker
+            logger.exception("preparing request %s failed", item.request_id)
+            item.future.set_exception(RequestError(ErrorCode.internal_error, f"could not prepare the request: {error}"))
+            return False
+        return True
 
     # The engine thread.
 
@@ -118,7 +146,8 @@ class Engine:
                 item = self._queue.get()
                 if item is None:
                     break
-                self._admit(item, backlog)
+                if self._prepare(item):
+                    backlog.append(item)
             self._collect(backlog)
             if not backlog:
                 continue
@@ -129,32 +158,16 @@ class Engine:
                 RequestError(ErrorCode.internal_error, "the worker stopped before this request ran")
             )
 
-    def _admit(self, item: Pending, backlog: list[Pending]) -> None:
-        """Prepare a request; a bad one is answered at once and never reaches a batch."""
-        if not item.future.set_running_or_notify_cancel():
-            return
-        try:
-            self.runner.prepare(item)
-        except RequestError as error:
-            item.future.set_exception(error)
-            return
-        except Exception as error:  # a tokenizer bug must not take the engine down
-            logger.exception("preparing request %s failed", item.request_id)
-            item.future.set_exception(
-                RequestError(ErrorCode.internal_error, f"could not prepare the request: {error}")
-            )
-            return
-        backlog.append(item)
-
     def _collect(self, backlog: list[Pending]) -> None:
-        """Take what is pending, waiting up to batch_wait for a full batch."""
+        """Take pending requests, waiting up to batch_wait for a full batch.
+
+        The backlog holds at most a few batches' worth: the rest stays queued, so choosing a
+        batch costs the same however many requests wait.
+        """
         deadline = time.monotonic() + self.batch_wait
-        while True:
-            rows = sum(item.rows for item in backlog)
-            if rows >= self.max_batch_size:
-                timeout = 0.0
-            else:
-                timeout = max(0.0, deadline - time.monotonic())
+        rows = sum(item.rows for item in backlog)
+        while rows < self._backlog_rows:
+            timeout = 0.0 if rows >= self.max_batch_size else max(0.0, deadline - time.monotonic())
             try:
                 item = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
             except queue.Empty:
@@ -162,7 +175,10 @@ class Engine:
             if item is None:
                 self._stopping.set()
                 return
-            self._admit(item, backlog)
+            if item.future.cancelled() or not self._prepare(item):
+                continue
+            backlog.append(item)
+            rows += item.rows
 
     def _choose_batch(self, backlog: list[Pending]) -> tuple[list[Pending], list[Pending]]:
         """The oldest request plus the requests nearest to it in length, within the limits."""
@@ -205,7 +221,8 @@ class Engine:
         self.stats["batches"] += 1
         self.stats["generated_tokens"] += generated
         self.stats["largest_batch"] = max(self.stats["largest_batch"], rows)
-        logger.info(
-            "batch of %d requests (%d sequences): %d tokens in %.2fs",
-            len(batch), rows, generated, time.monotonic() - started,
+        elapsed = time.monotonic() - started
+        self.stats["busy_seconds"] = round(self.stats["busy_seconds"] + elapsed, 3)
+        logger.debug(
+            "batch of %d requests (%d sequences): %d tokens in %.3fs", len(batch), rows, generated, elapsed
         )

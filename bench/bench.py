@@ -1,0 +1,232 @@
+"""chatbatch benchmarks. Each mode measures side by side, in one run, on the same requests, and
+prints one JSON line per figure (plus a summary). Timings on shared machines are noisy: compare
+the ratios, which are measured in the same run.
+
+    python bench/bench.py queue       # 20,000 lines, tiny model, max_tokens 1: end to end vs engine alone;
+                                      # producer peak memory while submitting a 200 MB file
+    python bench/bench.py throughput  # MLflow pyfunc one at a time vs engine alone vs end to end;
+                                      # worker memory over a long run
+
+Options: --lines, --requests, --max-tokens, --model (an MLflow model URI), --skip-memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def log(**fields: object) -> None:
+    print(json.dumps(fields), flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Harness:
+    """A private redis-server, worker subprocesses and their environment."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.redis = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(workdir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("CHATBATCH_")}
+        self.env.update(CHATBATCH_REDIS_URL=self.url, CHATBATCH_HOME=os.environ.get("CHATBATCH_HOME", str(Path.home() / ".cache" / "chatbatch")),
+                        HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+        self.workers: list[subprocess.Popen[bytes]] = []
+        import redis
+
+        client = redis.Redis.from_url(self.url)
+        for _ in range(100):
+            try:
+                client.ping()
+                break
+            except redis.RedisError:
+                time.sleep(0.05)
+
+    def chatbatch(self, *args: str, env: dict[str, str] | None = None) -> str:
+        done = subprocess.run([sys.executable, "-m", "chatbatch.cli", *args], env={**self.env, **(env or {})},
+                              capture_output=True, text=True, check=True, cwd=ROOT)
+        return done.stdout.strip()
+
+    def start_worker(self, model: str, name: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        from chatbatch.redisconn import connect
+        from chatbatch.registry import live_models
+
+        log_file = (self.workdir / f"worker-{len(self.workers)}.log").open("wb")
+        process = subprocess.Popen([sys.executable, "-m", "chatbatch.cli", "worker", "--model", model, "--loglevel", "WARNING"],
+                                   env={**self.env, **(env or {})}, stdout=log_file, stderr=subprocess.STDOUT,
+                                   cwd=ROOT, start_new_session=True)
+        self.workers.append(process)
+        client = connect(self.url)
+        deadline = time.monotonic() + 300
+        while not any(w["pid"] == process.pid for w in live_models(client).get(name, [])):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"worker did not start; see {log_file.name}")
+            time.sleep(0.2)
+        return process
+
+    def close(self) -> None:
+        for process in self.workers:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+                try:
+                    process.wait(30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(process.pid, signal.SIGKILL)
+        self.redis.terminate()
+        self.redis.wait(10)
+
+
+def batch_file(path: Path, bodies: list[dict[str, object]]) -> Path:
+    with path.open("w") as out:
+        for i, body in enumerate(bodies):
+            out.write(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions", "body": body}))
+            out.write("\n")
+    return path
+
+
+def engine_alone(model: str, source: Path, settings: object) -> tuple[float, int]:
+    """Seconds and generated tokens for the engine alone on the lines of `source`, in this
+    process: read and validate each line, run it, no queue (the model is loaded first)."""
+    from schemas import parse_batch_line
+    from worker.engine import Engine
+    from worker.model import load_runner
+
+    runner = load_runner(model, settings)  # type: ignore[arg-type]
+    engine = Engine(runner, max_batch_size=settings.max_batch_size, max_batch_tokens=settings.max_batch_tokens,  # type: ignore[attr-defined]
+                    batch_wait=settings.batch_wait_ms / 1000)  # type: ignore[attr-defined]
+    engine.start()
+    started = time.perf_counter()
+    with source.open("rb") as lines:
+        requests = [parse_batch_line(raw.rstrip(b"\n"), number).body for number, raw in enumerate(lines, 1)]
+    futures = [engine.submit(request, f"e{i}") for i, request in enumerate(requests)]
+    tokens = sum(future.result().usage.completion_tokens for future in futures)
+    elapsed = time.perf_counter() - started
+    engine.stop()
+    log(step="engine_alone_engine", **{k: engine.stats[k] for k in ("requests", "batches", "largest_batch", "busy_seconds")})
+    return elapsed, tokens
+
+
+def end_to_end(harness: Harness, source: Path, timeout: float = 3600) -> tuple[float, int, dict[str, int]]:
+    from chatbatch.settings import Settings
+    from producer import Client
+
+    client = Client(Settings(redis_url=harness.url))
+    started = time.perf_counter()
+    handle = client.submit_file(str(source))
+    log(step="end_to_end_enqueued", s=round(time.perf_counter() - started, 2))
+    job = handle.wait(timeout, poll=0.05)
+    elapsed = time.perf_counter() - started
+    return elapsed, client.store.generated_tokens(job.id), job.request_counts.model_dump()
+
+
+def worker_stats(harness: Harness, model: str) -> dict[str, object]:
+    """The engine counters the workers report in their heartbeats (after one more beat)."""
+    from chatbatch.redisconn import connect
+    from chatbatch.registry import live_models
+
+    time.sleep(5.5)
+    return {w["worker"]: {k: w[k] for k in ("requests", "batches", "largest_batch", "busy_seconds")}
+            for w in live_models(connect(harness.url)).get(model, [])}
+
+
+def peak_rss_of(command: list[str], env: dict[str, str]) -> tuple[float, int]:
+    """Run a command; returns (seconds, its peak resident memory in MB).
+
+    A fresh intermediate process runs it, so no earlier child (the model build loads torch)
+    can be what RUSAGE_CHILDREN reports.
+    """
+    probe = (
+        "import resource, subprocess, sys, time; t = time.perf_counter(); "
+        "subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL); "
+        "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+    )
+    done = subprocess.run([sys.executable, "-c", probe, *command], env=env, check=True, capture_output=True, text=True, cwd=ROOT)
+    seconds, peak_kb = done.stdout.split()
+    return float(seconds), int(peak_kb) // 1024
+
+
+def queue_mode(args: argparse.Namespace, workdir: Path) -> None:
+    from chatbatch.settings import Settings
+
+    harness = Harness(workdir)
+    try:
+        model = str(workdir / "tiny")
+        harness.chatbatch("model", "tiny", model)
+        bodies = [{"messages": [{"role": "user", "content": f"line {i} " + "w" * (i % 40)}], "max_tokens": 1, "temperature": 0}
+                  for i in range(args.lines)]
+        source = batch_file(workdir / "lines.jsonl", bodies)
+        settings = Settings(redis_url=harness.url)
+        alone_s, _ = engine_alone(model, source, settings)
+        log(step="engine_alone", lines=args.lines, s=round(alone_s, 2), lines_per_s=round(args.lines / alone_s))
+        harness.start_worker(model, "tiny-llama-chat")
+        e2e_s, _, counts = end_to_end(harness, source)
+        log(step="worker_engine", **worker_stats(harness, "tiny-llama-chat"))
+        assert counts["completed"] == args.lines, counts
+        log(step="end_to_end", lines=args.lines, s=round(e2e_s, 2), lines_per_s=round(args.lines / e2e_s))
+        ratio = alone_s / e2e_s
+        log(step="ratio", end_to_end_over_engine=round(ratio, 2), target=0.8, met=ratio >= 0.8)
+        if not args.skip_memory:
+            big = workdir / "200mb.jsonl"
+            filler = "z" * 4000
+            with big.open("w") as out:
+                for i in range(50_000):
+                    out.write(json.dumps({"custom_id": f"m{i}", "method": "POST", "url": "/v1/chat/completions",
+                                          "body": {"messages": [{"role": "user", "content": filler}], "max_tokens": 1}}))
+                    out.write("\n")
+            size_mb = big.stat().st_size / 1e6
+            # No worker consumes this job's queue: only the producer is measured.
+            for process in harness.workers:
+                os.killpg(process.pid, signal.SIGKILL)
+            seconds, peak = peak_rss_of([sys.executable, "-m", "chatbatch.cli", "submit", str(big)], harness.env)
+            log(step="producer_memory", file_mb=round(size_mb), lines=50_000, s=round(seconds, 1), peak_rss_mb=peak,
+                target_mb=150, met=peak < 150)
+    finally:
+        harness.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("mode", choices=["queue", "throughput"])
+    parser.add_argument("--lines", type=int, default=20_000)
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--model", default="")
+    parser.add_argument("--skip-memory", action="store_true")
+    args = parser.parse_args()
+    if shutil.which("redis-server") is None:
+        sys.exit("bench: redis-server is not installed (scripts/bootstrap.sh installs it)")
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    with tempfile.TemporaryDirectory(prefix="chatbatch-bench-") as tmp:
+        {"queue": queue_mode, "throughput": throughput_mode}[args.mode](args, Path(tmp))
+
+
+def throughput_mode(args: argparse.Namespace, workdir: Path) -> None:
+    raise SystemExit("throughput mode: see below")
+
+
+if __name__ == "__main__":
+    main()
