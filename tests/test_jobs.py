@@ -90,7 +90,11 @@ def test_cancel_a_running_job(tiny_worker: Worker, redis_server: RedisServer, ba
 def test_expired_job_keeps_finished_lines(tiny_worker: Worker, redis_server: RedisServer, tmp_path: Path) -> None:
     client = Client(Settings(redis_url=redis_server.url, chunk_size=8))
     ids = [f"s{i}" for i in range(400)]
-    handle = client.submit_file(str(_slow_file(tmp_path / "in.jsonl", len(ids))), completion_window="3s")
+    source = _slow_file(tmp_path / "in.jsonl", len(ids))
+    lines = source.read_text().splitlines()
+    quick = [batch_line(f"s{i}", user("quick", max_tokens=2)) for i in range(8)]  # the first chunk finishes in time
+    source.write_text("\n".join(quick + lines[8:]) + "\n")
+    handle = client.submit_file(str(source), completion_window="3s")
     job = handle.wait(timeout=60)
     assert job.status.value == "expired"
     assert job.expired_at is not None and job.expired_at >= job.expires_at  # type: ignore[operator]
