@@ -10,7 +10,7 @@ import json
 import logging
 import time
 import uuid
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -172,9 +172,16 @@ def chunk(self: Any, job_id: str, number: str, items: list[dict[str, Any]]) -> N
             pending.append((item, s.engine.submit(request, f"{job_id}:{item['line']}")))
         except RequestError as error:
             pending.append((item, error))
+    stopped = _wait_unless_stopped(store, job_id, [f for _, f in pending if isinstance(f, Future)])
     completed = failed = 0
     entries: list[tuple[int, str, dict[str, Any], int]] = []
     for item, outcome in pending:
+        if isinstance(outcome, Future) and outcome.cancelled():
+            code, message = stopped or (ErrorCode.cancelled, "the job was cancelled before this line ran")
+            line = _error(item["custom_id"], item["line"], RequestError(code, message), with_response=False)
+            entries.append((item["line"], "error", line.model_dump(), 0))
+            failed += 1
+            continue
         try:
             if isinstance(outcome, RequestError):
                 raise outcome
@@ -192,6 +199,31 @@ def chunk(self: Any, job_id: str, number: str, items: list[dict[str, Any]]) -> N
         "job %s chunk %s: %d answered, %d errors in %.2fs (job %s)",
         job_id, number, completed, failed, time.monotonic() - started, status,
     )
+
+
+#: How often a task waiting on the engine checks whether its job was cancelled or expired.
+_STOP_CHECK_SECONDS = 0.5
+
+
+def _wait_unless_stopped(store: JobStore, job_id: str, futures: list[Future[ChatCompletion]]) -> tuple[ErrorCode, str] | None:
+    """Wait for the engine; if the job is cancelled or expires meanwhile, cancel the requests
+    that have not started, so the engine never spends a batch on them."""
+    waiting = set(futures)
+    while waiting:
+        _, waiting = wait(waiting, timeout=_STOP_CHECK_SECONDS)
+        if not waiting:
+            return None
+        if store.status(job_id) in (JobStatus.cancelling, JobStatus.cancelled):
+            reason = (ErrorCode.cancelled, "the job was cancelled before this line ran")
+        elif expire_if_due(store, job_id) or store.is_expiring(job_id):
+            reason = (ErrorCode.expired, "the job's completion window ended before this line ran")
+        else:
+            continue
+        for future in waiting:
+            future.cancel()
+        wait(waiting)  # the ones already running finish; their answers are kept
+        return reason
+    return None
 
 
 def _close(store: JobStore, job_id: str, items: list[dict[str, Any]], code: ErrorCode, message: str) -> None:

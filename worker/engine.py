@@ -146,7 +146,7 @@ class Engine:
                 item = self._queue.get()
                 if item is None:
                     break
-                if self._prepare(item):
+                if not item.future.cancelled() and self._prepare(item):
                     backlog.append(item)
             self._collect(backlog)
             if not backlog:
@@ -200,6 +200,11 @@ class Engine:
         return batch, [item for item in backlog if id(item) not in chosen]
 
     def _run(self, batch: list[Pending]) -> None:
+        # A request cancelled while it waited (its job was cancelled) is dropped here; from
+        # now on the others can no longer be cancelled.
+        batch = [item for item in batch if item.future.set_running_or_notify_cancel()]
+        if not batch:
+            return
         started = time.monotonic()
         try:
             results = self.runner.run_batch(batch)
