@@ -213,7 +213,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--model", default="")
-    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--skip-memory", action="store_true", help="queue: skip the producer memory run")
+    parser.add_argument("--memory-requests", type=int, default=5000, help="throughput: requests of the worker memory run (0 skips it)")
     args = parser.parse_args()
     if shutil.which("redis-server") is None:
         sys.exit("bench: redis-server is not installed (scripts/bootstrap.sh installs it)")
@@ -224,8 +225,112 @@ def main() -> None:
         {"queue": queue_mode, "throughput": throughput_mode}[args.mode](args, Path(tmp))
 
 
+PROMPTS = [
+    "Write me a hello world program in python",
+    "What is the capital of France?",
+    "Explain what a batch job is in two sentences.",
+    "Name three primary colors.",
+    "Write a haiku about the sea.",
+    "Translate 'good morning' to Spanish.",
+    "Why is the sky blue?",
+    "Give me a word that rhymes with cat.",
+]
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def pyfunc_one_at_a_time(model: str, bodies: list[dict[str, object]]) -> tuple[float, int]:
+    """MLflow's pyfunc predict, one request at a time: the path `mlflow models serve` takes."""
+    import mlflow
+
+    pyfunc = mlflow.pyfunc.load_model(model)
+    tokens = 0
+    started = time.perf_counter()
+    for body in bodies:
+        request = dict(body)
+        # MLflow's llm/v1/chat pyfunc rejects temperature 0 (transformers' TemperatureLogitsWarper);
+        # a tiny temperature is greedy in all but name.
+        if request.get("temperature") == 0:
+            request["temperature"] = 1e-4
+        tokens += pyfunc.predict(request)[0]["usage"]["completion_tokens"]
+    return time.perf_counter() - started, tokens
+
+
 def throughput_mode(args: argparse.Namespace, workdir: Path) -> None:
-    raise SystemExit("throughput mode: see below")
+    from chatbatch.settings import Settings
+
+    harness = Harness(workdir)
+    try:
+        model = args.model or harness.chatbatch("model", "default")
+        name = json.loads(subprocess.run(
+            [sys.executable, "-c", "import json, sys; from mlflow.models import Model; "
+             "from worker.model import served_name_for; from pathlib import Path; "
+             "print(json.dumps(served_name_for(sys.argv[1], Path(sys.argv[1]), Model.load(sys.argv[1] + '/MLmodel'))))", model],
+            capture_output=True, text=True, check=True, cwd=ROOT).stdout)
+        bodies = [{"messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)] + f" (#{i})"}],
+                   "max_tokens": args.max_tokens, "temperature": 0} for i in range(args.requests)]
+        source = batch_file(workdir / "requests.jsonl", bodies)
+        settings = Settings(redis_url=harness.url)
+        log(step="setup", model=model, served_name=name, requests=args.requests, max_tokens=args.max_tokens,
+            device=_device(), max_batch_size=settings.max_batch_size)
+
+        base_s, base_tokens = pyfunc_one_at_a_time(model, bodies)
+        base = base_tokens / base_s
+        log(step="mlflow_pyfunc_one_at_a_time", s=round(base_s, 1), tokens=base_tokens, tok_s=round(base, 1))
+
+        alone_s, alone_tokens = engine_alone(model, source, settings)
+        alone = alone_tokens / alone_s
+        log(step="engine_alone", s=round(alone_s, 1), tokens=alone_tokens, tok_s=round(alone, 1))
+
+        worker = harness.start_worker(model, name)
+        e2e_s, e2e_tokens, counts = end_to_end(harness, source)
+        e2e = e2e_tokens / e2e_s
+        log(step="end_to_end", s=round(e2e_s, 1), tokens=e2e_tokens, tok_s=round(e2e, 1), counts=counts)
+        log(step="ratios", engine_over_pyfunc=round(alone / base, 2), end_to_end_over_pyfunc=round(e2e / base, 2),
+            end_to_end_over_engine=round(e2e / alone, 2), targets={"end_to_end_over_pyfunc": 4, "end_to_end_over_engine": 0.9},
+            met=e2e / base >= 4 and e2e / alone >= 0.9)
+
+        if args.memory_requests:
+            memory_run(harness, worker, workdir, args.memory_requests)
+    finally:
+        harness.close()
+
+
+def memory_run(harness: Harness, worker: subprocess.Popen[bytes], workdir: Path, total: int) -> None:
+    """Worker resident memory over a long run of short requests, sampled as lines complete."""
+    from chatbatch.settings import Settings
+    from producer import Client
+
+    bodies = [{"messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)] + " " + "x" * (i % 50)}],
+               "max_tokens": 2, "temperature": 0.7, "seed": i} for i in range(total)]
+    source = batch_file(workdir / "memory.jsonl", bodies)
+    client = Client(Settings(redis_url=harness.url))
+    samples: dict[int, float] = {}
+    marks = [m for m in (1000, 2000, 3000, 4000, 5000, total) if m <= total]
+    handle = client.submit_file(str(source))
+    while True:
+        job = handle.status()
+        done = job.request_counts.completed + job.request_counts.failed
+        for mark in marks:
+            if done >= mark and mark not in samples:
+                samples[mark] = round(rss_mb(worker.pid), 1)
+        if job.status.is_final:
+            break
+        time.sleep(0.05)
+    first, last = samples[marks[0]], samples[marks[-1]]
+    log(step="worker_memory", rss_mb_at_request=samples, growth=round(last / first - 1, 3),
+        target="within 10% from request 1,000 to the last", met=abs(last / first - 1) <= 0.10)
+
+
+def _device() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
 
 
 if __name__ == "__main__":

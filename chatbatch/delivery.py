@@ -6,6 +6,7 @@ Shared by the producer and the worker: whichever side answers a job's last line 
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from typing import Any
 
@@ -50,17 +51,31 @@ def write_job_files(
 
 
 def finish(store: JobStore, job_id: str) -> str | None:
-    """End the job if its last line is answered; the caller that ends it uploads its files."""
+    """End the job if its last line is answered; the caller that ends it uploads its files.
+
+    Uploads are retried with backoff for up to `store.upload_retry_seconds` (boto3 retries
+    each try too); then the job fails with an error that names the destination and the cause.
+    """
+    retry_seconds = store.upload_retry_seconds
     outcome = store.maybe_finalize(job_id)
     if outcome != DELIVER:
         return outcome
     job = store.get(job_id)
     remote = [dest if is_remote(dest) else None for dest in (job.output_file, job.error_file)]
-    try:
-        written = write_job_files(store, job_id, remote[0], remote[1])
-    except StorageError as error:
-        logger.error("job %s: %s", job_id, error)
-        return store.end(job_id, JobError(code="output_upload_failed", message=str(error))).value
+    deadline = time.monotonic() + retry_seconds
+    pause = 1.0
+    while True:
+        try:
+            written = write_job_files(store, job_id, remote[0], remote[1])
+            break
+        except StorageError as error:
+            if time.monotonic() + pause > deadline:
+                logger.error("job %s: %s; giving up", job_id, error)
+                message = f"{error}; gave up after retrying for {retry_seconds:.0f}s"
+                return store.end(job_id, JobError(code="output_upload_failed", message=message)).value
+            logger.warning("job %s: %s; retrying in %.0fs", job_id, error, pause)
+            time.sleep(pause)
+            pause = min(pause * 2, 10.0)
     status = store.end(job_id)
     logger.info("job %s %s: wrote %d output and %d error lines", job_id, status.value, *written)
     return status.value

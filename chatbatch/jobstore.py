@@ -94,9 +94,11 @@ _INT_FIELDS = (
 class JobStore:
     """Reads and writes job records and lines. Thread-safe (redis-py pools connections)."""
 
-    def __init__(self, client: redis.Redis, *, job_ttl: int) -> None:
+    def __init__(self, client: redis.Redis, *, job_ttl: int, upload_retry_seconds: float = 120.0) -> None:
         self.redis = client
         self.job_ttl = job_ttl
+        #: How long ending a job retries writing its S3 files (see chatbatch.delivery.finish).
+        self.upload_retry_seconds = upload_retry_seconds
         self._record_line = client.register_script(_RECORD_LINE)
         self._record_lines = client.register_script(_RECORD_LINES)
         self._finalize = client.register_script(_MAYBE_FINALIZE)
@@ -290,6 +292,7 @@ class JobStore:
             keys.job_lines(job_id),
             keys.job_inputs(job_id),
             keys.job_deliveries(job_id),
+            keys.job_attempts(job_id),
         ):
             self.redis.expire(key, self.job_ttl)
 
@@ -297,6 +300,17 @@ class JobStore:
         """Count one more delivery of a chunk task; returns the count including this one."""
         key = keys.job_deliveries(job_id)
         count = int(self.redis.hincrby(key, chunk, 1))
+        self.redis.expire(key, self.job_ttl)
+        return count
+
+    def uncount_delivery(self, job_id: str, chunk: str) -> None:
+        """Take back a delivery that ended in a clean hand-back (worker shutdown), not a crash."""
+        self.redis.hincrby(keys.job_deliveries(job_id), chunk, -1)
+
+    def count_attempt(self, job_id: str, line: int) -> int:
+        """Count one more solo attempt at a line; returns the count including this one."""
+        key = keys.job_attempts(job_id)
+        count = int(self.redis.hincrby(key, str(line), 1))
         self.redis.expire(key, self.job_ttl)
         return count
 

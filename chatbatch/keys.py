@@ -43,6 +43,11 @@ def job_deliveries(job_id: str) -> str:
     return f"{PREFIX}job:{job_id}:deliveries"
 
 
+def job_attempts(job_id: str) -> str:
+    """Hash: input line number -> times it ran alone after its chunk was redelivered."""
+    return f"{PREFIX}job:{job_id}:attempts"
+
+
 def request_deliveries(request_id: str) -> str:
     """String counter: times a single request's task was delivered."""
     return f"{PREFIX}result:{request_id}:deliveries"

@@ -28,6 +28,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     transport = {
         # Longer than the longest task, or Redis hands the task to a second worker meanwhile.
         "visibility_timeout": settings.visibility_timeout,
+        # Sweep for messages of dead workers often enough that they come back soon after the
+        # visibility timeout (kombu's default sweep runs only every ~100 s).
+        "unacked_restore_interval": max(1, min(30, settings.visibility_timeout // 4)),
+        "unacked_restore_throttle": 1,
     }
     return {
         "broker_url": settings.redis_url,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from chatbatch.exceptions import ConfigurationError
 
@@ -14,16 +16,31 @@ def redact(url: str) -> str:
     return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
 
 
-def connect(url: str, *, check: bool = True) -> redis.Redis:
+#: How long a command keeps retrying while Redis is away (a restart, a failover): about a minute.
+RETRY = Retry(ExponentialBackoff(cap=4.0, base=0.1), retries=20)
+
+
+def connect(url: str, *, check: bool = True, retry: Retry | None = RETRY) -> redis.Redis:
     """A Redis client for `url` (redis://, rediss:// for TLS, unix://).
+
+    Commands retry with exponential backoff on connection errors, so a Redis restart pauses
+    the work instead of failing it (writes are idempotent, so a retried write is harmless).
 
     Raises:
         ConfigurationError: Redis cannot be reached or refuses the credentials (check=True).
     """
-    client = redis.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30)
+    client = redis.Redis.from_url(
+        url,
+        socket_connect_timeout=5,
+        socket_keepalive=True,
+        health_check_interval=30,
+        retry=retry,
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError] if retry else None,
+    )
     if check:
         try:
-            client.ping()
+            # Fail fast at start-up: a wrong URL should not wait out the retries.
+            redis.Redis.from_url(url, socket_connect_timeout=5).ping()
         except redis.AuthenticationError:
             raise ConfigurationError(
                 f"Redis at {redact(url)} refused the credentials: fix the password or user in "

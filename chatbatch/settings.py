@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     default_max_tokens: int = Field(default=1_024, ge=1)
     #: Where the model runs: auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ...
     device: str = "auto"
+    #: How long writing a job's S3 files keeps retrying (on top of boto3's own retries) before
+    #: the job fails; each failed try leaves nothing behind.
+    s3_retry_seconds: float = Field(default=120.0, ge=0)
     #: Seconds between a worker's heartbeats in the model registry.
     heartbeat_interval: float = Field(default=5.0, gt=0)
 

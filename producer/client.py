@@ -50,7 +50,7 @@ class Client:
     def __init__(self, settings: Settings | None = None, *, redis_client: redis.Redis | None = None) -> None:
         self.settings = settings or get_settings()
         self.redis = redis_client or connect(self.settings.redis_url)
-        self.store = JobStore(self.redis, job_ttl=self.settings.job_ttl)
+        self.store = JobStore(self.redis, job_ttl=self.settings.job_ttl, upload_retry_seconds=self.settings.s3_retry_seconds)
         self._celery: Any = None
         self._live: tuple[float, set[str]] = (0.0, set())
 

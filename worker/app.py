@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
+from celery.exceptions import Reject
 
 from chatbatch import keys
 from chatbatch.delivery import expire_if_due, finish
@@ -101,8 +102,12 @@ def chat(self: Any, request_id: str, body: dict[str, Any]) -> None:
     try:
         request = parse_chat_request(body)
         _check_model(request.model, s.served_name)
-        completion = s.engine.submit(request, request_id).result()
-        record: dict[str, Any] = completion.model_dump()
+        future = s.engine.submit(request, request_id)
+        wait([future])
+        if future.cancelled():  # the worker is shutting down: hand the request back
+            s.redis.decr(keys.request_deliveries(request_id))
+            raise Reject("worker shutting down", requeue=True)
+        record: dict[str, Any] = future.result().model_dump()
     except RequestError as error:
         record = _request_error_record(error)
     _store_result(s, request_id, record)
@@ -155,50 +160,90 @@ def chunk(self: Any, job_id: str, number: str, items: list[dict[str, Any]]) -> N
     if store.status(job_id) in (JobStatus.cancelling, JobStatus.cancelled):
         _close(store, job_id, todo, ErrorCode.cancelled, "the job was cancelled before this line ran")
         return
-    if deliveries > s.settings.max_deliveries:
-        error = RequestError(
-            ErrorCode.internal_error,
-            f"this line's task was delivered {deliveries - 1} times and its worker died each "
-            "time; it was not retried again",
-        )
-        store.record_lines(job_id, [(item["line"], "error", _error(item["custom_id"], item["line"], error).model_dump(), 0) for item in todo])
-        finish(store, job_id)
+    if deliveries > 1:
+        _run_alone(s, job_id, number, todo)
         return
-    pending: list[tuple[dict[str, Any], Future[ChatCompletion] | RequestError]] = []
-    for item in todo:
-        try:
-            request = parse_chat_request(item["body"], prefix="body.")
-            _check_model(request.model, s.served_name)
-            pending.append((item, s.engine.submit(request, f"{job_id}:{item['line']}")))
-        except RequestError as error:
-            pending.append((item, error))
+    pending = [(item, _submit(s, job_id, item)) for item in todo]
     stopped = _wait_unless_stopped(store, job_id, [f for _, f in pending if isinstance(f, Future)])
-    completed = failed = 0
-    entries: list[tuple[int, str, dict[str, Any], int]] = []
-    for item, outcome in pending:
-        if isinstance(outcome, Future) and outcome.cancelled():
-            code, message = stopped or (ErrorCode.cancelled, "the job was cancelled before this line ran")
-            line = _error(item["custom_id"], item["line"], RequestError(code, message), with_response=False)
-            entries.append((item["line"], "error", line.model_dump(), 0))
-            failed += 1
-            continue
-        try:
-            if isinstance(outcome, RequestError):
-                raise outcome
-            completion = outcome.result()
-            line = _output_line(item["custom_id"], completion)
-            entries.append((item["line"], "output", line, completion.usage.completion_tokens))
-            completed += 1
-        except RequestError as error:
-            line = _error(item["custom_id"], item["line"], error)
-            entries.append((item["line"], "error", line.model_dump(), 0))
-            failed += 1
+    if stopped is None and any(isinstance(f, Future) and f.cancelled() for _, f in pending):
+        _hand_back(s, job_id, number, pending)
+    entries = [_answer(item, outcome, stopped) for item, outcome in pending]
     store.record_lines(job_id, entries)
+    failed = sum(kind == "error" for _, kind, _, _ in entries)
+    completed = len(entries) - failed
     status = finish(store, job_id)
     logger.info(
         "job %s chunk %s: %d answered, %d errors in %.2fs (job %s)",
         job_id, number, completed, failed, time.monotonic() - started, status,
     )
+
+
+def _submit(s: WorkerState, job_id: str, item: dict[str, Any]) -> Future[ChatCompletion] | RequestError:
+    try:
+        request = parse_chat_request(item["body"], prefix="body.")
+        _check_model(request.model, s.served_name)
+    except RequestError as error:
+        return error
+    return s.engine.submit(request, f"{job_id}:{item['line']}")
+
+
+def _run_alone(s: WorkerState, job_id: str, number: str, items: list[dict[str, Any]]) -> None:
+    """A redelivered chunk: a worker died while it ran, and one of its lines may be the cause.
+
+    Its lines run one at a time, each attempt counted per line: a line that kills the worker
+    every time becomes an `internal_error` line after CHATBATCH_MAX_DELIVERIES attempts, while
+    the other lines of the chunk are answered.
+    """
+    store = s.store
+    logger.warning("job %s chunk %s was redelivered: running its %d lines one at a time", job_id, number, len(items))
+    for item in items:
+        if store.recorded(job_id, [item["line"]])[0]:
+            continue
+        attempts = store.count_attempt(job_id, item["line"])
+        if attempts > s.settings.max_deliveries:
+            error = RequestError(
+                ErrorCode.internal_error,
+                f"line {item['line']} was tried {attempts - 1} times and the worker died each time; "
+                "it was not retried again",
+            )
+            store.record_lines(job_id, [(item["line"], "error", _error(item["custom_id"], item["line"], error).model_dump(), 0)])
+            continue
+        outcome = _submit(s, job_id, item)
+        stopped = _wait_unless_stopped(store, job_id, [outcome]) if isinstance(outcome, Future) else None
+        if stopped is None and isinstance(outcome, Future) and outcome.cancelled():
+            store.redis.hincrby(keys.job_attempts(job_id), str(item["line"]), -1)
+            _hand_back(s, job_id, number, [])
+        store.record_lines(job_id, [_answer(item, outcome, stopped)])
+    finish(store, job_id)
+
+
+def _hand_back(
+    s: WorkerState, job_id: str, number: str, pending: list[tuple[dict[str, Any], Future[ChatCompletion] | RequestError]]
+) -> None:
+    """The worker is shutting down: keep the answers that are done, and put the chunk back on
+    the queue at once for another worker (its lines already answered are skipped there)."""
+    done = [_answer(item, f, None) for item, f in pending if not (isinstance(f, Future) and f.cancelled())]
+    s.store.record_lines(job_id, done)
+    s.store.uncount_delivery(job_id, number)
+    logger.info("job %s chunk %s handed back: the worker is shutting down", job_id, number)
+    raise Reject("worker shutting down", requeue=True)
+
+
+def _answer(
+    item: dict[str, Any], outcome: Future[ChatCompletion] | RequestError, stopped: tuple[ErrorCode, str] | None
+) -> tuple[int, str, dict[str, Any], int]:
+    """The stored line for one item: its output, or its error line."""
+    try:
+        if isinstance(outcome, RequestError):
+            raise outcome
+        if outcome.cancelled():
+            code, message = stopped or (ErrorCode.cancelled, "the job was cancelled before this line ran")
+            error = RequestError(code, message)
+            return item["line"], "error", _error(item["custom_id"], item["line"], error, with_response=False).model_dump(), 0
+        completion = outcome.result()
+    except RequestError as error:
+        return item["line"], "error", _error(item["custom_id"], item["line"], error).model_dump(), 0
+    return item["line"], "output", _output_line(item["custom_id"], completion), completion.usage.completion_tokens
 
 
 #: How often a task waiting on the engine checks whether its job was cancelled or expired.

@@ -87,6 +87,10 @@ class Engine:
         self._queue: queue.Queue[Pending | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        # Futures not yet in a batch, so a shutdown can hand them back to the queue.
+        self._waiting: set[Future[ChatCompletion]] = set()
+        self._waiting_lock = threading.Lock()
+        self.draining = False
         self.stats: dict[str, float] = {
             "requests": 0,
             "batches": 0,
@@ -109,6 +113,15 @@ class Engine:
             self._thread.join(timeout)
             self._thread = None
 
+    def drain(self) -> int:
+        """Stop starting requests: every request not yet in a batch is cancelled (its task
+        hands its message back to the queue), and later submissions come back cancelled. The
+        batch in flight finishes. Returns how many requests were cancelled."""
+        self.draining = True
+        with self._waiting_lock:
+            waiting = list(self._waiting)
+        return sum(future.cancel() for future in waiting)
+
     def submit(self, request: ChatCompletionRequest, request_id: str) -> Future[ChatCompletion]:
         """Queue one request; the future holds its ChatCompletion or raises RequestError.
 
@@ -117,12 +130,18 @@ class Engine:
         the decode loop under the GIL and slow every batch down.
         """
         future: Future[ChatCompletion] = Future()
-        item = Pending(request=request, request_id=request_id, future=future)
-        if self._stopping.is_set():
-            future.set_exception(RequestError(ErrorCode.internal_error, "the worker is shutting down"))
+        if self.draining or self._stopping.is_set():
+            future.cancel()
             return future
-        self._queue.put(item)
+        with self._waiting_lock:
+            self._waiting.add(future)
+        future.add_done_callback(self._forget)
+        self._queue.put(Pending(request=request, request_id=request_id, future=future))
         return future
+
+    def _forget(self, future: Future[ChatCompletion]) -> None:
+        with self._waiting_lock:
+            self._waiting.discard(future)
 
     def _prepare(self, item: Pending) -> bool:
         """Prepare a request in the engine thread; a bad one is answered at once."""
@@ -203,6 +222,8 @@ class Engine:
         # A request cancelled while it waited (its job was cancelled) is dropped here; from
         # now on the others can no longer be cancelled.
         batch = [item for item in batch if item.future.set_running_or_notify_cancel()]
+        for item in batch:
+            self._forget(item.future)
         if not batch:
             return
         started = time.monotonic()

@@ -65,7 +65,7 @@ def run_worker(
     state = worker_app.WorkerState(
         settings=settings,
         redis=client,
-        store=JobStore(client, job_ttl=settings.job_ttl),
+        store=JobStore(client, job_ttl=settings.job_ttl, upload_retry_seconds=settings.s3_retry_seconds),
         engine=engine,
         served_name=runner.served_name,
     )
@@ -77,6 +77,12 @@ def run_worker(
     # requests, while prefetch (multiplier 1) keeps other workers fed.
     threads = concurrency or max(4, settings.max_batch_size)
     stop = threading.Event()
+
+    @signals.worker_shutting_down.connect(weak=False)
+    def _draining(**_: Any) -> None:
+        # Soft shutdown: requests not yet in a batch go back to the queue now, not after the
+        # visibility timeout; the batch in flight finishes and its answers are stored.
+        logger.info("shutting down: %d waiting requests handed back", engine.drain())
 
     @signals.worker_ready.connect(weak=False)
     def _ready(**_: Any) -> None:
