@@ -69,9 +69,9 @@ def finish(store: JobStore, job_id: str) -> str | None:
             written = write_job_files(store, job_id, remote[0], remote[1])
             break
         except StorageError as error:
-            if time.monotonic() + pause > deadline:
+            if not error.transient or time.monotonic() + pause > deadline:
                 logger.error("job %s: %s; giving up", job_id, error)
-                message = f"{error}; gave up after retrying for {retry_seconds:.0f}s"
+                message = f"{error}; gave up after retrying for {retry_seconds:.0f}s" if error.transient else str(error)
                 return store.end(job_id, JobError(code="output_upload_failed", message=message)).value
             logger.warning("job %s: %s; retrying in %.0fs", job_id, error, pause)
             time.sleep(pause)

@@ -24,7 +24,24 @@ _SPOOL_BYTES = 8 * 1024 * 1024
 
 
 class StorageError(ChatbatchError):
-    """A read or write of a job file failed after retries."""
+    """A read or write of a job file failed after boto3's retries.
+
+    `transient` says whether trying again later may help (the store is unreachable or busy),
+    as opposed to a refusal such as a missing bucket or denied access.
+    """
+
+    def __init__(self, message: str, *, transient: bool) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+def _transient(error: Exception) -> bool:
+    response = getattr(error, "response", None)
+    if not isinstance(response, dict):
+        return True  # no answer from the store at all: connection refused, reset, timed out
+    status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+    code = str(response.get("Error", {}).get("Code", ""))
+    return status >= 500 or status in (408, 429) or code in ("SlowDown", "Throttling", "RequestTimeout")
 
 
 @dataclass(frozen=True)
@@ -148,7 +165,10 @@ class OutputFile:
         try:
             client.upload_fileobj(self._file, url.bucket, url.key, Config=config)
         except (ClientError, BotoCoreError) as error:
-            raise StorageError(f"cannot upload {url} ({_describe(error)}); nothing was written there") from None
+            raise StorageError(
+                f"cannot upload {url} ({_describe(error)}); nothing was written there",
+                transient=_transient(error),
+            ) from None
         finally:
             self._file.close()
 

@@ -90,6 +90,13 @@ class Client:
             RequestError: the body is invalid, or names a model no worker serves.
         """
         request = parse_chat_request(body)
+        size = len(request.model_dump_json())
+        if size > self.settings.max_line_bytes:
+            raise RequestError(
+                ErrorCode.line_too_large,
+                f"the request is {size:,} bytes, over the limit of {self.settings.max_line_bytes:,}: "
+                "shorten the messages or raise CHATBATCH_MAX_LINE_BYTES",
+            )
         queue = self._queue_for(request.model)
         request_id = request_id or f"chatreq_{uuid.uuid4().hex}"
         self.celery.send_task(

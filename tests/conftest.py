@@ -72,6 +72,8 @@ def start_redis(directory: Path, *extra: str) -> RedisServer:
 def _pings(server: RedisServer) -> bool:
     try:
         return bool(server.client().ping())
+    except (redis.AuthenticationError, redis.ResponseError):
+        return True  # up, and asking for a password
     except redis.RedisError:
         return False
 
