@@ -146,6 +146,19 @@ def worker(model_uri: str, queues: tuple[str, ...], served_model_name: str | Non
 
 
 @cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8000, show_default=True)
+def serve(host: str, port: int) -> None:
+    """Serve the OpenAI-compatible HTTP API (chat completions, files, batches, callbacks)."""
+    _logging("INFO")
+    from producer.client import Client
+    from producer.gateway import serve as run
+
+    Client()  # fail fast, with the usual one-line message, when Redis is not there
+    run(get_settings(), host, port)
+
+
+@cli.command()
 def models() -> None:
     """List the models live workers serve, as JSON."""
     from producer.client import Client

@@ -15,6 +15,7 @@ from typing import Any
 import redis
 
 from chatbatch import keys
+from chatbatch.events import LUA_PUBLISH_JOB, publish
 from chatbatch.exceptions import JobNotFoundError
 from schemas.job import BatchJob, JobError, JobErrors, JobStatus, RequestCounts
 
@@ -72,7 +73,15 @@ if final == 'completed' then
 else
   redis.call('HSET', job, 'status', final, final .. '_at', ARGV[1])
 end
+""" + LUA_PUBLISH_JOB.format(status="final") + """
 return final
+"""
+
+# KEYS: job hash. ARGV: field, value, ... Creates the record whole, or not at all if the id is taken.
+_CREATE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return 1
 """
 
 #: maybe_finalize's answer to the caller that must write the job's files and then end it.
@@ -101,6 +110,7 @@ class JobStore:
         self.upload_retry_seconds = upload_retry_seconds
         self._record_line = client.register_script(_RECORD_LINE)
         self._record_lines = client.register_script(_RECORD_LINES)
+        self._create = client.register_script(_CREATE)
         self._finalize = client.register_script(_MAYBE_FINALIZE)
 
     def create(
@@ -113,8 +123,12 @@ class JobStore:
         metadata: dict[str, str] | None = None,
         output_file: str | None = None,
         error_file: str | None = None,
+        extra: dict[str, str] | None = None,
     ) -> bool:
-        """Create the job record in `validating`; returns False if the id is taken."""
+        """Create the job record in `validating`; returns False if the id is taken.
+
+        `extra` fields are kept with the record (the HTTP API's owner, file ids, callback URL).
+        """
         now = int(time.time())
         fields: dict[str, Any] = {
             "id": job_id,
@@ -132,10 +146,11 @@ class JobStore:
             "error_file": error_file or f"redis:{job_id}/errors",
             # Files in object storage are written by whoever ends the job (any worker).
             "deliver": int(any(str(d).startswith("s3://") for d in (output_file, error_file) if d)),
+            **(extra or {}),
         }
-        if not self.redis.hsetnx(keys.job(job_id), "id", job_id):
+        args = [item for pair in fields.items() for item in pair]
+        if not self._create(keys=[keys.job(job_id)], args=args):
             return False
-        self.redis.hset(keys.job(job_id), mapping=fields)
         self.redis.zadd(keys.JOBS, {job_id: now})
         return True
 
@@ -173,7 +188,22 @@ class JobStore:
                 record[name] = int(data[name])
         if data.get("errors"):
             record["errors"] = JobErrors.model_validate_json(data["errors"])
+        for name in ("input_file_id", "output_file_id", "error_file_id"):
+            if data.get(name):
+                record[name] = data[name]
+        if data.get("callback_url"):
+            record["callback"] = {
+                "url": data["callback_url"],
+                "status": data.get("callback_status", "pending"),
+                "attempts": int(data.get("callback_attempts", 0)),
+                "last_error": data.get("callback_last_error") or None,
+                "delivered_at": int(data["callback_delivered_at"]) if data.get("callback_delivered_at") else None,
+            }
         return BatchJob.model_validate(record)
+
+    def field(self, job_id: str, name: str) -> str | None:
+        value = self.redis.hget(keys.job(job_id), name)
+        return value.decode() if value is not None else None
 
     def generated_tokens(self, job_id: str) -> int:
         """Tokens generated for the job's answered lines so far (for progress displays)."""
@@ -266,6 +296,7 @@ class JobStore:
             raw = self.redis.hget(keys.job(job_id), "final_status")
             status = JobStatus(raw.decode() if raw else "completed")
             self.redis.hset(keys.job(job_id), mapping={"status": status.value, f"{status.value}_at": now})
+        publish(self.redis, "batch", job_id, status.value)
         self._expire_keys(job_id)
         return status
 

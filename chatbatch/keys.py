@@ -55,3 +55,19 @@ def request_deliveries(request_id: str) -> str:
 
 #: Sorted set of job ids by creation time.
 JOBS = PREFIX + "jobs"
+
+
+#: Stream of notifications: one entry per answered single request and per ended job.
+EVENTS = PREFIX + "events"
+#: Sorted set of uploaded file ids by creation time.
+FILES = PREFIX + "files"
+
+
+def file(file_id: str) -> str:
+    """Hash: an uploaded file's object (id, bytes, filename, purpose, owner, created_at)."""
+    return f"{PREFIX}file:{file_id}"
+
+
+def request(request_id: str) -> str:
+    """Hash: an HTTP request's record (owner, callback URL and delivery state)."""
+    return f"{PREFIX}request:{request_id}"

@@ -55,6 +55,18 @@ class Settings(BaseSettings):
     #: How long writing a job's S3 files keeps retrying (on top of boto3's own retries) before
     #: the job fails; each failed try leaves nothing behind.
     s3_retry_seconds: float = Field(default=120.0, ge=0)
+    #: Bearer keys the HTTP API accepts, comma-separated; empty means no auth (with a warning).
+    api_keys: str = ""
+    #: The key that signs callbacks (HMAC-SHA256); needed before a request may name a callback.
+    callback_secret: str = ""
+    #: Tries per callback before its delivery is marked failed (backoff 1 s, 2 s, 4 s, ... 60 s).
+    callback_max_attempts: int = Field(default=6, ge=1)
+    #: Seconds a callback receiver has to answer.
+    callback_timeout: float = Field(default=10.0, gt=0)
+    #: Where the HTTP API keeps uploaded files (shared storage when several gateways run).
+    files_dir: Path | None = None
+    #: How long `POST /v1/chat/completions` waits for the answer before it returns 504.
+    gateway_timeout: float = Field(default=600.0, gt=0)
     #: Seconds between a worker's heartbeats in the model registry.
     heartbeat_interval: float = Field(default=5.0, gt=0)
 
@@ -70,6 +82,14 @@ class Settings(BaseSettings):
     @property
     def model_cache(self) -> Path:
         return self.home / "models"
+
+    @property
+    def files_path(self) -> Path:
+        return self.files_dir or self.home / "files"
+
+    @property
+    def api_key_list(self) -> list[str]:
+        return [key.strip() for key in self.api_keys.split(",") if key.strip()]
 
 
 @lru_cache(maxsize=1)

@@ -173,6 +173,7 @@ class Client:
         output: str | None = None,
         errors: str | None = None,
         completion_window: str = "24h",
+        extra: dict[str, str] | None = None,
     ) -> JobHandle:
         """Enqueue batch lines from an open binary stream (what `submit_file` does once the
         file is open and within its limits); `source` is recorded as the job's input file."""
@@ -186,6 +187,7 @@ class Client:
             metadata=metadata,
             output_file=output,
             error_file=errors,
+            extra=extra,
         )
         if not created:
             job = store.get(job_id)

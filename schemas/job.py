@@ -47,6 +47,16 @@ class JobErrors(BaseModel):
     data: list[JobError] = []
 
 
+class CallbackState(BaseModel):
+    """Delivery of the callback a job or request named (chatbatch's own field, not OpenAI's)."""
+
+    url: str
+    status: Literal["pending", "delivered", "failed"] = "pending"
+    attempts: int = 0
+    last_error: str | None = None
+    delivered_at: int | None = None
+
+
 class BatchJob(BaseModel):
     """The OpenAI Batch object, as `chatbatch status` prints it."""
 
@@ -70,3 +80,10 @@ class BatchJob(BaseModel):
     cancelled_at: int | None = None
     request_counts: RequestCounts
     metadata: dict[str, str] | None = None
+
+    # Not in chatbatch's core contract: jobs created through the HTTP API also carry OpenAI's
+    # file ids, and the state of their callback.
+    input_file_id: str | None = None
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    callback: CallbackState | None = None

@@ -17,7 +17,7 @@ from typing import Any
 import redis
 from celery.exceptions import Reject
 
-from chatbatch import keys
+from chatbatch import events, keys
 from chatbatch.delivery import expire_if_due, finish
 from chatbatch.jobstore import JobStore
 from chatbatch.queues import TASK_CHAT, TASK_CHUNK, make_celery
@@ -79,6 +79,7 @@ def _store_result(s: WorkerState, request_id: str, record: dict[str, Any]) -> No
         pipe = s.redis.pipeline()
         pipe.rpush(keys.result_ready(request_id), 1)
         pipe.expire(keys.result_ready(request_id), ttl)
+        events.publish(pipe, "chat.completion", request_id, "failed" if "error" in record else "completed")
         pipe.execute()
 
 

@@ -1,0 +1,85 @@
+"""Files uploaded through the HTTP API (`/v1/files`, purpose `batch`): content on disk,
+the file object in Redis. Each file belongs to the API key that uploaded it."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import redis
+
+from chatbatch import keys
+from chatbatch.exceptions import InputTooLargeError
+
+
+class FileStore:
+    def __init__(self, client: redis.Redis, directory: Path, *, max_bytes: int) -> None:
+        self.redis = client
+        self.directory = directory
+        self.max_bytes = max_bytes
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def path(self, file_id: str) -> Path:
+        return self.directory / f"{file_id}.jsonl"
+
+    def create(self, stream: BinaryIO, *, filename: str, purpose: str, owner: str) -> dict[str, Any]:
+        """Store an upload, streamed to disk; refuses one over `max_bytes`.
+
+        Raises:
+            InputTooLargeError: the upload is over the file size limit (nothing is kept).
+        """
+        file_id = f"file-{uuid.uuid4().hex}"
+        target = self.path(file_id)
+        partial = target.with_suffix(".part")
+        size = 0
+        try:
+            with partial.open("wb") as out:
+                while block := stream.read(1 << 20):
+                    size += len(block)
+                    if size > self.max_bytes:
+                        raise InputTooLargeError(
+                            f"{filename} is over the limit of {self.max_bytes:,} bytes: split it or "
+                            "raise CHATBATCH_MAX_FILE_BYTES"
+                        )
+                    out.write(block)
+            os.replace(partial, target)
+        finally:
+            partial.unlink(missing_ok=True)
+        record = {
+            "id": file_id,
+            "object": "file",
+            "bytes": size,
+            "created_at": int(time.time()),
+            "filename": filename,
+            "purpose": purpose,
+            "status": "processed",
+            "owner": owner,
+        }
+        self.redis.hset(keys.file(file_id), mapping=record)
+        self.redis.zadd(keys.FILES, {file_id: record["created_at"]})
+        return record
+
+    def get(self, file_id: str) -> dict[str, Any] | None:
+        raw = self.redis.hgetall(keys.file(file_id))
+        if not raw:
+            return None
+        record: dict[str, Any] = {k.decode(): v.decode() for k, v in raw.items()}
+        record["bytes"] = int(record["bytes"])
+        record["created_at"] = int(record["created_at"])
+        return record
+
+    def list(self, owner: str) -> list[dict[str, Any]]:
+        files = []
+        for raw in self.redis.zrevrange(keys.FILES, 0, -1):
+            record = self.get(raw.decode())
+            if record is not None and record["owner"] == owner:
+                files.append(record)
+        return files
+
+    def delete(self, file_id: str) -> None:
+        self.redis.delete(keys.file(file_id))
+        self.redis.zrem(keys.FILES, file_id)
+        self.path(file_id).unlink(missing_ok=True)
