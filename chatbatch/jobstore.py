@@ -334,10 +334,6 @@ class JobStore:
         self.redis.expire(key, self.job_ttl)
         return count
 
-    def uncount_delivery(self, job_id: str, chunk: str) -> None:
-        """Take back a delivery that ended in a clean hand-back (worker shutdown), not a crash."""
-        self.redis.hincrby(keys.job_deliveries(job_id), chunk, -1)
-
     def count_attempt(self, job_id: str, line: int) -> int:
         """Count one more solo attempt at a line; returns the count including this one."""
         key = keys.job_attempts(job_id)

@@ -19,8 +19,10 @@ BATCH_FIELDS = {
     "id", "object", "endpoint", "errors", "input_file", "completion_window", "status",
     "output_file", "error_file", "created_at", "in_progress_at", "expires_at", "finalizing_at",
     "completed_at", "failed_at", "expired_at", "cancelling_at", "cancelled_at",
-    "request_counts", "metadata",
+    "request_counts", "metadata", "input_file_id", "output_file_id", "error_file_id",
 }
+# chatbatch's own addition: the state of a callback the job named (HTTP API).
+CHATBATCH_FIELDS = {"callback"}
 
 
 def _slow_file(path: Path, lines: int, max_tokens: int = 200) -> Path:
@@ -53,14 +55,14 @@ def test_job_record_fields_and_transitions(tiny_worker: Worker, redis_server: Re
     assert statuses == [s for s in order if s in statuses], statuses
     assert statuses[-1] == "completed"
     data = record.model_dump()
-    assert set(data) == BATCH_FIELDS
+    assert set(data) == BATCH_FIELDS | CHATBATCH_FIELDS
     assert data["object"] == "batch" and data["endpoint"] == "/v1/chat/completions"
     assert data["completion_window"] == "24h"
     assert data["expires_at"] == data["created_at"] + 86_400
     assert data["created_at"] <= data["in_progress_at"] <= data["finalizing_at"] <= data["completed_at"]
     assert data["request_counts"] == {"total": 24, "completed": 24, "failed": 0}
     assert data["metadata"] == {"purpose": "lifecycle"}
-    for unset in ("failed_at", "expired_at", "cancelling_at", "cancelled_at"):
+    for unset in ("failed_at", "expired_at", "cancelling_at", "cancelled_at", "callback"):
         assert data[unset] is None
 
 

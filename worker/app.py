@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 import uuid
 from concurrent.futures import Future, wait
@@ -15,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
-from celery.exceptions import Reject
 
 from chatbatch import events, keys
 from chatbatch.delivery import expire_if_due, finish
@@ -103,12 +103,7 @@ def chat(self: Any, request_id: str, body: dict[str, Any]) -> None:
     try:
         request = parse_chat_request(body)
         _check_model(request.model, s.served_name)
-        future = s.engine.submit(request, request_id)
-        wait([future])
-        if future.cancelled():  # the worker is shutting down: hand the request back
-            s.redis.decr(keys.request_deliveries(request_id))
-            raise Reject("worker shutting down", requeue=True)
-        record: dict[str, Any] = future.result().model_dump()
+        record: dict[str, Any] = s.engine.submit(request, request_id).result().model_dump()
     except RequestError as error:
         record = _request_error_record(error)
     _store_result(s, request_id, record)
@@ -166,8 +161,6 @@ def chunk(self: Any, job_id: str, number: str, items: list[dict[str, Any]]) -> N
         return
     pending = [(item, _submit(s, job_id, item)) for item in todo]
     stopped = _wait_unless_stopped(store, job_id, [f for _, f in pending if isinstance(f, Future)])
-    if stopped is None and any(isinstance(f, Future) and f.cancelled() for _, f in pending):
-        _hand_back(s, job_id, number, pending)
     entries = [_answer(item, outcome, stopped) for item, outcome in pending]
     store.record_lines(job_id, entries)
     failed = sum(kind == "error" for _, kind, _, _ in entries)
@@ -179,55 +172,47 @@ def chunk(self: Any, job_id: str, number: str, items: list[dict[str, Any]]) -> N
     )
 
 
-def _submit(s: WorkerState, job_id: str, item: dict[str, Any]) -> Future[ChatCompletion] | RequestError:
+def _submit(s: WorkerState, job_id: str, item: dict[str, Any], **engine_args: Any) -> Future[ChatCompletion] | RequestError:
     try:
         request = parse_chat_request(item["body"], prefix="body.")
         _check_model(request.model, s.served_name)
     except RequestError as error:
         return error
-    return s.engine.submit(request, f"{job_id}:{item['line']}")
+    return s.engine.submit(request, f"{job_id}:{item['line']}", **engine_args)
+
+
+#: Suspect lines run one at a time per worker process, so a crash is charged to one line.
+_alone = threading.Lock()
 
 
 def _run_alone(s: WorkerState, job_id: str, number: str, items: list[dict[str, Any]]) -> None:
     """A redelivered chunk: a worker died while it ran, and one of its lines may be the cause.
 
-    Its lines run one at a time, each attempt counted per line: a line that kills the worker
-    every time becomes an `internal_error` line after CHATBATCH_MAX_DELIVERIES attempts, while
-    the other lines of the chunk are answered.
+    Its lines run one at a time, each in a batch of its own and one suspect at a time in this
+    process, with an attempt counted per line when its batch starts: a line that kills the
+    worker every time becomes an `internal_error` line after CHATBATCH_MAX_DELIVERIES attempts,
+    while the other lines are answered.
     """
     store = s.store
     logger.warning("job %s chunk %s was redelivered: running its %d lines one at a time", job_id, number, len(items))
     for item in items:
         if store.recorded(job_id, [item["line"]])[0]:
             continue
-        attempts = store.count_attempt(job_id, item["line"])
-        if attempts > s.settings.max_deliveries:
-            error = RequestError(
+
+        def attempt(line: int = item["line"]) -> RequestError | None:
+            attempts = store.count_attempt(job_id, line)
+            if attempts <= s.settings.max_deliveries:
+                return None
+            return RequestError(
                 ErrorCode.internal_error,
-                f"line {item['line']} was tried {attempts - 1} times and the worker died each time; "
-                "it was not retried again",
+                f"line {line} was tried {attempts - 1} times and the worker died each time; it was not retried again",
             )
-            store.record_lines(job_id, [(item["line"], "error", _error(item["custom_id"], item["line"], error).model_dump(), 0)])
-            continue
-        outcome = _submit(s, job_id, item)
-        stopped = _wait_unless_stopped(store, job_id, [outcome]) if isinstance(outcome, Future) else None
-        if stopped is None and isinstance(outcome, Future) and outcome.cancelled():
-            store.redis.hincrby(keys.job_attempts(job_id), str(item["line"]), -1)
-            _hand_back(s, job_id, number, [])
+
+        with _alone:
+            outcome = _submit(s, job_id, item, alone=True, on_start=attempt)
+            stopped = _wait_unless_stopped(store, job_id, [outcome]) if isinstance(outcome, Future) else None
         store.record_lines(job_id, [_answer(item, outcome, stopped)])
     finish(store, job_id)
-
-
-def _hand_back(
-    s: WorkerState, job_id: str, number: str, pending: list[tuple[dict[str, Any], Future[ChatCompletion] | RequestError]]
-) -> None:
-    """The worker is shutting down: keep the answers that are done, and put the chunk back on
-    the queue at once for another worker (its lines already answered are skipped there)."""
-    done = [_answer(item, f, None) for item, f in pending if not (isinstance(f, Future) and f.cancelled())]
-    s.store.record_lines(job_id, done)
-    s.store.uncount_delivery(job_id, number)
-    logger.info("job %s chunk %s handed back: the worker is shutting down", job_id, number)
-    raise Reject("worker shutting down", requeue=True)
 
 
 def _answer(

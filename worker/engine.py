@@ -12,6 +12,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -35,6 +36,11 @@ class Pending:
     #: Prompt tokens plus new tokens of one row; used to size batches.
     cost: int = 0
     enqueued_at: float = field(default_factory=time.monotonic)
+    #: Run in a batch of its own (a suspect after a worker crash).
+    alone: bool = False
+    #: Called by the engine thread just before the request's batch runs; an error it returns
+    #: answers the request instead of running it.
+    on_start: Callable[[], RequestError | None] | None = None
 
 
 class Runner(Protocol):
@@ -87,10 +93,6 @@ class Engine:
         self._queue: queue.Queue[Pending | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
-        # Futures not yet in a batch, so a shutdown can hand them back to the queue.
-        self._waiting: set[Future[ChatCompletion]] = set()
-        self._waiting_lock = threading.Lock()
-        self.draining = False
         self.stats: dict[str, float] = {
             "requests": 0,
             "batches": 0,
@@ -113,35 +115,29 @@ class Engine:
             self._thread.join(timeout)
             self._thread = None
 
-    def drain(self) -> int:
-        """Stop starting requests: every request not yet in a batch is cancelled (its task
-        hands its message back to the queue), and later submissions come back cancelled. The
-        batch in flight finishes. Returns how many requests were cancelled."""
-        self.draining = True
-        with self._waiting_lock:
-            waiting = list(self._waiting)
-        return sum(future.cancel() for future in waiting)
-
-    def submit(self, request: ChatCompletionRequest, request_id: str) -> Future[ChatCompletion]:
+    def submit(
+        self,
+        request: ChatCompletionRequest,
+        request_id: str,
+        *,
+        alone: bool = False,
+        on_start: Callable[[], RequestError | None] | None = None,
+    ) -> Future[ChatCompletion]:
         """Queue one request; the future holds its ChatCompletion or raises RequestError.
+
+        `alone` runs it in a batch of its own; `on_start` runs in the engine thread right
+        before its batch does.
 
         The engine thread prepares it (chat template, tokenization, context check) when it
         takes it from the queue: preparing in many task threads at once would interleave with
         the decode loop under the GIL and slow every batch down.
         """
         future: Future[ChatCompletion] = Future()
-        if self.draining or self._stopping.is_set():
-            future.cancel()
+        if self._stopping.is_set():
+            future.set_exception(RequestError(ErrorCode.internal_error, "the worker is shutting down"))
             return future
-        with self._waiting_lock:
-            self._waiting.add(future)
-        future.add_done_callback(self._forget)
-        self._queue.put(Pending(request=request, request_id=request_id, future=future))
+        self._queue.put(Pending(request=request, request_id=request_id, future=future, alone=alone, on_start=on_start))
         return future
-
-    def _forget(self, future: Future[ChatCompletion]) -> None:
-        with self._waiting_lock:
-            self._waiting.discard(future)
 
     def _prepare(self, item: Pending) -> bool:
         """Prepare a request in the engine thread; a bad one is answered at once."""
@@ -202,11 +198,15 @@ class Engine:
     def _choose_batch(self, backlog: list[Pending]) -> tuple[list[Pending], list[Pending]]:
         """The oldest request plus the requests nearest to it in length, within the limits."""
         oldest = min(backlog, key=lambda item: item.enqueued_at)
+        if oldest.alone:
+            return [oldest], [item for item in backlog if item is not oldest]
         by_length = sorted(backlog, key=lambda item: (abs(item.cost - oldest.cost), item.enqueued_at))
         batch: list[Pending] = []
         rows = 0
         longest = 0
         for item in by_length:
+            if item.alone:
+                continue
             new_rows = rows + item.rows
             new_longest = max(longest, item.cost)
             if batch and (
@@ -222,8 +222,11 @@ class Engine:
         # A request cancelled while it waited (its job was cancelled) is dropped here; from
         # now on the others can no longer be cancelled.
         batch = [item for item in batch if item.future.set_running_or_notify_cancel()]
-        for item in batch:
-            self._forget(item.future)
+        for item in [item for item in batch if item.on_start is not None]:
+            refusal = item.on_start()  # type: ignore[misc]
+            if refusal is not None:
+                item.future.set_exception(refusal)
+                batch.remove(item)
         if not batch:
             return
         started = time.monotonic()

@@ -78,12 +78,6 @@ def run_worker(
     threads = concurrency or max(4, settings.max_batch_size)
     stop = threading.Event()
 
-    @signals.worker_shutting_down.connect(weak=False)
-    def _draining(**_: Any) -> None:
-        # Soft shutdown: requests not yet in a batch go back to the queue now, not after the
-        # visibility timeout; the batch in flight finishes and its answers are stored.
-        logger.info("shutting down: %d waiting requests handed back", engine.drain())
-
     @signals.worker_ready.connect(weak=False)
     def _ready(**_: Any) -> None:
         threading.Thread(target=_heartbeats, args=(state, hostname, stop), daemon=True).start()
