@@ -100,6 +100,20 @@ _INT_FIELDS = (
 )
 
 
+def callback_state(fields: dict[str, str]) -> dict[str, Any] | None:
+    """The delivery state of a callback, from the `callback_*` fields of a job or request
+    record; None when the record names no callback."""
+    if not fields.get("callback_url"):
+        return None
+    return {
+        "url": fields["callback_url"],
+        "status": fields.get("callback_status", "pending"),
+        "attempts": int(fields.get("callback_attempts", 0)),
+        "last_error": fields.get("callback_last_error") or None,
+        "delivered_at": int(fields["callback_delivered_at"]) if fields.get("callback_delivered_at") else None,
+    }
+
+
 class JobStore:
     """Reads and writes job records and lines. Thread-safe (redis-py pools connections)."""
 
@@ -191,14 +205,7 @@ class JobStore:
         for name in ("input_file_id", "output_file_id", "error_file_id"):
             if data.get(name):
                 record[name] = data[name]
-        if data.get("callback_url"):
-            record["callback"] = {
-                "url": data["callback_url"],
-                "status": data.get("callback_status", "pending"),
-                "attempts": int(data.get("callback_attempts", 0)),
-                "last_error": data.get("callback_last_error") or None,
-                "delivered_at": int(data["callback_delivered_at"]) if data.get("callback_delivered_at") else None,
-            }
+        record["callback"] = callback_state(data)
         return BatchJob.model_validate(record)
 
     def field(self, job_id: str, name: str) -> str | None:

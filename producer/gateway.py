@@ -10,6 +10,7 @@ requests (other keys' objects answer 404, as if absent).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import threading
 import time
@@ -24,6 +25,7 @@ from fastapi.responses import JSONResponse, Response
 
 from chatbatch import keys
 from chatbatch.exceptions import ChatbatchError, InputTooLargeError, RequestFailedError
+from chatbatch.jobstore import callback_state
 from chatbatch.settings import Settings, get_settings
 from producer.callbacks import CallbackSender, batch_body
 from producer.client import Client
@@ -154,19 +156,12 @@ def create_app(settings: Settings | None = None, *, callbacks: bool = True) -> F
         if result is None:
             record.update(status="queued", result=None, error=None)
         else:
-            import json
-
             parsed = json.loads(result)
             failed = "error" in parsed
             record.update(status="failed" if failed else "completed", result=None if failed else parsed, error=parsed.get("error"))
-        if data.get("callback_url"):
-            record["callback"] = {
-                "url": data["callback_url"],
-                "status": data.get("callback_status", "pending"),
-                "attempts": int(data.get("callback_attempts", 0)),
-                "last_error": data.get("callback_last_error") or None,
-                "delivered_at": int(data["callback_delivered_at"]) if data.get("callback_delivered_at") else None,
-            }
+        state = callback_state(data)
+        if state is not None:
+            record["callback"] = state
         return record
 
     def _owned_request(request_id: str, who: str) -> None:
