@@ -14,7 +14,7 @@ from chatbatch.jobstore import DELIVER, JobStore
 from chatbatch.storage import OutputFile, StorageError, is_remote
 from schemas.batch import error_line
 from schemas.errors import ErrorCode
-from schemas.job import JobError
+from schemas.job import JobError, JobStatus
 
 logger = logging.getLogger(__name__)
 
@@ -81,8 +81,24 @@ def finish(store: JobStore, job_id: str) -> str | None:
     return status.value
 
 
-def close_unanswered(store: JobStore, job_id: str, code: ErrorCode, message: str) -> int:
+#: Why lines of a job that will not run get their error lines: (code, message).
+CANCELLED = (ErrorCode.cancelled, "the job was cancelled before this line ran")
+EXPIRED = (ErrorCode.expired, "the job's completion window ended before this line ran")
+
+
+def stop_reason(store: JobStore, job_id: str) -> tuple[ErrorCode, str] | None:
+    """CANCELLED or EXPIRED when the job's lines should no longer run (expiring it if its
+    completion window has just passed), else None."""
+    if store.status(job_id) in (JobStatus.cancelling, JobStatus.cancelled):
+        return CANCELLED
+    if expire_if_due(store, job_id) or store.is_expiring(job_id):
+        return EXPIRED
+    return None
+
+
+def close_unanswered(store: JobStore, job_id: str, reason: tuple[ErrorCode, str]) -> int:
     """Give every enqueued line without an answer an error line; returns how many."""
+    code, message = reason
     inputs = store.inputs(job_id)
     numbers = sorted(inputs)
     closed = 0
@@ -107,9 +123,7 @@ def expire_if_due(store: JobStore, job_id: str) -> bool:
     answered ones are kept and delivered."""
     if not store.mark_expiring(job_id):
         return False
-    closed = close_unanswered(
-        store, job_id, ErrorCode.expired, "the job's completion window ended before this line ran"
-    )
+    closed = close_unanswered(store, job_id, EXPIRED)
     logger.info("job %s expired: %d lines closed", job_id, closed)
     finish(store, job_id)
     return True

@@ -10,7 +10,7 @@ from typing import Any
 import redis
 
 from chatbatch import registry
-from chatbatch.delivery import close_unanswered, expire_if_due, finish
+from chatbatch.delivery import CANCELLED, close_unanswered, expire_if_due, finish, stop_reason
 from chatbatch.exceptions import ConfigurationError, JobNotFoundError
 from chatbatch.jobstore import JobStore
 from chatbatch.queues import DEFAULT_QUEUE, TASK_CHAT, TASK_CHUNK, make_celery, model_queue
@@ -19,7 +19,7 @@ from chatbatch.settings import Settings, get_settings
 from chatbatch.storage import open_input
 from producer.handles import JobHandle, RequestHandle
 from producer.reader import check_lines, check_size, count_lines, iter_lines
-from schemas.batch import LineError, error_line, parse_batch_line
+from schemas.batch import LineError, error_line, line_too_large, parse_batch_line
 from schemas.chat import ChatCompletion, check_metadata, parse_chat_request
 from schemas.errors import ErrorCode, RequestError
 from schemas.job import BatchJob, JobStatus
@@ -219,7 +219,7 @@ class Client:
             if not items:
                 return
             store.add_inputs(job_id, {item["line"]: item["custom_id"] for item in items})
-            if store.status(job_id) == JobStatus.cancelling or store.is_expiring(job_id):
+            if stop_reason(store, job_id) is not None:
                 return  # recorded as inputs; closed below with cancelled or expired lines
             chunk_id = f"{submission}-{chunk_number}"
             self.celery.send_task(
@@ -237,15 +237,7 @@ class Client:
             total += 1
             try:
                 if raw is None:
-                    raise LineError(
-                        number,
-                        RequestError(
-                            ErrorCode.line_too_large,
-                            f"line {number} is {length:,} bytes, over the limit of "
-                            f"{settings.max_line_bytes:,}: shorten it or raise "
-                            "CHATBATCH_MAX_LINE_BYTES",
-                        ),
-                    )
+                    raise line_too_large(number, length, settings.max_line_bytes)
                 parsed = parse_batch_line(raw, number, max_line_bytes=settings.max_line_bytes)
                 if parsed.custom_id in seen:
                     raise LineError(
@@ -279,10 +271,9 @@ class Client:
                 flush(queue)
         for queue in list(chunks):
             flush(queue)
-        if store.status(job_id) == JobStatus.cancelling:
-            close_unanswered(store, job_id, ErrorCode.cancelled, "the job was cancelled before this line ran")
-        elif store.is_expiring(job_id):
-            close_unanswered(store, job_id, ErrorCode.expired, "the job's completion window ended before this line ran")
+        reason = stop_reason(store, job_id)
+        if reason is not None:
+            close_unanswered(store, job_id, reason)
         store.finish_enqueueing(job_id, total)
         status = finish(store, job_id)
         logger.info("job %s: %d lines enqueued from %s (%s)", job_id, total, source, status)
@@ -298,7 +289,7 @@ class Client:
         if job.status.is_final or job.status == JobStatus.finalizing:
             return job
         store.set_status(job_id, JobStatus.cancelling)
-        close_unanswered(store, job_id, ErrorCode.cancelled, "the job was cancelled before this line ran")
+        close_unanswered(store, job_id, CANCELLED)
         finish(store, job_id)
         return store.get(job_id)
 

@@ -96,6 +96,18 @@ def _depth(text: str) -> int:
     return deepest
 
 
+def line_too_large(line: int, size: int, limit: int) -> LineError:
+    """The error of a line over the size limit (the line itself need not be in memory)."""
+    return LineError(
+        line,
+        RequestError(
+            ErrorCode.line_too_large,
+            f"line {line} is {size:,} bytes, over the limit of {limit:,}: shorten it or raise "
+            "CHATBATCH_MAX_LINE_BYTES",
+        ),
+    )
+
+
 def parse_batch_line(raw: bytes, line: int, *, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> ParsedLine:
     """Validate one JSONL input line.
 
@@ -103,14 +115,7 @@ def parse_batch_line(raw: bytes, line: int, *, max_line_bytes: int = DEFAULT_MAX
         LineError: naming the line number, with the error code and a message with the fix.
     """
     if len(raw) > max_line_bytes:
-        raise LineError(
-            line,
-            RequestError(
-                ErrorCode.line_too_large,
-                f"line {line} is {len(raw)} bytes, over the limit of {max_line_bytes}: "
-                "shorten it or raise CHATBATCH_MAX_LINE_BYTES",
-            ),
-        )
+        raise line_too_large(line, len(raw), max_line_bytes)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as error:

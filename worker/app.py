@@ -18,14 +18,13 @@ from typing import Any
 import redis
 
 from chatbatch import events, keys
-from chatbatch.delivery import expire_if_due, finish
+from chatbatch.delivery import CANCELLED, finish, stop_reason
 from chatbatch.jobstore import JobStore
 from chatbatch.queues import TASK_CHAT, TASK_CHUNK, make_celery
 from chatbatch.settings import Settings, get_settings
 from schemas.batch import BatchRequestOutput, error_line
 from schemas.chat import ChatCompletion, parse_chat_request
 from schemas.errors import ErrorCode, RequestError
-from schemas.job import JobStatus
 from worker.engine import Engine
 
 logger = logging.getLogger(__name__)
@@ -56,10 +55,6 @@ def state() -> WorkerState:
     if _state is None:
         raise RuntimeError("the worker's model is not loaded: start workers with `chatbatch worker`")
     return _state
-
-
-def _request_error_record(error: RequestError) -> dict[str, Any]:
-    return {"error": {"code": error.code.value, "message": error.message, "param": error.param}}
 
 
 def _check_model(request_model: str | None, served: str) -> None:
@@ -97,7 +92,7 @@ def chat(self: Any, request_id: str, body: dict[str, Any]) -> None:
             f"the request was delivered {deliveries - 1} times and its worker died each time; "
             "it was not retried again",
         )
-        _store_result(s, request_id, _request_error_record(error))
+        _store_result(s, request_id, {"error": error.to_dict()})
         return
     started = time.monotonic()
     try:
@@ -105,7 +100,7 @@ def chat(self: Any, request_id: str, body: dict[str, Any]) -> None:
         _check_model(request.model, s.served_name)
         record: dict[str, Any] = s.engine.submit(request, request_id).result().model_dump()
     except RequestError as error:
-        record = _request_error_record(error)
+        record = {"error": error.to_dict()}
     _store_result(s, request_id, record)
     logger.info("request %s answered in %.2fs", request_id, time.monotonic() - started)
 
@@ -150,11 +145,9 @@ def chunk(self: Any, job_id: str, number: str, items: list[dict[str, Any]]) -> N
         finish(store, job_id)
         return
     deliveries = store.count_delivery(job_id, number)
-    if expire_if_due(store, job_id) or store.is_expiring(job_id):
-        _close(store, job_id, todo, ErrorCode.expired, "the job's completion window ended before this line ran")
-        return
-    if store.status(job_id) in (JobStatus.cancelling, JobStatus.cancelled):
-        _close(store, job_id, todo, ErrorCode.cancelled, "the job was cancelled before this line ran")
+    reason = stop_reason(store, job_id)
+    if reason is not None:
+        _close(store, job_id, todo, reason)
         return
     if deliveries > 1:
         _run_alone(s, job_id, number, todo)
@@ -223,8 +216,7 @@ def _answer(
         if isinstance(outcome, RequestError):
             raise outcome
         if outcome.cancelled():
-            code, message = stopped or (ErrorCode.cancelled, "the job was cancelled before this line ran")
-            error = RequestError(code, message)
+            error = RequestError(*(stopped or CANCELLED))
             return item["line"], "error", _error(item["custom_id"], item["line"], error, with_response=False).model_dump(), 0
         completion = outcome.result()
     except RequestError as error:
@@ -244,11 +236,8 @@ def _wait_unless_stopped(store: JobStore, job_id: str, futures: list[Future[Chat
         _, waiting = wait(waiting, timeout=_STOP_CHECK_SECONDS)
         if not waiting:
             return None
-        if store.status(job_id) in (JobStatus.cancelling, JobStatus.cancelled):
-            reason = (ErrorCode.cancelled, "the job was cancelled before this line ran")
-        elif expire_if_due(store, job_id) or store.is_expiring(job_id):
-            reason = (ErrorCode.expired, "the job's completion window ended before this line ran")
-        else:
+        reason = stop_reason(store, job_id)
+        if reason is None:
             continue
         for future in waiting:
             future.cancel()
@@ -257,9 +246,9 @@ def _wait_unless_stopped(store: JobStore, job_id: str, futures: list[Future[Chat
     return None
 
 
-def _close(store: JobStore, job_id: str, items: list[dict[str, Any]], code: ErrorCode, message: str) -> None:
+def _close(store: JobStore, job_id: str, items: list[dict[str, Any]], reason: tuple[ErrorCode, str]) -> None:
     """Lines that will not run (cancelled or expired job) get their error lines."""
-    error = RequestError(code, message)
+    error = RequestError(*reason)
     store.record_lines(
         job_id,
         [(item["line"], "error", _error(item["custom_id"], item["line"], error, with_response=False).model_dump(), 0) for item in items],
