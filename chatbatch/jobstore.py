@@ -19,18 +19,8 @@ from chatbatch.events import LUA_PUBLISH_JOB, publish
 from chatbatch.exceptions import JobNotFoundError
 from schemas.job import BatchJob, JobError, JobErrors, JobStatus, RequestCounts
 
-# KEYS: lines hash, job hash. ARGV: line number, stored JSON, count field ("completed"/"failed"),
-# generated tokens of the line.
-_RECORD_LINE = """
-if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
-  redis.call('HINCRBY', KEYS[2], ARGV[3], 1)
-  redis.call('HINCRBY', KEYS[2], 'generated_tokens', ARGV[4])
-  return 1
-end
-return 0
-"""
-
-# The same for many lines at once. ARGV: (line, JSON, count field, tokens) repeated.
+# KEYS: lines hash, job hash. ARGV: (line number, stored JSON, count field "completed" or
+# "failed", generated tokens) repeated. A line already stored is left as it is, uncounted.
 _RECORD_LINES = """
 local stored = 0
 for i = 1, #ARGV, 4 do
@@ -122,7 +112,6 @@ class JobStore:
         self.job_ttl = job_ttl
         #: How long ending a job retries writing its S3 files (see chatbatch.delivery.finish).
         self.upload_retry_seconds = upload_retry_seconds
-        self._record_line = client.register_script(_RECORD_LINE)
         self._record_lines = client.register_script(_RECORD_LINES)
         self._create = client.register_script(_CREATE)
         self._finalize = client.register_script(_MAYBE_FINALIZE)
@@ -251,12 +240,7 @@ class JobStore:
             kind: "output" or "error".
             payload: the BatchRequestOutput as a dict.
         """
-        value = json.dumps({"kind": kind, "line": payload}, separators=(",", ":"))
-        count = "completed" if kind == "output" else "failed"
-        stored = self._record_line(
-            keys=[keys.job_lines(job_id), keys.job(job_id)], args=[line, value, count, tokens]
-        )
-        return bool(stored)
+        return self.record_lines(job_id, [(line, kind, payload, tokens)]) == 1
 
     def record_lines(self, job_id: str, entries: list[tuple[int, str, dict[str, Any], int]]) -> int:
         """Store many lines in one call: (line, kind, payload, tokens) each; returns how many
