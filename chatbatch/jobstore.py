@@ -325,6 +325,10 @@ class JobStore:
         self.redis.expire(key, self.job_ttl)
         return count
 
+    def uncount_delivery(self, job_id: str, chunk: str) -> None:
+        """Take back the count of a delivery that ended cleanly by handing its chunk back."""
+        self.redis.hincrby(keys.job_deliveries(job_id), chunk, -1)
+
     def count_attempt(self, job_id: str, line: int) -> int:
         """Count one more solo attempt at a line; returns the count including this one."""
         key = keys.job_attempts(job_id)

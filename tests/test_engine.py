@@ -152,3 +152,44 @@ def test_engine_rejects_bad_limits(runner) -> None:  # type: ignore[no-untyped-d
         Engine(runner, max_batch_size=0)
     with pytest.raises(ValueError, match="batch_wait"):
         Engine(runner, batch_wait=-1)
+
+
+def test_drain_cancels_what_has_not_started_and_finishes_the_running_batch(runner) -> None:  # type: ignore[no-untyped-def]
+    import threading
+    from concurrent.futures import wait
+
+    started = threading.Event()
+    release = threading.Event()
+
+    class Held:
+        """The tiny runner, held inside its first batch until the test has drained."""
+
+        served_name = runner.served_name
+        batched = True
+
+        def prepare(self, item):  # type: ignore[no-untyped-def]
+            runner.prepare(item)
+
+        def run_batch(self, items):  # type: ignore[no-untyped-def]
+            started.set()
+            release.wait(60)
+            return runner.run_batch(items)
+
+    engine = Engine(Held(), batch_wait=0.0, max_batch_size=2)
+    engine.start()
+    try:
+        running = [engine.submit(_request(f"run {i}", max_tokens=4), f"r{i}") for i in range(2)]
+        assert started.wait(60)
+        queued = [engine.submit(_request(f"wait {i}", max_tokens=4), f"q{i}") for i in range(5)]
+        engine.drain()
+        late = engine.submit(_request("late", max_tokens=4), "late")
+        assert late.cancelled() and late.done()
+        release.set()
+        done, waiting = wait(running + queued + [late], timeout=60)
+        assert not waiting, "every waiter is woken: cancelled futures are notified"
+        assert all(isinstance(f.result(), ChatCompletion) for f in running)
+        assert all(f.cancelled() for f in queued)
+        assert engine.stats["batches"] == 1
+    finally:
+        release.set()
+        engine.stop()

@@ -83,27 +83,34 @@ def test_sigkill_mid_job_second_worker_finishes(aof_redis: RedisServer, base_env
         second.stop()
 
 
-def test_sigterm_finishes_what_it_holds_and_leaves_the_rest_queued(aof_redis: RedisServer, base_env: dict[str, str], tiny_model: Path, tmp_path: Path) -> None:
-    env = _env(base_env, aof_redis, visibility_timeout="600")
+def test_sigterm_hands_unfinished_work_back_at_once(aof_redis: RedisServer, base_env: dict[str, str], tiny_model: Path, tmp_path: Path) -> None:
+    env = _env(base_env, aof_redis, visibility_timeout="600", max_batch_size="8")
     first = _worker(env, tmp_path, "first", tiny_model, aof_redis, "--concurrency", "4")
-    client = Client(Settings(redis_url=aof_redis.url, chunk_size=4))
-    ids = _job_file(tmp_path / "in.jsonl", 160, 48)
+    client = Client(Settings(redis_url=aof_redis.url, chunk_size=40))
+    # Four chunks of 40 long lines: the first worker holds all of them, batches of 8 at a time.
+    ids = _job_file(tmp_path / "in.jsonl", 160, 200)
     handle = client.submit_file(str(tmp_path / "in.jsonl"))
     wait_for(lambda: handle.status().request_counts.completed >= 8, 120, "the first answers")
     stopped = time.monotonic()
     first.stop(signal.SIGTERM, timeout=60)
-    assert first.process.returncode is not None, "warm shutdown ended the worker"
-    assert handle.status().request_counts.completed < len(ids), "work it had not fetched stayed queued"
+    took = time.monotonic() - stopped
+    assert first.process.returncode == 0, first.output()[-3000:]
+    held = handle.status().request_counts.completed
+    assert held < len(ids), "the worker handed back what it held instead of finishing it"
+    assert "handed back" in first.output()
     second = _worker(env, tmp_path, "second", tiny_model, aof_redis)
     try:
         job = handle.wait(timeout=300)
         # Well before the 600 s visibility timeout: nothing waited for a redelivery.
         assert time.monotonic() - stopped < 200
         assert job.status.value == "completed"
-        _check_exactly_once(client, job, ids)
-        assert "Warm shutdown" in first.output()
+        lines = _check_exactly_once(client, job, ids)
+        assert all(kind == "output" for kind, _ in lines)
+        # The handed-back chunks ran batched, not one line at a time as crash suspects.
+        assert "was redelivered" not in second.output()
     finally:
         second.stop()
+    print(f"SIGTERM: worker exited in {took:.1f}s with {held}/{len(ids)} lines answered")
 
 
 def test_task_longer_than_visibility_timeout_never_duplicates(aof_redis: RedisServer, base_env: dict[str, str], tiny_model: Path, tmp_path: Path) -> None:

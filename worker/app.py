@@ -98,7 +98,13 @@ def chat(self: Any, request_id: str, body: dict[str, Any]) -> None:
     try:
         request = parse_chat_request(body)
         _check_model(request.model, s.served_name)
-        record: dict[str, Any] = s.engine.submit(request, request_id).result().model_dump()
+        future = s.engine.submit(request, request_id)
+        wait([future])
+        if future.cancelled():  # the worker is draining: another worker answers it
+            s.redis.decr(keys.request_deliveries(request_id))
+            _send_back(self, [request_id, body], f"({request_id!r}, <request>)")
+            return
+        record: dict[str, Any] = future.result().model_dump()
     except RequestError as error:
         record = {"error": error.to_dict()}
     _store_result(s, request_id, record)
@@ -150,10 +156,22 @@ def chunk(self: Any, job_id: str, number: str, items: list[dict[str, Any]]) -> N
         _close(store, job_id, todo, reason)
         return
     if deliveries > 1:
-        _run_alone(s, job_id, number, todo)
+        _run_alone(self, s, job_id, number, todo)
         return
     pending = [(item, _submit(s, job_id, item)) for item in todo]
-    stopped = _wait_unless_stopped(store, job_id, [f for _, f in pending if isinstance(f, Future)])
+    futures = [f for _, f in pending if isinstance(f, Future)]
+    stopped = _wait_unless_stopped(s, job_id, futures)
+    if stopped is DRAINING:
+        # Hand back at once every line without an answer yet, the running ones too: the other
+        # worker skips or discards whichever of them this one still answers before it exits.
+        # The delivery is uncounted first, so the copy runs batched, not as a suspect.
+        unfinished = [item for item, f in pending if isinstance(f, Future) and (f.cancelled() or not f.done())]
+        if unfinished:
+            store.uncount_delivery(job_id, number)
+            _send_back(self, [job_id, number, unfinished], f"({job_id!r}, {number!r}, <{len(unfinished)} lines>)")
+        wait(futures)  # the batch running now finishes; its answers are kept
+        pending = [(item, f) for item, f in pending if not (isinstance(f, Future) and f.cancelled())]
+        stopped = None
     entries = [_answer(item, outcome, stopped) for item, outcome in pending]
     store.record_lines(job_id, entries)
     failed = sum(kind == "error" for _, kind, _, _ in entries)
@@ -178,7 +196,7 @@ def _submit(s: WorkerState, job_id: str, item: dict[str, Any], **engine_args: An
 _alone = threading.Lock()
 
 
-def _run_alone(s: WorkerState, job_id: str, number: str, items: list[dict[str, Any]]) -> None:
+def _run_alone(task: Any, s: WorkerState, job_id: str, number: str, items: list[dict[str, Any]]) -> None:
     """A redelivered chunk: a worker died while it ran, and one of its lines may be the cause.
 
     Its lines run one at a time, each in a batch of its own and one suspect at a time in this
@@ -188,9 +206,14 @@ def _run_alone(s: WorkerState, job_id: str, number: str, items: list[dict[str, A
     """
     store = s.store
     logger.warning("job %s chunk %s was redelivered: running its %d lines one at a time", job_id, number, len(items))
-    for item in items:
+    for index, item in enumerate(items):
         if store.recorded(job_id, [item["line"]])[0]:
             continue
+        if s.engine.draining:
+            # Still counted as a redelivery where it lands: the suspect keeps running alone.
+            rest = items[index:]
+            _send_back(task, [job_id, number, rest], f"({job_id!r}, {number!r}, <{len(rest)} lines>)")
+            return
 
         def attempt(line: int = item["line"]) -> RequestError | None:
             attempts = store.count_attempt(job_id, line)
@@ -203,7 +226,14 @@ def _run_alone(s: WorkerState, job_id: str, number: str, items: list[dict[str, A
 
         with _alone:
             outcome = _submit(s, job_id, item, alone=True, on_start=attempt)
-            stopped = _wait_unless_stopped(store, job_id, [outcome]) if isinstance(outcome, Future) else None
+            stopped = _wait_unless_stopped(s, job_id, [outcome]) if isinstance(outcome, Future) else None
+        if stopped is DRAINING:
+            wait([outcome])  # type: ignore[list-item]
+            if outcome.cancelled():  # type: ignore[union-attr]
+                rest = items[index:]
+                _send_back(task, [job_id, number, rest], f"({job_id!r}, {number!r}, <{len(rest)} lines>)")
+                return
+            stopped = None
         store.record_lines(job_id, [_answer(item, outcome, stopped)])
     finish(store, job_id)
 
@@ -224,19 +254,26 @@ def _answer(
     return item["line"], "output", _output_line(item["custom_id"], completion), completion.usage.completion_tokens
 
 
-#: How often a task waiting on the engine checks whether its job was cancelled or expired.
+#: How often a task waiting on the engine checks whether its job was cancelled or expired, or
+#: its worker is stopping.
 _STOP_CHECK_SECONDS = 0.5
+#: What `_wait_unless_stopped` returns when the worker is stopping (SIGTERM).
+DRAINING = (ErrorCode.internal_error, "the worker is stopping")
 
 
-def _wait_unless_stopped(store: JobStore, job_id: str, futures: list[Future[ChatCompletion]]) -> tuple[ErrorCode, str] | None:
+def _wait_unless_stopped(s: WorkerState, job_id: str, futures: list[Future[ChatCompletion]]) -> tuple[ErrorCode, str] | None:
     """Wait for the engine; if the job is cancelled or expires meanwhile, cancel the requests
-    that have not started, so the engine never spends a batch on them."""
+    that have not started, so the engine never spends a batch on them. Returns DRAINING, at
+    once, when the worker starts stopping: the engine cancels what has not started, and the
+    task hands it back."""
     waiting = set(futures)
     while waiting:
         _, waiting = wait(waiting, timeout=_STOP_CHECK_SECONDS)
+        if s.engine.draining:
+            return DRAINING
         if not waiting:
             return None
-        reason = stop_reason(store, job_id)
+        reason = stop_reason(s.store, job_id)
         if reason is None:
             continue
         for future in waiting:
@@ -244,6 +281,15 @@ def _wait_unless_stopped(store: JobStore, job_id: str, futures: list[Future[Chat
         wait(waiting)  # the ones already running finish; their answers are kept
         return reason
     return None
+
+
+def _send_back(task: Any, args: list[Any], argsrepr: str) -> None:
+    """Put a copy of this task, with what is left of it, back on the queue it came from; the
+    task then returns and its own message is acknowledged (the copy is queued first, so a
+    crash in between leaves two deliveries, never none)."""
+    queue = (task.request.delivery_info or {}).get("routing_key")
+    task.app.send_task(task.name, args=args, queue=queue, argsrepr=argsrepr)
+    logger.info("worker stopping: task %s handed back to %s", task.request.id, queue)
 
 
 def _close(store: JobStore, job_id: str, items: list[dict[str, Any]], reason: tuple[ErrorCode, str]) -> None:

@@ -93,6 +93,7 @@ class Engine:
         self._queue: queue.Queue[Pending | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        self._draining = threading.Event()
         self.stats: dict[str, float] = {
             "requests": 0,
             "batches": 0,
@@ -115,6 +116,19 @@ class Engine:
             self._thread.join(timeout)
             self._thread = None
 
+    def drain(self) -> None:
+        """Start no more batches: every request not running yet is cancelled, now and as it
+        arrives, so its task can hand it back to the queue; the batch running now finishes.
+
+        Called when the worker is told to stop (SIGTERM); safe to call from a signal handler.
+        """
+        self._draining.set()
+        self._queue.put(None)
+
+    @property
+    def draining(self) -> bool:
+        return self._draining.is_set()
+
     def submit(
         self,
         request: ChatCompletionRequest,
@@ -133,6 +147,10 @@ class Engine:
         the decode loop under the GIL and slow every batch down.
         """
         future: Future[ChatCompletion] = Future()
+        if self._draining.is_set():
+            future.cancel()
+            future.set_running_or_notify_cancel()
+            return future
         if self._stopping.is_set():
             future.set_exception(RequestError(ErrorCode.internal_error, "the worker is shutting down"))
             return future
@@ -157,11 +175,16 @@ class Engine:
     def _loop(self) -> None:
         backlog: list[Pending] = []
         while not self._stopping.is_set():
+            if self._draining.is_set():
+                self._cancel(backlog)
+                backlog = []
             if not backlog:
                 item = self._queue.get()
                 if item is None:
+                    if self._draining.is_set() and not self._stopping.is_set():
+                        continue
                     break
-                if not item.future.cancelled() and self._prepare(item):
+                if self._live(item) and self._prepare(item):
                     backlog.append(item)
             self._collect(backlog)
             if not backlog:
@@ -188,12 +211,30 @@ class Engine:
             except queue.Empty:
                 return
             if item is None:
-                self._stopping.set()
+                if not self._draining.is_set() or self._stopping.is_set():
+                    self._stopping.set()
                 return
-            if item.future.cancelled() or not self._prepare(item):
+            if not self._live(item) or not self._prepare(item):
                 continue
             backlog.append(item)
             rows += item.rows
+
+    def _cancel(self, items: list[Pending]) -> None:
+        for item in items:
+            item.future.cancel()
+            self._live(item)
+
+    @staticmethod
+    def _live(item: Pending) -> bool:
+        """False for a request cancelled while it was queued; its waiters are woken (a
+        cancelled future counts as done for `concurrent.futures.wait` only once notified)."""
+        if item.future.cancelled():
+            try:
+                item.future.set_running_or_notify_cancel()
+            except RuntimeError:  # already notified
+                pass
+            return False
+        return True
 
     def _choose_batch(self, backlog: list[Pending]) -> tuple[list[Pending], list[Pending]]:
         """The oldest request plus the requests nearest to it in length, within the limits."""
@@ -219,8 +260,11 @@ class Engine:
         return batch, [item for item in backlog if id(item) not in chosen]
 
     def _run(self, batch: list[Pending]) -> None:
-        # A request cancelled while it waited (its job was cancelled) is dropped here; from
-        # now on the others can no longer be cancelled.
+        # A request cancelled while it waited (its job was cancelled, or the worker is
+        # draining) is dropped here; from now on the others can no longer be cancelled.
+        if self._draining.is_set():
+            self._cancel(batch)
+            return
         batch = [item for item in batch if item.future.set_running_or_notify_cancel()]
         for item in [item for item in batch if item.on_start is not None]:
             refusal = item.on_start()  # type: ignore[misc]

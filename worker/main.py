@@ -52,7 +52,7 @@ def run_worker(
     hostname: str | None = None,
     loglevel: str = "INFO",
 ) -> None:
-    """Run a worker until it is stopped (SIGTERM: soft shutdown, unfinished work requeued)."""
+    """Run a worker until it is stopped (SIGTERM: unfinished work is handed back to the queue)."""
     client = connect(settings.redis_url)
     runner = load_runner(model_uri, settings, served_name=served_name)
     engine = Engine(
@@ -77,6 +77,13 @@ def run_worker(
     # requests, while prefetch (multiplier 1) keeps other workers fed.
     threads = concurrency or max(4, settings.max_batch_size)
     stop = threading.Event()
+
+    @signals.worker_shutting_down.connect(weak=False)
+    def _draining(**_: Any) -> None:
+        # SIGTERM (Celery's warm shutdown): consuming stops, and the engine starts no more
+        # batches; each task hands what it has not answered back to the queue at once and
+        # returns, so the worker exits once the batch running now ends (docs/reliability.md).
+        engine.drain()
 
     @signals.worker_ready.connect(weak=False)
     def _ready(**_: Any) -> None:
