@@ -7,7 +7,9 @@ the ratios, which are measured in the same run.
     python bench/bench.py throughput  # MLflow pyfunc one at a time vs engine alone vs end to end;
                                       # worker memory over a long run
 
-Options: --lines, --requests, --max-tokens, --model (an MLflow model URI), --skip-memory.
+Options: --lines, --requests, --max-tokens, --model (an MLflow model URI), --skip-memory,
+--pyfunc-requests, --memory-requests. On CUDA: `chatbatch model tinyllama-shape DIR`, then
+`python bench/bench.py throughput --model DIR --requests 1024 --max-tokens 128 --pyfunc-requests 8`.
 """
 
 from __future__ import annotations
@@ -110,12 +112,10 @@ def engine_alone(model: str, source: Path, settings: object) -> tuple[float, int
     """Seconds and generated tokens for the engine alone on the lines of `source`, in this
     process: read and validate each line, run it, no queue (the model is loaded first)."""
     from schemas import parse_batch_line
-    from worker.engine import Engine
-    from worker.model import load_runner
+    from worker.model import build_engine, load_runner
 
     runner = load_runner(model, settings)  # type: ignore[arg-type]
-    engine = Engine(runner, max_batch_size=settings.max_batch_size, max_batch_tokens=settings.max_batch_tokens,  # type: ignore[attr-defined]
-                    batch_wait=settings.batch_wait_ms / 1000)  # type: ignore[attr-defined]
+    engine = build_engine(runner, settings)  # type: ignore[arg-type]
     engine.start()
     started = time.perf_counter()
     with source.open("rb") as lines:
@@ -124,7 +124,8 @@ def engine_alone(model: str, source: Path, settings: object) -> tuple[float, int
     tokens = sum(future.result().usage.completion_tokens for future in futures)
     elapsed = time.perf_counter() - started
     engine.stop()
-    log(step="engine_alone_engine", **{k: engine.stats[k] for k in ("requests", "batches", "largest_batch", "busy_seconds")})
+    log(step="engine_alone_engine", max_batch_size=engine.max_batch_size, max_batch_tokens=engine.max_batch_tokens,
+        **{k: engine.stats[k] for k in ("requests", "batches", "largest_batch", "busy_seconds")})
     return elapsed, tokens
 
 
@@ -214,6 +215,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--model", default="")
     parser.add_argument("--skip-memory", action="store_true", help="queue: skip the producer memory run")
+    parser.add_argument("--pyfunc-requests", type=int, default=0, help="throughput: requests of the pyfunc baseline (default: all)")
     parser.add_argument("--memory-requests", type=int, default=5000, help="throughput: requests of the worker memory run (0 skips it)")
     args = parser.parse_args()
     if shutil.which("redis-server") is None:
@@ -277,9 +279,11 @@ def throughput_mode(args: argparse.Namespace, workdir: Path) -> None:
         source = batch_file(workdir / "requests.jsonl", bodies)
         settings = Settings(redis_url=harness.url)
         log(step="setup", model=model, served_name=name, requests=args.requests, max_tokens=args.max_tokens,
-            device=_device(), max_batch_size=settings.max_batch_size)
+            device=_device(), decode=settings.decode)
 
-        base_s, base_tokens = pyfunc_one_at_a_time(model, bodies)
+        # One request at a time is slow (33 tokens/s on an H200): --pyfunc-requests measures its
+        # rate on the first few requests only.
+        base_s, base_tokens = pyfunc_one_at_a_time(model, bodies[: args.pyfunc_requests or None])
         base = base_tokens / base_s
         log(step="mlflow_pyfunc_one_at_a_time", s=round(base_s, 1), tokens=base_tokens, tok_s=round(base, 1))
 

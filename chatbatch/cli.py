@@ -101,6 +101,19 @@ def model_tiny(out: Path) -> None:
         raise ConfigurationError(str(error)) from None
 
 
+@model.command("tinyllama-shape")
+@click.argument("out", type=click.Path(path_type=Path))
+def model_tinyllama_shape(out: Path) -> None:
+    """A TinyLlama-1.1B-shaped random bf16 chat model, for GPU benchmarks; prints its path."""
+    _logging("WARNING")
+    from worker.builders import ModelBuildError, tinyllama_shape_model
+
+    try:
+        click.echo(tinyllama_shape_model(out))
+    except ModelBuildError as error:
+        raise ConfigurationError(str(error)) from None
+
+
 @model.command("save")
 @click.option("--hf", "name", required=True, help="Hub id or local directory of a chat model.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Where to save.")

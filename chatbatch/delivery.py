@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from typing import Any
 
+from chatbatch.ids import new_id
 from chatbatch.jobstore import DELIVER, JobStore
 from chatbatch.storage import OutputFile, StorageError, is_remote
 from schemas.batch import error_line
@@ -108,7 +108,7 @@ def close_unanswered(store: JobStore, job_id: str, reason: tuple[ErrorCode, str]
             if done:
                 continue
             line = error_line(
-                line_id=f"batch_req_{uuid.uuid4().hex}",
+                line_id=new_id("batch_req_"),
                 custom_id=inputs[number],
                 code=code,
                 message=message,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -42,16 +43,21 @@ class Settings(BaseSettings):
     max_file_lines: int = Field(default=50_000, ge=1)
     #: Lines per Celery message when a file is enqueued.
     chunk_size: int = Field(default=32, ge=1)
-    #: Most sequences (requests times n) in one generate call.
-    max_batch_size: int = Field(default=32, ge=1)
-    #: Most prompt plus new tokens in one batch (padding included); bounds activation memory.
-    max_batch_tokens: int = Field(default=65_536, ge=1)
+    #: Most sequences (requests times n) in one batch; unset: 32 on CPU, 512 on CUDA.
+    max_batch_size: int | None = Field(default=None, ge=1)
+    #: Most prompt plus new tokens in one batch (padding included); bounds KV cache and
+    #: activation memory. Unset: 65,536 on CPU; on CUDA, what fits in free device memory (a
+    #: value set higher than that is lowered to it).
+    max_batch_tokens: int | None = Field(default=None, ge=1)
     #: How long the engine waits for more requests before running a partial batch, in ms.
     batch_wait_ms: int = Field(default=20, ge=0)
     #: max_tokens used when a request sends none (capped by the model's context).
     default_max_tokens: int = Field(default=1_024, ge=1)
     #: Where the model runs: auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ...
     device: str = "auto"
+    #: How batches are decoded: auto (compiled on CUDA, dynamic elsewhere), dynamic, static or
+    #: compiled; see docs/engine.md.
+    decode: Literal["auto", "dynamic", "static", "compiled"] = "auto"
     #: How long writing a job's S3 files keeps retrying (on top of boto3's own retries) before
     #: the job fails; each failed try leaves nothing behind.
     s3_retry_seconds: float = Field(default=120.0, ge=0)

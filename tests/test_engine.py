@@ -12,9 +12,11 @@ from worker.engine import Engine
 from worker.model import load_runner
 
 
-@pytest.fixture(scope="module")
-def runner(tiny_model: Path):  # type: ignore[no-untyped-def]
-    return load_runner(str(tiny_model), Settings(redis_url="redis://127.0.0.1:1/0"))
+@pytest.fixture(scope="module", params=["dynamic", "static"])
+def runner(request: pytest.FixtureRequest, tiny_model: Path):  # type: ignore[no-untyped-def]
+    """The tiny model's runner in each decode mode: the static one (preallocated cache, checks
+    on the device, the CUDA default) must answer exactly as the dynamic one."""
+    return load_runner(str(tiny_model), Settings(redis_url="redis://127.0.0.1:1/0", decode=request.param))
 
 
 def _request(text: str, **extra: object):  # type: ignore[no-untyped-def]

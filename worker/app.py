@@ -10,7 +10,6 @@ import json
 import logging
 import threading
 import time
-import uuid
 from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +18,7 @@ import redis
 
 from chatbatch import events, keys
 from chatbatch.delivery import CANCELLED, finish, stop_reason
+from chatbatch.ids import new_id
 from chatbatch.jobstore import JobStore
 from chatbatch.queues import TASK_CHAT, TASK_CHUNK, make_celery
 from chatbatch.settings import Settings, get_settings
@@ -115,21 +115,21 @@ def _output_line(custom_id: str, completion: ChatCompletion) -> dict[str, Any]:
     """A BatchRequestOutput line, built as a plain dict: this runs once per line on the hot
     path, and every part of it was validated when it was made."""
     return {
-        "id": f"batch_req_{uuid.uuid4().hex}",
+        "id": new_id("batch_req_"),
         "custom_id": custom_id,
-        "response": {"status_code": 200, "request_id": f"req_{uuid.uuid4().hex}", "body": completion.model_dump()},
+        "response": {"status_code": 200, "request_id": new_id("req_"), "body": completion.model_dump()},
         "error": None,
     }
 
 
 def _error(custom_id: str, line: int, error: RequestError, *, with_response: bool = True) -> BatchRequestOutput:
     return error_line(
-        line_id=f"batch_req_{uuid.uuid4().hex}",
+        line_id=new_id("batch_req_"),
         custom_id=custom_id,
         code=error.code,
         message=error.message,
         line=line,
-        request_id=f"req_{uuid.uuid4().hex}" if with_response else None,
+        request_id=new_id("req_") if with_response else None,
     )
 
 

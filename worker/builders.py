@@ -187,6 +187,45 @@ def tiny_model(out: Path) -> Path:
         return _save_pipeline(pipe, out, served_name="tiny-llama-chat")
 
 
+#: TinyLlama-1.1B's shape (../anchors: the GPU figures are measured on it).
+TINYLLAMA_SHAPE = {
+    "vocab_size": 32_000,
+    "hidden_size": 2_048,
+    "intermediate_size": 5_632,
+    "num_hidden_layers": 22,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 2_048,
+}
+
+
+def tinyllama_shape_model(out: Path) -> Path:
+    """A TinyLlama-1.1B-shaped Llama with random bf16 weights, as an MLflow llm/v1/chat model:
+    for GPU throughput figures (speed does not depend on the weights' values) where no model
+    hub is reachable. Its tokenizer is the tiny one, padded with plain tokens to 32,000."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, pipeline
+
+    _quiet()
+    tokenizer = tiny_tokenizer()
+    tokenizer.add_tokens([f"<t{i}>" for i in range(TINYLLAMA_SHAPE["vocab_size"] - len(tokenizer))])
+    config = LlamaConfig(
+        **TINYLLAMA_SHAPE,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    pipe = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    return _save_pipeline(pipe, out, served_name="tinyllama-shape")
+
+
 def save_hf(name_or_path: str, out: Path, *, served_name: str | None = None) -> Path:
     """The seed tutorial's flow: `pipeline("text-generation", model=...)`, saved for llm/v1/chat.
 

@@ -17,8 +17,7 @@ from chatbatch.redisconn import connect
 from chatbatch.settings import Settings
 from worker import app as worker_app
 from worker import model as model_loading
-from worker.engine import Engine
-from worker.model import load_runner
+from worker.model import build_engine, load_runner
 
 logger = logging.getLogger(__name__)
 
@@ -55,12 +54,7 @@ def run_worker(
     """Run a worker until it is stopped (SIGTERM: unfinished work is handed back to the queue)."""
     client = connect(settings.redis_url)
     runner = load_runner(model_uri, settings, served_name=served_name)
-    engine = Engine(
-        runner,
-        max_batch_size=settings.max_batch_size,
-        max_batch_tokens=settings.max_batch_tokens,
-        batch_wait=settings.batch_wait_ms / 1000,
-    )
+    engine = build_engine(runner, settings)
     engine.start()
     state = worker_app.WorkerState(
         settings=settings,
@@ -75,7 +69,7 @@ def run_worker(
     hostname = hostname or f"chatbatch-{runner.served_name.replace('/', '_')}-{os.getpid()}@{socket.gethostname()}"
     # One thread per task that may wait on the engine: enough to fill a batch from single
     # requests, while prefetch (multiplier 1) keeps other workers fed.
-    threads = concurrency or max(4, settings.max_batch_size)
+    threads = concurrency or min(512, max(4, engine.max_batch_size))
     stop = threading.Event()
 
     @signals.worker_shutting_down.connect(weak=False)

@@ -11,6 +11,7 @@ from typing import Any
 
 from chatbatch.settings import Settings
 from worker.builders import default_model
+from worker.engine import Engine
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +91,7 @@ def load_runner(uri: str, settings: Settings, *, served_name: str | None = None)
                 served_name=name,
                 default_max_tokens=settings.default_max_tokens,
                 device=settings.device,
+                decode=settings.decode,
             )
             kind = f"transformers ({runner.device}, {runner.model.dtype})"
         else:
@@ -105,3 +107,10 @@ def load_runner(uri: str, settings: Settings, *, served_name: str | None = None)
             name, uri, name, kind, time.monotonic() - started,
         )
         return runner
+
+
+def build_engine(runner: Any, settings: Settings) -> Engine:
+    """The engine for a runner, with the batch limits of the settings (or the runner's
+    defaults: on CUDA, from free device memory)."""
+    size, tokens = runner.batch_limits(settings.max_batch_size, settings.max_batch_tokens)
+    return Engine(runner, max_batch_size=size, max_batch_tokens=tokens, batch_wait=settings.batch_wait_ms / 1000)

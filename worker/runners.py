@@ -5,10 +5,10 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from chatbatch.ids import new_id
 from schemas.chat import (
     ChatCompletion,
     ChatCompletionChoice,
@@ -23,7 +23,25 @@ logger = logging.getLogger(__name__)
 
 
 def completion_id() -> str:
-    return f"chatcmpl-{uuid.uuid4().hex}"
+    return new_id("chatcmpl-")
+
+
+#: How a batch is decoded (CHATBATCH_DECODE): `dynamic` drops finished rows from a growing KV
+#: cache and checks every token on the host (best on CPU); `static` keeps every row in a
+#: preallocated KV cache of bucketed shape and checks on the device, syncing with the host only
+#: every few tokens; `compiled` is `static` with the decode step compiled by torch.compile into
+#: CUDA graphs (the default on CUDA). `auto` picks `compiled` on CUDA, `dynamic` elsewhere.
+DECODE_MODES = ("dynamic", "static", "compiled")
+#: Default batch limits on CPU; on CUDA the token limit comes from free memory.
+CPU_BATCH_SIZE = 32
+CPU_BATCH_TOKENS = 65_536
+CUDA_BATCH_SIZE = 512
+#: Tokens generated between two host checks of a static decode (all rows done? a stop string?).
+SYNC_EVERY = 16
+
+
+def _round_up(value: int, step: int) -> int:
+    return -(-value // step) * step
 
 
 @dataclass
@@ -63,6 +81,7 @@ class TransformersRunner:
         served_name: str,
         default_max_tokens: int = 1_024,
         device: str = "auto",
+        decode: str = "auto",
     ) -> None:
         import torch
 
@@ -74,6 +93,13 @@ class TransformersRunner:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
+        if decode == "auto":
+            decode = "compiled" if self.device.type == "cuda" else "dynamic"
+        if decode not in DECODE_MODES:
+            raise ValueError(f"decode must be one of auto, {', '.join(DECODE_MODES)}; got {decode!r}")
+        self.decode = decode
+        self._static_caches: dict[tuple[int, int], Any] = {}
+        self._compiled_step: Any = None
         if self.device.type == "cuda" and model.dtype == torch.float32:
             model = model.to(torch.bfloat16)
         self.model = model.to(self.device).eval()
@@ -96,6 +122,37 @@ class TransformersRunner:
         # transformers renamed `past_key_values` to `cache`; use whichever this version takes.
         params = inspect.signature(self.model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
+
+    def batch_limits(self, max_batch_size: int | None, max_batch_tokens: int | None) -> tuple[int, int]:
+        """Most sequences and most padded tokens per batch: what was configured, else defaults;
+        on CUDA the defaults come from free device memory, and no configured value may exceed
+        what fits."""
+        if self.device.type != "cuda":
+            return max_batch_size or CPU_BATCH_SIZE, max_batch_tokens or CPU_BATCH_TOKENS
+        fits = self._tokens_that_fit()
+        tokens = min(max_batch_tokens or fits, fits)
+        logger.info("batches of up to %d padded tokens fit in free %s memory", fits, self.device)
+        return max_batch_size or CUDA_BATCH_SIZE, tokens
+
+    def _tokens_that_fit(self) -> int:
+        """Padded tokens whose KV cache fits in free device memory, with room for activations,
+        the sampling workspace, a second cached batch shape and shape rounding."""
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(self.device)
+        config = self.model.config
+        config = getattr(config, "get_text_config", lambda: config)()
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        element = torch.finfo(self.model.dtype).bits // 8
+        per_token = 2 * config.num_hidden_layers * kv_heads * head_dim * element
+        # Logits, softmax, top-p sort and the sampling noise: about 40 bytes per vocabulary
+        # entry per row, for the largest batch.
+        sampling = CUDA_BATCH_SIZE * 2 * config.vocab_size * 40
+        usable = int(free * 0.8) - 2 * 1024**3 - sampling
+        # Two cached shapes, each up to twice the requested size after rounding up.
+        return max(4_096, usable // (4 * per_token))
 
     def _encode(self, text: str) -> list[int]:
         # The Rust tokenizer directly, when there is one: the same ids without the Python
@@ -131,19 +188,20 @@ class TransformersRunner:
     def run_batch(self, items: list[Pending]) -> list[ChatCompletion | RequestError]:
         import torch
 
-        from worker.sampling import SamplingParams, row_generator
+        from worker.sampling import SamplingParams, row_seed
 
         rows: list[_Row] = []
         for index, item in enumerate(items):
             request: ChatCompletionRequest = item.request
             for choice in range(request.n):
-                generator = None
-                if request.temperature > 0:
-                    generator = row_generator(self.device, request.seed, choice)
-                params = SamplingParams(request.temperature, request.top_p, generator)
+                seed = row_seed(request.seed, choice) if request.temperature > 0 else 0
+                params = SamplingParams(request.temperature, request.top_p, seed)
                 rows.append(_Row(item=index, choice=choice, prepared=item.prepared, params=params))
         with torch.inference_mode():
-            self._decode(rows)
+            if self.decode == "dynamic":
+                self._decode(rows)
+            else:
+                self._decode_static(rows)
         created = int(time.time())
         results: list[ChatCompletion | RequestError] = []
         for index, item in enumerate(items):
@@ -175,7 +233,7 @@ class TransformersRunner:
     def _decode(self, rows: list[_Row]) -> None:
         import torch
 
-        from worker.sampling import choose_tokens
+        from worker.sampling import BatchSampler
 
         device = self.device
         width = max(len(row.prepared.prompt_ids) for row in rows)
@@ -199,8 +257,11 @@ class TransformersRunner:
         logits = out.logits[:, -1, :].float()
         next_pos = positions[:, -1] + 1
         active = list(range(len(rows)))
+        sampler = BatchSampler([row.params for row in rows], device)
+        step = 0
         while active:
-            tokens = choose_tokens(logits, [rows[r].params for r in active])
+            tokens = sampler.choose(logits, step)
+            step += 1
             keep: list[int] = []
             for j, token in enumerate(tokens.tolist()):
                 row = rows[active[j]]
@@ -220,6 +281,7 @@ class TransformersRunner:
             if len(keep) < len(active):
                 index = torch.tensor(keep, device=device)
                 cache.batch_select_indices(index)
+                sampler.select(index)
                 mask, next_pos, tokens = mask[index], next_pos[index], tokens[index]
                 active = [active[j] for j in keep]
             mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
@@ -235,6 +297,151 @@ class TransformersRunner:
         for row in rows:
             if row.text is None:
                 row.text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
+
+    # The static decode: fixed shapes, checks on the device.
+
+    def _static_shape(self, rows: int, tokens: int) -> tuple[int, int]:
+        """Rows and cache length of a static batch, rounded up so that few distinct shapes (each
+        compiled once, and each with its own cache) serve every batch."""
+        if self.device.type != "cuda" and self.decode == "static":
+            return rows, tokens
+        size = 8 if rows <= 8 else 1 << (rows - 1).bit_length()
+        return size, max(tokens, min(_round_up(tokens, 256), self.context_length))
+
+    def _static_cache(self, size: int, length: int) -> Any:
+        """A static KV cache of this shape, reused across batches (CUDA graphs need its buffers
+        to stay put); only the most recent shapes are kept."""
+        from transformers import StaticCache
+
+        key = (size, length)
+        cache = self._static_caches.pop(key, None)
+        if cache is None:
+            while len(self._static_caches) >= 2:
+                self._static_caches.pop(next(iter(self._static_caches)))
+            cache = StaticCache(config=self.model.config, max_cache_len=length)
+        else:
+            cache.reset()
+        self._static_caches[key] = cache
+        return cache
+
+    def _forward_step(self, tokens: Any, positions: Any, cache_position: Any, mask: Any, cache: Any) -> Any:
+        out = self.model(
+            input_ids=tokens,
+            attention_mask=mask,
+            position_ids=positions,
+            cache_position=cache_position,
+            use_cache=True,
+            **{self._cache_arg: cache},
+        )
+        return out.logits[:, -1, :].float()
+
+    def _step(self, *args: Any) -> Any:
+        """One decode step, compiled when the decode mode says so (falling back to eager, with
+        a warning, if this model or torch cannot compile it)."""
+        import torch
+
+        if self.decode != "compiled":
+            return self._forward_step(*args)
+        if self._compiled_step is None:
+            self._compiled_step = torch.compile(self._forward_step, mode="reduce-overhead", fullgraph=True)
+        try:
+            logits = self._compiled_step(*args)
+        except Exception as error:  # an unsupported model or backend: run eager from now on
+            logger.warning("compiled decode failed (%s: %s); decoding without compilation", type(error).__name__, error)
+            self.decode = "static"
+            return self._forward_step(*args)
+        # CUDA graphs reuse their output buffer on the next replay.
+        return logits.clone()
+
+    def _decode_static(self, rows: list[_Row]) -> None:
+        import torch
+
+        from worker.sampling import BatchSampler, SamplingParams
+
+        device = self.device
+        count = len(rows)
+        width = max(len(row.prepared.prompt_ids) for row in rows)
+        max_new = max(row.prepared.max_new for row in rows)
+        size, length = self._static_shape(count, width + max_new)
+        # The attention mask spans the whole cache: left padding is masked; slots not written
+        # yet are excluded by causality. Filler rows (up to the bucketed size) hold one token.
+        input_ids = torch.full((size, width), self.pad_id, dtype=torch.long)
+        mask = torch.ones((size, length), dtype=torch.long)
+        for i in range(size):
+            used = len(rows[i].prepared.prompt_ids) if i < count else 1
+            if i < count:
+                input_ids[i, width - used :] = torch.tensor(rows[i].prepared.prompt_ids, dtype=torch.long)
+            mask[i, : width - used] = 0
+        input_ids, mask = input_ids.to(device), mask.to(device)
+        positions = (mask[:, :width].cumsum(-1) - 1).clamp(min=0)
+        cache = self._static_cache(size, length)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            cache_position=torch.arange(width, device=device),
+            use_cache=True,
+            logits_to_keep=1,
+            **{self._cache_arg: cache},
+        )
+        logits = out.logits[:, -1, :].float()
+        params = [row.params for row in rows] + [SamplingParams(0.0, 1.0, 0)] * (size - count)
+        sampler = BatchSampler(params, device)
+        limits = torch.tensor([row.prepared.max_new for row in rows] + [1] * (size - count), device=device)
+        eos = torch.tensor(sorted(self.eos_ids) or [-1], device=device)
+        produced = torch.full((size, max_new), self.pad_id, dtype=torch.long, device=device)
+        done = torch.zeros(size, dtype=torch.bool, device=device)
+        next_pos = positions[:, -1:] + 1
+        cache_position = torch.tensor([width], device=device)
+        with_stops = [i for i, row in enumerate(rows) if row.prepared.stops]
+        step = 0
+        while True:
+            tokens = sampler.choose(logits, step)
+            produced[:, step] = tokens
+            done |= torch.isin(tokens, eos) | (limits <= step + 1)
+            step += 1
+            if step >= max_new:
+                break
+            if step % SYNC_EVERY == 0:
+                # The only host syncs: once every SYNC_EVERY tokens.
+                if with_stops:
+                    sofar = produced[:count, :step].tolist()
+                    hit = [i for i in with_stops if self._has_stop(rows[i], sofar[i])]
+                    if hit:
+                        done[torch.tensor(hit, device=device)] = True
+                if bool(done.all()):
+                    break
+            logits = self._step(tokens[:, None], next_pos, cache_position, mask, cache)
+            next_pos = next_pos + 1
+            cache_position = cache_position + 1
+        for row, tokens in zip(rows, produced[:count, :step].tolist()):
+            self._finish(row, tokens)
+            if row.text is None:
+                row.text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
+
+    def _has_stop(self, row: _Row, tokens: list[int]) -> bool:
+        """Whether a row's text so far (up to its first EOS) holds one of its stop strings."""
+        end = next((i for i, token in enumerate(tokens) if token in self.eos_ids), len(tokens))
+        text = self.tokenizer.decode(tokens[:end], skip_special_tokens=True)
+        return any(stop in text for stop in row.prepared.stops)
+
+    def _finish(self, row: _Row, tokens: list[int]) -> str | None:
+        """Settle a row from the tokens a static decode produced for it: cut at its first EOS,
+        stop string or max_tokens, as the dynamic decode would have. Returns its finish reason,
+        or None while it is still running."""
+        row.tokens, row.finish, row.text = [], None, None
+        for count, token in enumerate(tokens, 1):
+            row.generated = count
+            if token in self.eos_ids:
+                row.finish = "stop"
+                break
+            row.tokens.append(token)
+            if row.prepared.stops and self._hit_stop(row):
+                break
+            if count >= row.prepared.max_new:
+                row.finish = "length"
+                break
+        return row.finish
 
     def _hit_stop(self, row: _Row) -> bool:
         text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
@@ -265,6 +472,9 @@ class PyfuncRunner:
     def __init__(self, model: Any, *, served_name: str) -> None:
         self.model = model
         self.served_name = served_name
+
+    def batch_limits(self, max_batch_size: int | None, max_batch_tokens: int | None) -> tuple[int, int]:
+        return max_batch_size or CPU_BATCH_SIZE, max_batch_tokens or CPU_BATCH_TOKENS
 
     def prepare(self, item: Pending) -> None:
         item.rows = item.request.n
