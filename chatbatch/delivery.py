@@ -89,9 +89,13 @@ EXPIRED = (ErrorCode.expired, "the job's completion window ended before this lin
 def stop_reason(store: JobStore, job_id: str) -> tuple[ErrorCode, str] | None:
     """CANCELLED or EXPIRED when the job's lines should no longer run (expiring it if its
     completion window has just passed), else None."""
-    if store.status(job_id) in (JobStatus.cancelling, JobStatus.cancelled):
+    status, expires_at, expiring = store.stop_state(job_id)
+    if status in (JobStatus.cancelling, JobStatus.cancelled):
         return CANCELLED
-    if expire_if_due(store, job_id) or store.is_expiring(job_id):
+    if expiring:
+        return EXPIRED
+    due = status is not None and not status.is_final and expires_at is not None and expires_at <= time.time()
+    if due and (expire_if_due(store, job_id) or store.is_expiring(job_id)):
         return EXPIRED
     return None
 

@@ -301,6 +301,15 @@ class JobStore:
         self.redis.hset(keys.job(job_id), "expire", 1)
         return True
 
+    def stop_state(self, job_id: str) -> tuple[JobStatus | None, int | None, bool]:
+        """(status, expires_at, expiring flag) in one read: what `stop_reason` decides on."""
+        status, expires_at, expire = self.redis.hmget(keys.job(job_id), ["status", "expires_at", "expire"])
+        return (
+            JobStatus(status.decode()) if status else None,
+            int(expires_at) if expires_at else None,
+            expire == b"1",
+        )
+
     def is_expiring(self, job_id: str) -> bool:
         return self.redis.hget(keys.job(job_id), "expire") == b"1"
 
@@ -321,9 +330,10 @@ class JobStore:
     def count_delivery(self, job_id: str, chunk: str) -> int:
         """Count one more delivery of a chunk task; returns the count including this one."""
         key = keys.job_deliveries(job_id)
-        count = int(self.redis.hincrby(key, chunk, 1))
-        self.redis.expire(key, self.job_ttl)
-        return count
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hincrby(key, chunk, 1)
+        pipe.expire(key, self.job_ttl)
+        return int(pipe.execute()[0])
 
     def uncount_delivery(self, job_id: str, chunk: str) -> None:
         """Take back the count of a delivery that ended cleanly by handing its chunk back."""

@@ -41,8 +41,9 @@ class Settings(BaseSettings):
     max_file_bytes: int = Field(default=200 * 1024 * 1024, ge=1)
     #: Most lines in one input file (OpenAI: 50,000).
     max_file_lines: int = Field(default=50_000, ge=1)
-    #: Lines per Celery message when a file is enqueued.
-    chunk_size: int = Field(default=32, ge=1)
+    #: Most lines per Celery message when a file is enqueued; unset: sized to the file (see
+    #: `chunk_lines`).
+    chunk_size: int | None = Field(default=None, ge=1)
     #: Most sequences (requests times n) in one batch; unset: 32 on CPU, 512 on CUDA.
     max_batch_size: int | None = Field(default=None, ge=1)
     #: Most prompt plus new tokens in one batch (padding included); bounds KV cache and

@@ -36,6 +36,24 @@ def _seconds(window: str) -> int:
     return int(window[:-1]) * units[window[-1]]
 
 
+#: A chunk is sent once its lines reach this many bytes, whatever its line count: Celery
+#: messages stay small enough for Redis and for a worker to hold many.
+CHUNK_BYTES = 4 * 1024 * 1024
+#: Bounds of the automatic chunk size.
+MIN_CHUNK_LINES = 32
+MAX_CHUNK_LINES = 256
+
+
+def chunk_lines(lines: int | None) -> int:
+    """Lines per chunk when CHATBATCH_CHUNK_SIZE is unset: about 64 chunks per file, so that
+    many workers share a job, within 32..256 lines. Each message costs the worker a few
+    milliseconds of Celery and Redis work, so a 50,000-line file goes in 256-line chunks, not
+    as 1,500 small ones; a file of unknown length gets the smallest chunks."""
+    if lines is None:
+        return MIN_CHUNK_LINES
+    return max(MIN_CHUNK_LINES, min(MAX_CHUNK_LINES, -(-lines // 64)))
+
+
 class Client:
     """Submits work and hands back handles.
 
@@ -151,10 +169,12 @@ class Client:
                 raise ConfigurationError(f"--metadata: {error}") from None
         with open_input(source) as (stream, size, name):
             check_size(source, size, settings.max_file_bytes)
-            check_lines(source, count_lines(stream), settings.max_file_lines)
+            lines = count_lines(stream)
+            check_lines(source, lines, settings.max_file_lines)
             stream.seek(0)
             return self.submit_stream(
                 stream,
+                lines=lines,
                 source=name,
                 job_id=job_id or f"batch_{uuid.uuid4().hex}",
                 metadata=metadata,
@@ -174,10 +194,13 @@ class Client:
         errors: str | None = None,
         completion_window: str = "24h",
         extra: dict[str, str] | None = None,
+        lines: int | None = None,
     ) -> JobHandle:
         """Enqueue batch lines from an open binary stream (what `submit_file` does once the
-        file is open and within its limits); `source` is recorded as the job's input file."""
+        file is open and within its limits); `source` is recorded as the job's input file, and
+        `lines`, when known, sizes the chunks."""
         settings = self.settings
+        per_chunk = settings.chunk_size or chunk_lines(lines)
         store = self.store
         created = store.create(
             job_id,
@@ -203,6 +226,7 @@ class Client:
             logger.info("resuming job %s", job_id)
         seen: dict[str, int] = {}
         chunks: dict[str, list[dict[str, Any]]] = {}
+        chunk_bytes: dict[str, int] = {}
         chunk_number = 0
         total = 0
         # Chunks of a resumed submission get new ids, so their deliveries count afresh.
@@ -211,6 +235,7 @@ class Client:
         def flush(queue: str) -> None:
             nonlocal chunk_number
             items = chunks.pop(queue, [])
+            chunk_bytes.pop(queue, None)
             if not items:
                 return
             answered = store.recorded(job_id, [item["line"] for item in items])
@@ -267,7 +292,8 @@ class Client:
             chunks.setdefault(queue, []).append(
                 {"line": number, "custom_id": parsed.custom_id, "body": parsed.body.model_dump(exclude_none=True)}
             )
-            if len(chunks[queue]) >= settings.chunk_size:
+            chunk_bytes[queue] = chunk_bytes.get(queue, 0) + length
+            if len(chunks[queue]) >= per_chunk or chunk_bytes[queue] >= CHUNK_BYTES:
                 flush(queue)
         for queue in list(chunks):
             flush(queue)

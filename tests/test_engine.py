@@ -169,8 +169,8 @@ def test_drain_cancels_what_has_not_started_and_finishes_the_running_batch(runne
         served_name = runner.served_name
         batched = True
 
-        def prepare(self, item):  # type: ignore[no-untyped-def]
-            runner.prepare(item)
+        def prepare_many(self, items):  # type: ignore[no-untyped-def]
+            return runner.prepare_many(items)
 
         def run_batch(self, items):  # type: ignore[no-untyped-def]
             started.set()

@@ -147,3 +147,12 @@ def test_producer_imports_no_torch_or_mlflow() -> None:
     code = "import sys, producer, chatbatch.cli; print(sorted({'torch', 'mlflow', 'transformers'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_chunks_are_sized_to_the_file() -> None:
+    from producer.client import MAX_CHUNK_LINES, MIN_CHUNK_LINES, chunk_lines
+
+    assert chunk_lines(None) == MIN_CHUNK_LINES
+    assert chunk_lines(10) == MIN_CHUNK_LINES
+    assert chunk_lines(6_400) == 100  # about 64 chunks
+    assert chunk_lines(50_000) == MAX_CHUNK_LINES

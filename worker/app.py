@@ -12,6 +12,7 @@ import threading
 import time
 from concurrent.futures import Future, wait
 from dataclasses import dataclass
+from queue import Empty, SimpleQueue
 from typing import Any
 
 import redis
@@ -158,29 +159,105 @@ def chunk(self: Any, job_id: str, number: str, items: list[dict[str, Any]]) -> N
     if deliveries > 1:
         _run_alone(self, s, job_id, number, todo)
         return
-    pending = [(item, _submit(s, job_id, item)) for item in todo]
-    futures = [f for _, f in pending if isinstance(f, Future)]
-    stopped = _wait_unless_stopped(s, job_id, futures)
-    if stopped is DRAINING:
-        # Hand back at once every line without an answer yet, the running ones too: the other
-        # worker skips or discards whichever of them this one still answers before it exits.
-        # The delivery is uncounted first, so the copy runs batched, not as a suspect.
-        unfinished = [item for item, f in pending if isinstance(f, Future) and (f.cancelled() or not f.done())]
-        if unfinished:
-            store.uncount_delivery(job_id, number)
-            _send_back(self, [job_id, number, unfinished], f"({job_id!r}, {number!r}, <{len(unfinished)} lines>)")
-        wait(futures)  # the batch running now finishes; its answers are kept
-        pending = [(item, f) for item, f in pending if not (isinstance(f, Future) and f.cancelled())]
-        stopped = None
-    entries = [_answer(item, outcome, stopped) for item, outcome in pending]
-    store.record_lines(job_id, entries)
-    failed = sum(kind == "error" for _, kind, _, _ in entries)
-    completed = len(entries) - failed
+    counts = _answer_chunk(self, s, job_id, number, todo)
     status = finish(store, job_id)
     logger.info(
-        "job %s chunk %s: %d answered, %d errors in %.2fs (job %s)",
-        job_id, number, completed, failed, time.monotonic() - started, status,
+        "job %s chunk %s: %d answered, %d errors, %d handed back in %.2fs (job %s)",
+        job_id, number, *counts, time.monotonic() - started, status,
     )
+
+
+#: Answers are stored as they come, this many at a time (and whatever is left at the end), so
+#: a job's progress moves within a chunk and a crash loses little.
+_RECORD_EVERY = 32
+
+
+def _answer_chunk(task: Any, s: WorkerState, job_id: str, number: str, items: list[dict[str, Any]]) -> tuple[int, int, int]:
+    """Run a chunk's lines on the engine and store each answer; returns (answered, errors,
+    handed back)."""
+    store = s.store
+    finished: SimpleQueue[tuple[dict[str, Any], Future[ChatCompletion]]] = SimpleQueue()
+    ready: list[tuple[dict[str, Any], Future[ChatCompletion] | RequestError]] = []
+    outstanding: dict[int, tuple[dict[str, Any], Future[ChatCompletion]]] = {}
+    for item in items:
+        outcome = _submit(s, job_id, item)
+        if isinstance(outcome, Future):
+            outstanding[id(outcome)] = (item, outcome)
+        else:
+            ready.append((item, outcome))
+    for item, future in list(outstanding.values()):
+        future.add_done_callback(lambda f, item=item: finished.put((item, f)))
+    stopped: tuple[ErrorCode, str] | None = None
+    handed_back = 0
+    answered = errors = 0
+
+    def store_ready() -> None:
+        nonlocal answered, errors
+        entries = [_answer(item, outcome, stopped) for item, outcome in ready]
+        ready.clear()
+        store.record_lines(job_id, entries)
+        failed = sum(kind == "error" for _, kind, _, _ in entries)
+        answered += len(entries) - failed
+        errors += failed
+
+    next_check = time.monotonic() + _STOP_CHECK_SECONDS
+    while outstanding:
+        try:
+            item, future = finished.get(timeout=max(0.0, next_check - time.monotonic()))
+        except Empty:
+            future = None
+        if future is not None:
+            if outstanding.pop(id(future), None) is None:
+                pass  # handed back already
+            elif future.cancelled() and s.engine.draining:
+                outstanding[id(future)] = (item, future)  # handed back below with the others
+            else:
+                ready.append((item, future))
+        if s.engine.draining and handed_back == 0 and outstanding:
+            # Hand back at once every line without an answer yet, the running ones too: the
+            # other worker skips or discards whichever of them this one still answers before
+            # it exits. The delivery is uncounted first, so the copy runs batched, not as a
+            # suspect.
+            rest = [item for item, _ in outstanding.values()]
+            store.uncount_delivery(job_id, number)
+            _send_back(task, [job_id, number, rest], f"({job_id!r}, {number!r}, <{len(rest)} lines>)")
+            handed_back = len(rest)
+            for _, pending in outstanding.values():
+                pending.cancel()  # what has not started; the running batch finishes
+            outstanding = {key: value for key, value in outstanding.items() if not value[1].cancelled()}
+            continue
+        if time.monotonic() >= next_check:
+            next_check = time.monotonic() + _STOP_CHECK_SECONDS
+            if stopped is None:
+                stopped = _stop_reason_cached(store, job_id)
+                if stopped is not None:
+                    # Requests that have not started are dropped; the running batch finishes.
+                    for _, pending in outstanding.values():
+                        pending.cancel()
+        if len(ready) >= _RECORD_EVERY:
+            store_ready()
+    store_ready()
+    return answered, errors, handed_back
+
+
+#: Per-process cache of each job's stop reason: the chunk tasks of one job share one Redis
+#: read per interval instead of one each.
+_stop_cache: dict[str, tuple[float, tuple[ErrorCode, str] | None]] = {}
+_stop_cache_lock = threading.Lock()
+
+
+def _stop_reason_cached(store: JobStore, job_id: str) -> tuple[ErrorCode, str] | None:
+    now = time.monotonic()
+    with _stop_cache_lock:
+        cached = _stop_cache.get(job_id)
+        if cached is not None and now - cached[0] < _STOP_CHECK_SECONDS:
+            return cached[1]
+    reason = stop_reason(store, job_id)
+    with _stop_cache_lock:
+        if len(_stop_cache) > 1_000:
+            _stop_cache.clear()
+        _stop_cache[job_id] = (now, reason)
+    return reason
 
 
 def _submit(s: WorkerState, job_id: str, item: dict[str, Any], **engine_args: Any) -> Future[ChatCompletion] | RequestError:

@@ -13,7 +13,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -51,8 +51,9 @@ class Runner(Protocol):
     #: Whether `run_batch` benefits from many requests at once.
     batched: bool
 
-    def prepare(self, item: Pending) -> None:
-        """Tokenize and check one request; raise RequestError for a bad one."""
+    def prepare_many(self, items: list[Pending]) -> list[RequestError | None]:
+        """Tokenize and check requests (set each one's `prepared`, `rows` and `cost`); one
+        error, or None, per item, in order."""
 
     def run_batch(self, items: list[Pending]) -> list[ChatCompletion | RequestError]:
         """Generate for all items; one result or error per item, in order."""
@@ -157,18 +158,26 @@ class Engine:
         self._queue.put(Pending(request=request, request_id=request_id, future=future, alone=alone, on_start=on_start))
         return future
 
-    def _prepare(self, item: Pending) -> bool:
-        """Prepare a request in the engine thread; a bad one is answered at once."""
+    def _prepare(self, items: list[Pending], backlog: list[Pending]) -> int:
+        """Prepare requests in the engine thread, all at once (the tokenizer encodes them as
+        one batch); good ones join the backlog, bad ones are answered at once. Returns the rows
+        added."""
         try:
-            self.runner.prepare(item)
-        except RequestError as error:
-            item.future.set_exception(error)
-            return False
-        except Exception as error:  # a tokenizer bug must fail this request, not the worker
-            logger.exception("preparing request %s failed", item.request_id)
-            item.future.set_exception(RequestError(ErrorCode.internal_error, f"could not prepare the request: {error}"))
-            return False
-        return True
+            errors = self.runner.prepare_many(items)
+        except Exception as error:  # a tokenizer bug must fail these requests, not the worker
+            logger.exception("preparing %d requests failed", len(items))
+            errors = [RequestError(ErrorCode.internal_error, f"could not prepare the request: {error}")] * len(items)
+        rows = 0
+        for item, error in zip(items, errors):
+            if error is None:
+                backlog.append(item)
+                rows += item.rows
+            else:
+                try:
+                    item.future.set_exception(error)
+                except InvalidStateError:  # cancelled meanwhile
+                    pass
+        return rows
 
     # The engine thread.
 
@@ -178,15 +187,16 @@ class Engine:
             if self._draining.is_set():
                 self._cancel(backlog)
                 backlog = []
+            fresh: list[Pending] = []
             if not backlog:
                 item = self._queue.get()
                 if item is None:
                     if self._draining.is_set() and not self._stopping.is_set():
                         continue
                     break
-                if self._live(item) and self._prepare(item):
-                    backlog.append(item)
-            self._collect(backlog)
+                if self._live(item):
+                    fresh.append(item)
+            self._collect(backlog, fresh)
             if not backlog:
                 continue
             batch, backlog = self._choose_batch(backlog)
@@ -196,28 +206,49 @@ class Engine:
                 RequestError(ErrorCode.internal_error, "the worker stopped before this request ran")
             )
 
-    def _collect(self, backlog: list[Pending]) -> None:
-        """Take pending requests, waiting up to batch_wait for a full batch.
+    def _collect(self, backlog: list[Pending], fresh: list[Pending]) -> None:
+        """Take pending requests, waiting up to batch_wait for a full batch; whatever has
+        arrived is prepared together.
 
         The backlog holds at most a few batches' worth: the rest stays queued, so choosing a
         batch costs the same however many requests wait.
         """
         deadline = time.monotonic() + self.batch_wait
         rows = sum(item.rows for item in backlog)
-        while rows < self._backlog_rows:
-            timeout = 0.0 if rows >= self.max_batch_size else max(0.0, deadline - time.monotonic())
+        while True:
+            ended = False
+            while rows + len(fresh) < self._backlog_rows:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    ended = True
+                    break
+                if self._live(item):
+                    fresh.append(item)
+            if fresh:
+                rows += self._prepare(fresh, backlog)
+                fresh = []
+            if ended:
+                if not self._draining.is_set() or self._stopping.is_set():
+                    self._stopping.set()
+                return
+            if rows >= self.max_batch_size:
+                return
+            timeout = deadline - time.monotonic()
+            if timeout <= 0:
+                return
             try:
-                item = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
+                item = self._queue.get(timeout=timeout)
             except queue.Empty:
                 return
             if item is None:
                 if not self._draining.is_set() or self._stopping.is_set():
                     self._stopping.set()
                 return
-            if not self._live(item) or not self._prepare(item):
-                continue
-            backlog.append(item)
-            rows += item.rows
+            if self._live(item):
+                fresh.append(item)
 
     def _cancel(self, items: list[Pending]) -> None:
         for item in items:

@@ -99,6 +99,7 @@ class TransformersRunner:
             raise ValueError(f"decode must be one of auto, {', '.join(DECODE_MODES)}; got {decode!r}")
         self.decode = decode
         self._static_caches: dict[tuple[int, int], Any] = {}
+        self._compiled_template: Any = False
         self._compiled_step: Any = None
         if self.device.type == "cuda" and model.dtype == torch.float32:
             model = model.to(torch.bfloat16)
@@ -154,36 +155,83 @@ class TransformersRunner:
         # Two cached shapes, each up to twice the requested size after rounding up.
         return max(4_096, usable // (4 * per_token))
 
-    def _encode(self, text: str) -> list[int]:
-        # The Rust tokenizer directly, when there is one: the same ids without the Python
-        # wrapping, which matters when thousands of short requests arrive at once.
+    def _encode_many(self, texts: list[str]) -> list[list[int]]:
+        # The Rust tokenizer directly, when there is one: all texts in one call, which runs
+        # without the GIL (and in parallel), so Celery's threads go on meanwhile.
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
         if backend is not None:
-            return list(backend.encode(text, add_special_tokens=False).ids)
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            return [list(encoding.ids) for encoding in backend.encode_batch(texts, add_special_tokens=False)]
+        return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+    def _template(self) -> Any:
+        """The chat template, compiled once, when rendering it directly gives what
+        `apply_chat_template` gives (checked on a probe conversation); else None. Rendering
+        directly skips per-call work that costs more than the rendering itself."""
+        if self._compiled_template is not False:
+            return self._compiled_template
+        self._compiled_template = None
+        try:
+            from transformers.utils.chat_template_utils import _compile_jinja_template
+
+            compiled = _compile_jinja_template(self.tokenizer.chat_template)
+            extra = {k: v for k, v in self.tokenizer.special_tokens_map.items() if isinstance(v, str)}
+            probe = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+                     {"role": "assistant", "content": "a"}, {"role": "user", "content": "v"}]
+            direct = compiled.render(messages=probe, tools=None, documents=None, add_generation_prompt=True, **extra)
+            if direct == self.tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True):
+                self._compiled_template = (compiled, extra)
+        except Exception:  # a newer transformers, or a template that needs more: the slow path
+            logger.debug("rendering the chat template directly is not possible", exc_info=True)
+        return self._compiled_template
+
+    def _render(self, request: ChatCompletionRequest) -> str:
+        messages = [{"role": m.role, "content": m.text()} for m in request.messages]
+        template = self._template()
+        if template is not None:
+            compiled, extra = template
+            return str(compiled.render(messages=messages, tools=None, documents=None, add_generation_prompt=True, **extra))
+        return str(self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
 
     # Hooks called by the engine.
 
     def prepare(self, item: Pending) -> None:
-        request = item.request
-        messages = [{"role": m.role, "content": m.text()} for m in request.messages]
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        prompt_ids = self._encode(text)
-        room = self.context_length - len(prompt_ids)
-        wanted = request.max_new_tokens
-        if wanted is None:
-            wanted = min(self.default_max_tokens, room)
-        if room < 1 or len(prompt_ids) + wanted > self.context_length:
-            raise RequestError(
-                ErrorCode.context_length_exceeded,
-                f"the prompt is {len(prompt_ids)} tokens and max_tokens is {wanted}, over the "
-                f"model's context of {self.context_length} tokens: shorten the messages or "
-                "lower max_tokens",
-                param="messages",
-            )
-        item.prepared = Prepared(prompt_ids=prompt_ids, max_new=wanted, stops=request.stop_sequences)
-        item.rows = request.n
-        item.cost = len(prompt_ids) + wanted
+        """Prepare one request; raises its RequestError."""
+        error = self.prepare_many([item])[0]
+        if error is not None:
+            raise error
+
+    def prepare_many(self, items: list[Pending]) -> list[RequestError | None]:
+        errors: list[RequestError | None] = [None] * len(items)
+        texts: list[str] = []
+        rendered: list[int] = []
+        for index, item in enumerate(items):
+            try:
+                texts.append(self._render(item.request))
+                rendered.append(index)
+            except Exception as error:  # a template that raises (e.g. on a role it refuses)
+                errors[index] = RequestError(
+                    ErrorCode.invalid_request, f"the model's chat template refused the messages: {error}", param="messages"
+                )
+        for index, prompt_ids in zip(rendered, self._encode_many(texts)):
+            item = items[index]
+            request = item.request
+            room = self.context_length - len(prompt_ids)
+            wanted = request.max_new_tokens
+            if wanted is None:
+                wanted = min(self.default_max_tokens, room)
+            if room < 1 or len(prompt_ids) + wanted > self.context_length:
+                errors[index] = RequestError(
+                    ErrorCode.context_length_exceeded,
+                    f"the prompt is {len(prompt_ids)} tokens and max_tokens is {wanted}, over the "
+                    f"model's context of {self.context_length} tokens: shorten the messages or "
+                    "lower max_tokens",
+                    param="messages",
+                )
+                continue
+            item.prepared = Prepared(prompt_ids=prompt_ids, max_new=wanted, stops=request.stop_sequences)
+            item.rows = request.n
+            item.cost = len(prompt_ids) + wanted
+        return errors
 
     def run_batch(self, items: list[Pending]) -> list[ChatCompletion | RequestError]:
         import torch
@@ -203,25 +251,30 @@ class TransformersRunner:
             else:
                 self._decode_static(rows)
         created = int(time.time())
+        by_item: list[list[_Row]] = [[] for _ in items]
+        for row in rows:
+            by_item[row.item].append(row)
+        # Built without validation (model_construct): every value comes from the code above,
+        # and this runs once per request on the engine thread.
         results: list[ChatCompletion | RequestError] = []
-        for index, item in enumerate(items):
-            mine = [row for row in rows if row.item == index]
+        for item, mine in zip(items, by_item):
             prompt_tokens = len(item.prepared.prompt_ids)
             completion_tokens = sum(row.generated for row in mine)
             results.append(
-                ChatCompletion(
+                ChatCompletion.model_construct(
                     id=completion_id(),
+                    object="chat.completion",
                     created=created,
                     model=self.served_name,
                     choices=[
-                        ChatCompletionChoice(
+                        ChatCompletionChoice.model_construct(
                             index=row.choice,
-                            message=ChatCompletionMessage(content=row.text or ""),
+                            message=ChatCompletionMessage.model_construct(role="assistant", content=row.text or ""),
                             finish_reason=row.finish or "length",
                         )
                         for row in mine
                     ],
-                    usage=Usage(
+                    usage=Usage.model_construct(
                         prompt_tokens=prompt_tokens,
                         completion_tokens=completion_tokens,
                         total_tokens=prompt_tokens + completion_tokens,
@@ -478,6 +531,11 @@ class PyfuncRunner:
 
     def prepare(self, item: Pending) -> None:
         item.rows = item.request.n
+
+    def prepare_many(self, items: list[Pending]) -> list[RequestError | None]:
+        for item in items:
+            self.prepare(item)
+        return [None] * len(items)
 
     def run_batch(self, items: list[Pending]) -> list[ChatCompletion | RequestError]:
         results: list[ChatCompletion | RequestError] = []
