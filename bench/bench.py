@@ -2,7 +2,8 @@
 prints one JSON line per figure (plus a summary). Timings on shared machines are noisy: compare
 the ratios, which are measured in the same run.
 
-    python bench/bench.py queue       # 20,000 lines, tiny model, max_tokens 1: end to end vs engine alone;
+    python bench/bench.py queue       # 20,000 lines, tiny model, max_tokens 1: end to end vs engine alone
+                                      # (3 runs each, taking turns; best compared);
                                       # producer peak memory while submitting a 200 MB file
     python bench/bench.py throughput  # MLflow pyfunc one at a time vs engine alone vs end to end;
                                       # worker memory over a long run
@@ -20,6 +21,7 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -108,13 +110,12 @@ def batch_file(path: Path, bodies: list[dict[str, object]]) -> Path:
     return path
 
 
-def engine_alone(model: str, source: Path, settings: object) -> tuple[float, int]:
+def engine_alone(runner: object, source: Path, settings: object) -> tuple[float, int]:
     """Seconds and generated tokens for the engine alone on the lines of `source`, in this
-    process: read and validate each line, run it, no queue (the model is loaded first)."""
+    process: read and validate each line, run it, no queue (the model is already loaded)."""
     from schemas import parse_batch_line
-    from worker.model import build_engine, load_runner
+    from worker.model import build_engine
 
-    runner = load_runner(model, settings)  # type: ignore[arg-type]
     engine = build_engine(runner, settings)  # type: ignore[arg-type]
     engine.start()
     started = time.perf_counter()
@@ -179,15 +180,27 @@ def queue_mode(args: argparse.Namespace, workdir: Path) -> None:
                   for i in range(args.lines)]
         source = batch_file(workdir / "lines.jsonl", bodies)
         settings = Settings(redis_url=harness.url)
-        alone_s, _ = engine_alone(model, source, settings)
-        log(step="engine_alone", lines=args.lines, s=round(alone_s, 2), lines_per_s=round(args.lines / alone_s))
+        from worker.model import load_runner
+
+        runner = load_runner(model, settings)
         harness.start_worker(model, "tiny-llama-chat")
-        e2e_s, _, counts = end_to_end(harness, source)
+        # The two paths take turns, --repeat times each, so that a noisy spell on this shared
+        # machine hits both; the best run of each is compared (and the medians, for the spread).
+        alone_runs, e2e_runs = [], []
+        for _ in range(args.repeat):
+            alone_s, _ = engine_alone(runner, source, settings)
+            alone_runs.append(alone_s)
+            log(step="engine_alone", lines=args.lines, s=round(alone_s, 2), lines_per_s=round(args.lines / alone_s))
+            e2e_s, _, counts = end_to_end(harness, source)
+            assert counts["completed"] == args.lines, counts
+            e2e_runs.append(e2e_s)
+            log(step="end_to_end", lines=args.lines, s=round(e2e_s, 2), lines_per_s=round(args.lines / e2e_s))
         log(step="worker_engine", **worker_stats(harness, "tiny-llama-chat"))
-        assert counts["completed"] == args.lines, counts
-        log(step="end_to_end", lines=args.lines, s=round(e2e_s, 2), lines_per_s=round(args.lines / e2e_s))
-        ratio = alone_s / e2e_s
-        log(step="ratio", end_to_end_over_engine=round(ratio, 2), target=0.8, met=ratio >= 0.8)
+        best_alone, best_e2e = min(alone_runs), min(e2e_runs)
+        ratio = best_alone / best_e2e
+        log(step="ratio", engine_alone_lines_per_s=round(args.lines / best_alone), end_to_end_lines_per_s=round(args.lines / best_e2e),
+            end_to_end_over_engine=round(ratio, 2), median_ratio=round(statistics.median(alone_runs) / statistics.median(e2e_runs), 2),
+            runs=args.repeat, target=0.8, met=ratio >= 0.8)
         if not args.skip_memory:
             big = workdir / "200mb.jsonl"
             filler = "z" * 4000
@@ -214,6 +227,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--model", default="")
+    parser.add_argument("--repeat", type=int, default=3, help="queue: runs of each path (the best of each is compared)")
     parser.add_argument("--skip-memory", action="store_true", help="queue: skip the producer memory run")
     parser.add_argument("--pyfunc-requests", type=int, default=0, help="throughput: requests of the pyfunc baseline (default: all)")
     parser.add_argument("--memory-requests", type=int, default=5000, help="throughput: requests of the worker memory run (0 skips it)")
@@ -287,7 +301,9 @@ def throughput_mode(args: argparse.Namespace, workdir: Path) -> None:
         base = base_tokens / base_s
         log(step="mlflow_pyfunc_one_at_a_time", s=round(base_s, 1), tokens=base_tokens, tok_s=round(base, 1))
 
-        alone_s, alone_tokens = engine_alone(model, source, settings)
+        from worker.model import load_runner
+
+        alone_s, alone_tokens = engine_alone(load_runner(model, settings), source, settings)
         alone = alone_tokens / alone_s
         log(step="engine_alone", s=round(alone_s, 1), tokens=alone_tokens, tok_s=round(alone, 1))
 

@@ -19,14 +19,18 @@ from chatbatch.events import LUA_PUBLISH_JOB, publish
 from chatbatch.exceptions import JobNotFoundError
 from schemas.job import BatchJob, JobError, JobErrors, JobStatus, RequestCounts
 
-# KEYS: lines hash, job hash. ARGV: (line number, stored JSON, count field "completed" or
-# "failed", generated tokens) repeated. A line already stored is left as it is, uncounted.
+# KEYS: lines hash, job hash. ARGV[1]: one entry per text line, "line number TAB count field
+# ("completed" or "failed") TAB generated tokens TAB stored JSON". A line already stored is left
+# as it is, uncounted.
 _RECORD_LINES = """
 local stored = 0
-for i = 1, #ARGV, 4 do
-  if redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) == 1 then
-    redis.call('HINCRBY', KEYS[2], ARGV[i + 2], 1)
-    redis.call('HINCRBY', KEYS[2], 'generated_tokens', ARGV[i + 3])
+for entry in string.gmatch(ARGV[1], '[^\\n]+') do
+  local a = string.find(entry, '\\t', 1, true)
+  local b = string.find(entry, '\\t', a + 1, true)
+  local c = string.find(entry, '\\t', b + 1, true)
+  if redis.call('HSETNX', KEYS[1], string.sub(entry, 1, a - 1), string.sub(entry, c + 1)) == 1 then
+    redis.call('HINCRBY', KEYS[2], string.sub(entry, a + 1, b - 1), 1)
+    redis.call('HINCRBY', KEYS[2], 'generated_tokens', string.sub(entry, b + 1, c - 1))
     stored = stored + 1
   end
 end
@@ -232,7 +236,7 @@ class JobStore:
         return self.maybe_finalize(job_id)
 
     def record_line(
-        self, job_id: str, line: int, kind: str, payload: dict[str, Any], *, tokens: int = 0
+        self, job_id: str, line: int, kind: str, payload: dict[str, Any] | str, *, tokens: int = 0
     ) -> bool:
         """Store the output or error line of input line `line`; False if it was stored before.
 
@@ -242,16 +246,21 @@ class JobStore:
         """
         return self.record_lines(job_id, [(line, kind, payload, tokens)]) == 1
 
-    def record_lines(self, job_id: str, entries: list[tuple[int, str, dict[str, Any], int]]) -> int:
-        """Store many lines in one call: (line, kind, payload, tokens) each; returns how many
-        were stored for the first time."""
+    def record_lines(self, job_id: str, entries: list[tuple[int, str, dict[str, Any] | str, int]]) -> int:
+        """Store many lines in one call: (line, kind, payload, tokens) each, the payload a dict
+        or its JSON text; returns how many were stored for the first time."""
         if not entries:
             return 0
-        args: list[Any] = []
+        # One argument for all: "line TAB counter TAB tokens TAB stored-JSON" per entry, one
+        # entry per text line (JSON text holds no raw newline or tab).
+        parts: list[str] = []
         for line, kind, payload, tokens in entries:
-            value = json.dumps({"kind": kind, "line": payload}, separators=(",", ":"))
-            args += [line, value, "completed" if kind == "output" else "failed", tokens]
-        return int(self._record_lines(keys=[keys.job_lines(job_id), keys.job(job_id)], args=args))
+            text = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+            value = f'{{"kind":"{kind}","line":{text}}}'
+            if "\n" in value or "\t" in value:
+                raise ValueError(f"line {line}: its JSON holds a raw newline or tab")
+            parts.append(f"{int(line)}\t{'completed' if kind == 'output' else 'failed'}\t{int(tokens)}\t{value}")
+        return int(self._record_lines(keys=[keys.job_lines(job_id), keys.job(job_id)], args=["\n".join(parts)]))
 
     def recorded(self, job_id: str, lines: list[int]) -> list[bool]:
         """Which of these input lines already have an output or error line."""

@@ -12,7 +12,6 @@ import threading
 import time
 from concurrent.futures import Future, wait
 from dataclasses import dataclass
-from queue import Empty, SimpleQueue
 from typing import Any
 
 import redis
@@ -24,7 +23,7 @@ from chatbatch.jobstore import JobStore
 from chatbatch.queues import TASK_CHAT, TASK_CHUNK, make_celery
 from chatbatch.settings import Settings, get_settings
 from schemas.batch import BatchRequestOutput, error_line
-from schemas.chat import ChatCompletion, parse_chat_request
+from schemas.chat import ChatCompletion, ChatCompletionRequest, parse_chat_request
 from schemas.errors import ErrorCode, RequestError
 from worker.engine import Engine
 
@@ -112,15 +111,15 @@ def chat(self: Any, request_id: str, body: dict[str, Any]) -> None:
     logger.info("request %s answered in %.2fs", request_id, time.monotonic() - started)
 
 
-def _output_line(custom_id: str, completion: ChatCompletion) -> dict[str, Any]:
-    """A BatchRequestOutput line, built as a plain dict: this runs once per line on the hot
-    path, and every part of it was validated when it was made."""
-    return {
-        "id": new_id("batch_req_"),
-        "custom_id": custom_id,
-        "response": {"status_code": 200, "request_id": new_id("req_"), "body": completion.model_dump()},
-        "error": None,
-    }
+def _output_line(custom_id: str, completion: ChatCompletion) -> str:
+    """A BatchRequestOutput line as JSON text, assembled directly: this runs once per line on
+    the hot path, and every part of it was validated when it was made (the completion is
+    serialized by pydantic's own encoder)."""
+    return (
+        f'{{"id":"{new_id("batch_req_")}","custom_id":{json.dumps(custom_id)},'
+        f'"response":{{"status_code":200,"request_id":"{new_id("req_")}","body":{completion.model_dump_json()}}},'
+        '"error":null}'
+    )
 
 
 def _error(custom_id: str, line: int, error: RequestError, *, with_response: bool = True) -> BatchRequestOutput:
@@ -135,14 +134,16 @@ def _error(custom_id: str, line: int, error: RequestError, *, with_response: boo
 
 
 @app.task(name=TASK_CHUNK, bind=True)
-def chunk(self: Any, job_id: str, number: str, items: list[dict[str, Any]]) -> None:
+def chunk(self: Any, job_id: str, number: str, lines: str | list[dict[str, Any]]) -> None:
     """Answer a chunk of a job's lines; each answer is stored once, keyed by line number.
 
     Args:
         job_id: the job.
         number: the chunk's id within the job (its deliveries are counted under it).
-        items: {"line", "custom_id", "body"} for each valid input line of the chunk.
+        lines: {"line", "custom_id", "body"} for each valid input line of the chunk, as a JSON
+            string (or as a list).
     """
+    items: list[dict[str, Any]] = json.loads(lines) if isinstance(lines, str) else lines
     s = state()
     store = s.store
     started = time.monotonic()
@@ -176,17 +177,32 @@ def _answer_chunk(task: Any, s: WorkerState, job_id: str, number: str, items: li
     """Run a chunk's lines on the engine and store each answer; returns (answered, errors,
     handed back)."""
     store = s.store
-    finished: SimpleQueue[tuple[dict[str, Any], Future[ChatCompletion]]] = SimpleQueue()
     ready: list[tuple[dict[str, Any], Future[ChatCompletion] | RequestError]] = []
     outstanding: dict[int, tuple[dict[str, Any], Future[ChatCompletion]]] = {}
+    valid: list[tuple[dict[str, Any], ChatCompletionRequest]] = []
     for item in items:
-        outcome = _submit(s, job_id, item)
-        if isinstance(outcome, Future):
-            outstanding[id(outcome)] = (item, outcome)
+        parsed = _parse(s, item)
+        if isinstance(parsed, RequestError):
+            ready.append((item, parsed))
         else:
-            ready.append((item, outcome))
-    for item, future in list(outstanding.values()):
-        future.add_done_callback(lambda f, item=item: finished.put((item, f)))
+            valid.append((item, parsed))
+    futures = s.engine.submit_many([(request, f"{job_id}:{item['line']}") for item, request in valid])
+    for (item, _), future in zip(valid, futures):
+        outstanding[id(future)] = (item, future)
+    # The engine thread appends each finished request here and wakes this thread once a group
+    # is ready (or the last one): one wake-up per group, not per line.
+    finished: list[tuple[dict[str, Any], Future[ChatCompletion]]] = []
+    taken = 0
+    woken = threading.Event()
+    total = len(futures)
+
+    def on_done(future: Future[ChatCompletion], item: dict[str, Any]) -> None:
+        finished.append((item, future))
+        if len(finished) - taken >= _RECORD_EVERY or len(finished) == total:
+            woken.set()
+
+    for (item, _), future in zip(valid, futures):
+        future.add_done_callback(lambda f, item=item: on_done(f, item))
     stopped: tuple[ErrorCode, str] | None = None
     handed_back = 0
     answered = errors = 0
@@ -202,14 +218,14 @@ def _answer_chunk(task: Any, s: WorkerState, job_id: str, number: str, items: li
 
     next_check = time.monotonic() + _STOP_CHECK_SECONDS
     while outstanding:
-        try:
-            item, future = finished.get(timeout=max(0.0, next_check - time.monotonic()))
-        except Empty:
-            future = None
-        if future is not None:
+        woken.wait(max(0.0, next_check - time.monotonic()))
+        woken.clear()
+        arrived = finished[taken:]
+        taken += len(arrived)
+        for item, future in arrived:
             if outstanding.pop(id(future), None) is None:
-                pass  # handed back already
-            elif future.cancelled() and s.engine.draining:
+                continue  # handed back already
+            if future.cancelled() and s.engine.draining:
                 outstanding[id(future)] = (item, future)  # handed back below with the others
             else:
                 ready.append((item, future))
@@ -260,12 +276,19 @@ def _stop_reason_cached(store: JobStore, job_id: str) -> tuple[ErrorCode, str] |
     return reason
 
 
-def _submit(s: WorkerState, job_id: str, item: dict[str, Any], **engine_args: Any) -> Future[ChatCompletion] | RequestError:
+def _parse(s: WorkerState, item: dict[str, Any]) -> ChatCompletionRequest | RequestError:
     try:
         request = parse_chat_request(item["body"], prefix="body.")
         _check_model(request.model, s.served_name)
     except RequestError as error:
         return error
+    return request
+
+
+def _submit(s: WorkerState, job_id: str, item: dict[str, Any], **engine_args: Any) -> Future[ChatCompletion] | RequestError:
+    request = _parse(s, item)
+    if isinstance(request, RequestError):
+        return request
     return s.engine.submit(request, f"{job_id}:{item['line']}", **engine_args)
 
 
@@ -317,7 +340,7 @@ def _run_alone(task: Any, s: WorkerState, job_id: str, number: str, items: list[
 
 def _answer(
     item: dict[str, Any], outcome: Future[ChatCompletion] | RequestError, stopped: tuple[ErrorCode, str] | None
-) -> tuple[int, str, dict[str, Any], int]:
+) -> tuple[int, str, dict[str, Any] | str, int]:
     """The stored line for one item: its output, or its error line."""
     try:
         if isinstance(outcome, RequestError):
@@ -365,6 +388,8 @@ def _send_back(task: Any, args: list[Any], argsrepr: str) -> None:
     task then returns and its own message is acknowledged (the copy is queued first, so a
     crash in between leaves two deliveries, never none)."""
     queue = (task.request.delivery_info or {}).get("routing_key")
+    if task.name == TASK_CHUNK:
+        args = [*args[:2], json.dumps(args[2], separators=(",", ":"))]
     task.app.send_task(task.name, args=args, queue=queue, argsrepr=argsrepr)
     logger.info("worker stopping: task %s handed back to %s", task.request.id, queue)
 

@@ -9,9 +9,9 @@ as one batched generation. A request's error resolves only its own future.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
@@ -91,7 +91,11 @@ class Engine:
         # Requests looked at when choosing a batch: enough for length bucketing to find
         # similar lengths, few enough that choosing stays cheap.
         self._backlog_rows = 4 * self.max_batch_size
-        self._queue: queue.Queue[Pending | None] = queue.Queue()
+        # Requests waiting for the engine thread; None wakes it (to stop, or to drain). One lock
+        # for many requests at a time: a chunk's lines go in, and a batch's worth comes out,
+        # in one acquisition each.
+        self._waiting: deque[Pending | None] = deque()
+        self._arrived = threading.Condition(threading.Lock())
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._draining = threading.Event()
@@ -112,7 +116,7 @@ class Engine:
 
     def stop(self, timeout: float = 30.0) -> None:
         self._stopping.set()
-        self._queue.put(None)
+        self._put([None])
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
@@ -124,7 +128,7 @@ class Engine:
         Called when the worker is told to stop (SIGTERM); safe to call from a signal handler.
         """
         self._draining.set()
-        self._queue.put(None)
+        self._put([None])
 
     @property
     def draining(self) -> bool:
@@ -147,16 +151,49 @@ class Engine:
         takes it from the queue: preparing in many task threads at once would interleave with
         the decode loop under the GIL and slow every batch down.
         """
-        future: Future[ChatCompletion] = Future()
+        return self.submit_many([(request, request_id)], alone=alone, on_start=on_start)[0]
+
+    def submit_many(
+        self,
+        requests: list[tuple[ChatCompletionRequest, str]],
+        *,
+        alone: bool = False,
+        on_start: Callable[[], RequestError | None] | None = None,
+    ) -> list[Future[ChatCompletion]]:
+        """Queue (request, request_id) pairs at once; one future each, as `submit` returns."""
+        futures: list[Future[ChatCompletion]] = [Future() for _ in requests]
         if self._draining.is_set():
-            future.cancel()
-            future.set_running_or_notify_cancel()
-            return future
+            for future in futures:
+                future.cancel()
+                future.set_running_or_notify_cancel()
+            return futures
         if self._stopping.is_set():
-            future.set_exception(RequestError(ErrorCode.internal_error, "the worker is shutting down"))
-            return future
-        self._queue.put(Pending(request=request, request_id=request_id, future=future, alone=alone, on_start=on_start))
-        return future
+            for future in futures:
+                future.set_exception(RequestError(ErrorCode.internal_error, "the worker is shutting down"))
+            return futures
+        self._put(
+            [
+                Pending(request=request, request_id=request_id, future=future, alone=alone, on_start=on_start)
+                for (request, request_id), future in zip(requests, futures)
+            ]
+        )
+        return futures
+
+    def _put(self, items: list[Pending | None]) -> None:
+        with self._arrived:
+            self._waiting.extend(items)
+            self._arrived.notify()
+
+    def _take(self, limit: int, timeout: float | None) -> list[Pending | None]:
+        """Up to `limit` waiting items, after waiting up to `timeout` seconds (None: for
+        ever) for the first."""
+        with self._arrived:
+            if not self._waiting and timeout != 0:
+                self._arrived.wait_for(lambda: self._waiting, timeout)
+            taken: list[Pending | None] = []
+            while self._waiting and len(taken) < limit:
+                taken.append(self._waiting.popleft())
+            return taken
 
     def _prepare(self, items: list[Pending], backlog: list[Pending]) -> int:
         """Prepare requests in the engine thread, all at once (the tokenizer encodes them as
@@ -187,16 +224,7 @@ class Engine:
             if self._draining.is_set():
                 self._cancel(backlog)
                 backlog = []
-            fresh: list[Pending] = []
-            if not backlog:
-                item = self._queue.get()
-                if item is None:
-                    if self._draining.is_set() and not self._stopping.is_set():
-                        continue
-                    break
-                if self._live(item):
-                    fresh.append(item)
-            self._collect(backlog, fresh)
+            self._collect(backlog)
             if not backlog:
                 continue
             batch, backlog = self._choose_batch(backlog)
@@ -206,49 +234,36 @@ class Engine:
                 RequestError(ErrorCode.internal_error, "the worker stopped before this request ran")
             )
 
-    def _collect(self, backlog: list[Pending], fresh: list[Pending]) -> None:
-        """Take pending requests, waiting up to batch_wait for a full batch; whatever has
-        arrived is prepared together.
+    def _collect(self, backlog: list[Pending]) -> None:
+        """Take waiting requests: with an empty backlog, wait for the first; then wait up to
+        batch_wait for a full batch. What arrives is prepared together.
 
         The backlog holds at most a few batches' worth: the rest stays queued, so choosing a
         batch costs the same however many requests wait.
         """
-        deadline = time.monotonic() + self.batch_wait
         rows = sum(item.rows for item in backlog)
-        while True:
-            ended = False
-            while rows + len(fresh) < self._backlog_rows:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    ended = True
-                    break
-                if self._live(item):
-                    fresh.append(item)
+        deadline: float | None = None
+        while rows < self._backlog_rows:
+            if not backlog:
+                timeout: float | None = None
+            elif rows >= self.max_batch_size:
+                timeout = 0.0
+            else:
+                if deadline is None:
+                    deadline = time.monotonic() + self.batch_wait
+                timeout = max(0.0, deadline - time.monotonic())
+            taken = self._take(self._backlog_rows - rows, timeout)
+            if not taken:
+                return
+            fresh = [item for item in taken if item is not None and self._live(item)]
             if fresh:
                 rows += self._prepare(fresh, backlog)
-                fresh = []
-            if ended:
+            if None in taken:
                 if not self._draining.is_set() or self._stopping.is_set():
                     self._stopping.set()
                 return
-            if rows >= self.max_batch_size:
-                return
-            timeout = deadline - time.monotonic()
-            if timeout <= 0:
-                return
-            try:
-                item = self._queue.get(timeout=timeout)
-            except queue.Empty:
-                return
-            if item is None:
-                if not self._draining.is_set() or self._stopping.is_set():
-                    self._stopping.set()
-                return
-            if self._live(item):
-                fresh.append(item)
+            if timeout == 0.0:
+                return  # a full batch is here, and everything that was waiting was taken
 
     def _cancel(self, items: list[Pending]) -> None:
         for item in items:
