@@ -114,10 +114,11 @@ def test_sigterm_hands_unfinished_work_back_at_once(aof_redis: RedisServer, base
 
 
 def test_task_longer_than_visibility_timeout_never_duplicates(aof_redis: RedisServer, base_env: dict[str, str], tiny_model: Path, tmp_path: Path) -> None:
-    env = _env(base_env, aof_redis, visibility_timeout="2", max_deliveries="20")
+    # Batches of 4: a chunk of 32 long lines takes several seconds, past the 2 s timeout.
+    env = _env(base_env, aof_redis, visibility_timeout="2", max_deliveries="20", max_batch_size="4")
     workers = [_worker(env, tmp_path, name, tiny_model, aof_redis) for name in ("a", "b")]
     try:
-        client = Client(Settings(redis_url=aof_redis.url, chunk_size=16))
+        client = Client(Settings(redis_url=aof_redis.url, chunk_size=32))
         ids = _job_file(tmp_path / "in.jsonl", 64, 220)
         job = client.submit_file(str(tmp_path / "in.jsonl")).wait(timeout=300)
         assert job.status.value == "completed"
