@@ -317,18 +317,8 @@ class TransformersRunner:
             step += 1
             keep: list[int] = []
             for j, token in enumerate(tokens.tolist()):
-                row = rows[active[j]]
-                row.generated += 1
-                if token in self.eos_ids:
-                    row.finish = "stop"
-                    continue
-                row.tokens.append(token)
-                if row.prepared.stops and self._hit_stop(row):
-                    continue
-                if row.generated >= row.prepared.max_new:
-                    row.finish = "length"
-                    continue
-                keep.append(j)
+                if not self._advance(rows[active[j]], token):
+                    keep.append(j)
             if not keep:
                 break
             if len(keep) < len(active):
@@ -482,19 +472,26 @@ class TransformersRunner:
         """Settle a row from the tokens a static decode produced for it: cut at its first EOS,
         stop string or max_tokens, as the dynamic decode would have. Returns its finish reason,
         or None while it is still running."""
-        row.tokens, row.finish, row.text = [], None, None
-        for count, token in enumerate(tokens, 1):
-            row.generated = count
-            if token in self.eos_ids:
-                row.finish = "stop"
-                break
-            row.tokens.append(token)
-            if row.prepared.stops and self._hit_stop(row):
-                break
-            if count >= row.prepared.max_new:
-                row.finish = "length"
+        row.tokens, row.finish, row.text, row.generated = [], None, None, 0
+        for token in tokens:
+            if self._advance(row, token):
                 break
         return row.finish
+
+    def _advance(self, row: _Row, token: int) -> bool:
+        """Add one generated token to a row; True once the row is finished (EOS, a stop
+        string or its max_tokens), with its finish reason set."""
+        row.generated += 1
+        if token in self.eos_ids:
+            row.finish = "stop"
+            return True
+        row.tokens.append(token)
+        if row.prepared.stops and self._hit_stop(row):
+            return True
+        if row.generated >= row.prepared.max_new:
+            row.finish = "length"
+            return True
+        return False
 
     def _hit_stop(self, row: _Row) -> bool:
         text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
