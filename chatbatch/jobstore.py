@@ -220,9 +220,13 @@ class JobStore:
         )
 
     def start(self, job_id: str) -> None:
-        """validating -> in_progress, once."""
-        if self.status(job_id) == JobStatus.validating:
-            self.set_status(job_id, JobStatus.in_progress)
+        """validating -> in_progress, once; atomic, so a cancel that lands meanwhile is never
+        overwritten."""
+        self.redis.eval(
+            "if redis.call('HGET', KEYS[1], 'status') == 'validating' then "
+            "redis.call('HSET', KEYS[1], 'status', 'in_progress', 'in_progress_at', ARGV[1]) end",
+            1, keys.job(job_id), int(time.time()),
+        )
 
     def add_inputs(self, job_id: str, lines: dict[int, str]) -> None:
         """Remember the valid lines (number -> custom_id) before they are enqueued."""
