@@ -41,6 +41,29 @@ def _heartbeats(state: worker_app.WorkerState, hostname: str, stop: threading.Ev
         stop.wait(state.settings.heartbeat_interval)
 
 
+def _tolerate_acks_on_a_lost_connection() -> None:
+    """Redis restarted while tasks were finishing: their acks reach kombu's Redis channel after
+    it was closed, and kombu raises AttributeError (not one of the connection errors it already
+    logs and skips). Raised while Celery restarts its consumer, that error stopped the restart
+    and the worker never consumed again. Such an ack is now logged and skipped like any other
+    failed ack: the message was already restored to its queue when the connection dropped, and
+    its answers are stored, so its next delivery is a no-op."""
+    from kombu.message import Message
+
+    original = Message.ack_log_error
+    if getattr(original, "_chatbatch", False):
+        return
+
+    def ack_log_error(self: Message, log: Any, errors: Any, multiple: bool = False) -> None:
+        try:
+            original(self, log, errors, multiple)
+        except AttributeError as error:
+            log.warning("could not acknowledge %r, the broker connection was lost: %r", self.delivery_tag, error)
+
+    ack_log_error._chatbatch = True  # type: ignore[attr-defined]
+    Message.ack_log_error = ack_log_error  # type: ignore[method-assign]
+
+
 def run_worker(
     settings: Settings,
     *,
@@ -52,6 +75,7 @@ def run_worker(
     loglevel: str = "INFO",
 ) -> None:
     """Run a worker until it is stopped (SIGTERM: unfinished work is handed back to the queue)."""
+    _tolerate_acks_on_a_lost_connection()
     client = connect(settings.redis_url)
     runner = load_runner(model_uri, settings, served_name=served_name)
     engine = build_engine(runner, settings)
