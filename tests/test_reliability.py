@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from chatbatch.settings import Settings
-from producer import Client
+from producer import Client, JobHandle
 from schemas import BatchJob, BatchRequestOutput, ErrorCode
 from tests.conftest import ROOT, RedisServer, S3Server, Worker, batch_line, free_port, start_redis, user, wait_for
 
@@ -58,6 +58,15 @@ def _check_exactly_once(client: Client, job: BatchJob, ids: list[str]) -> list[t
     return lines
 
 
+def _wait(handle: JobHandle, timeout: float, *workers: Worker) -> BatchJob:
+    """The job's end; if it does not come, the failure shows the workers' last log lines."""
+    try:
+        return handle.wait(timeout=timeout)
+    except TimeoutError as error:
+        logs = "\n".join(f"--- {w.log.name}\n{w.output()[-4000:]}" for w in workers)
+        raise AssertionError(f"{error}: {handle.status().request_counts}\n{logs}") from error
+
+
 def _worker(env: dict[str, str], tmp_path: Path, name: str, model: Path, redis: RedisServer, *extra: str) -> Worker:
     worker = Worker(env, tmp_path / f"{name}.log", "--model", str(model), "--hostname", f"{name}@test", *extra)
     worker.wait_ready(MODEL if "crash" not in str(model) else "crashing", redis.client())
@@ -75,7 +84,7 @@ def test_sigkill_mid_job_second_worker_finishes(aof_redis: RedisServer, base_env
     assert handle.status().request_counts.completed < len(ids)
     second = _worker(env, tmp_path, "second", tiny_model, aof_redis)
     try:
-        job = handle.wait(timeout=240)
+        job = _wait(handle, 240, first, second)
         assert job.status.value == "completed"
         lines = _check_exactly_once(client, job, ids)
         assert all(kind == "output" for kind, _ in lines)
@@ -100,7 +109,7 @@ def test_sigterm_hands_unfinished_work_back_at_once(aof_redis: RedisServer, base
     assert "handed back" in first.output()
     second = _worker(env, tmp_path, "second", tiny_model, aof_redis)
     try:
-        job = handle.wait(timeout=300)
+        job = _wait(handle, 300, first, second)
         # Well before the 600 s visibility timeout: nothing waited for a redelivery.
         assert time.monotonic() - stopped < 200
         assert job.status.value == "completed"
@@ -148,7 +157,7 @@ def test_redis_restart_mid_job(aof_redis: RedisServer, base_env: dict[str, str],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         aof_redis.process = restarted
-        job = handle.wait(timeout=300)
+        job = _wait(handle, 300, worker)
         assert job.status.value == "completed"
         _check_exactly_once(client, job, ids)
         assert worker.process.poll() is None, "the worker reconnected and kept consuming"

@@ -145,6 +145,32 @@ def chunk(self: Any, job_id: str, number: str, lines: str | list[dict[str, Any]]
     """
     items: list[dict[str, Any]] = json.loads(lines) if isinstance(lines, str) else lines
     s = state()
+    key = (job_id, number)
+    while True:
+        with _running_lock:
+            earlier = _running.get(key)
+            if earlier is None:
+                mine = _running[key] = threading.Event()
+                break
+        # Kombu restored this chunk's message after the visibility timeout while this process
+        # still runs it: wait for that run, then answer only what it left (usually nothing).
+        # Not counted as a delivery: the run it waits for is alive.
+        logger.info("job %s chunk %s was delivered again while this worker runs it: waiting for that run", job_id, number)
+        earlier.wait()
+    try:
+        _chunk(self, s, job_id, number, items)
+    finally:
+        with _running_lock:
+            del _running[key]
+        mine.set()
+
+
+#: The chunks this process is running, by (job, chunk): a second delivery of one waits for it.
+_running: dict[tuple[str, str], threading.Event] = {}
+_running_lock = threading.Lock()
+
+
+def _chunk(self: Any, s: WorkerState, job_id: str, number: str, items: list[dict[str, Any]]) -> None:
     store = s.store
     started = time.monotonic()
     done = store.recorded(job_id, [item["line"] for item in items])
@@ -307,8 +333,6 @@ def _run_alone(task: Any, s: WorkerState, job_id: str, number: str, items: list[
     store = s.store
     logger.warning("job %s chunk %s was redelivered: running its %d lines one at a time", job_id, number, len(items))
     for index, item in enumerate(items):
-        if store.recorded(job_id, [item["line"]])[0]:
-            continue
         if s.engine.draining:
             # Still counted as a redelivery where it lands: the suspect keeps running alone.
             rest = items[index:]
@@ -325,6 +349,10 @@ def _run_alone(task: Any, s: WorkerState, job_id: str, number: str, items: list[
             )
 
         with _alone:
+            # Checked once this line's turn has come: another delivery of the chunk may have
+            # answered it meanwhile.
+            if store.recorded(job_id, [item["line"]])[0]:
+                continue
             outcome = _submit(s, job_id, item, alone=True, on_start=attempt)
             stopped = _wait_unless_stopped(s, job_id, [outcome]) if isinstance(outcome, Future) else None
         if stopped is DRAINING:
