@@ -140,6 +140,40 @@ def test_task_longer_than_visibility_timeout_never_duplicates(aof_redis: RedisSe
             worker.stop()
 
 
+def _restart(server: RedisServer) -> None:
+    """Start a killed AOF redis-server again on its port and directory."""
+    server.process = subprocess.Popen(
+        ["redis-server", "--port", str(server.port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "yes", "--appendfsync", "always", "--dir", str(server.dir)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+
+
+def test_a_message_taken_as_redis_goes_away_is_kept(aof_redis: RedisServer) -> None:
+    """Kombu takes a message off its queue, then records it as unacknowledged: Redis going away
+    in between must not lose it (the worker retries the second step until Redis is back)."""
+    from kombu import Connection
+
+    from worker.main import _record_deliveries_across_a_redis_restart
+
+    _record_deliveries_across_a_redis_restart()
+    with Connection(aof_redis.url) as connection:
+        channel = connection.default_channel
+        raw = channel.prepare_message("a chunk")
+        raw["properties"].update(delivery_info={"exchange": "", "routing_key": "chatbatch"}, delivery_tag="tag-1")
+        message = channel.Message(raw, channel=channel)
+        aof_redis.process.kill()
+        aof_redis.process.wait(10)
+        taken = threading.Thread(target=channel.qos.append, args=(message, "tag-1"))
+        taken.start()
+        time.sleep(1.5)
+        assert taken.is_alive(), "the unacknowledged record was given up while Redis was away"
+        _restart(aof_redis)
+        taken.join(60)
+        assert not taken.is_alive()
+        wait_for(lambda: aof_redis.client().hexists("unacked", "tag-1"), 10, "the message recorded as unacknowledged")
+
+
 def test_redis_restart_mid_job(aof_redis: RedisServer, base_env: dict[str, str], tiny_model: Path, tmp_path: Path) -> None:
     env = _env(base_env, aof_redis, visibility_timeout="30")
     worker = _worker(env, tmp_path, "w", tiny_model, aof_redis)
@@ -151,12 +185,7 @@ def test_redis_restart_mid_job(aof_redis: RedisServer, base_env: dict[str, str],
         aof_redis.process.kill()
         aof_redis.process.wait(10)
         time.sleep(2)
-        restarted = subprocess.Popen(
-            ["redis-server", "--port", str(aof_redis.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "yes", "--appendfsync", "always", "--dir", str(aof_redis.dir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        aof_redis.process = restarted
+        _restart(aof_redis)
         job = _wait(handle, 300, worker)
         assert job.status.value == "completed"
         _check_exactly_once(client, job, ids)

@@ -13,7 +13,7 @@ from celery import signals
 from chatbatch import registry
 from chatbatch.jobstore import JobStore
 from chatbatch.queues import DEFAULT_QUEUE, model_queue
-from chatbatch.redisconn import connect
+from chatbatch.redisconn import RETRY, connect
 from chatbatch.settings import Settings
 from worker import app as worker_app
 from worker import model as model_loading
@@ -64,6 +64,30 @@ def _tolerate_acks_on_a_lost_connection() -> None:
     Message.ack_log_error = ack_log_error  # type: ignore[method-assign]
 
 
+def _record_deliveries_across_a_redis_restart() -> None:
+    """Kombu's Redis transport takes a message off its queue (BRPOP), then records it as
+    unacknowledged in a second command. When Redis went away between the two, that command
+    failed, and the message was on no queue and in no unacknowledged set: lost, and its job
+    never ended (seen in a fresh-clone CI run of `test_redis_restart_mid_job`). The second
+    command now retries while Redis is away, as the worker's own Redis commands do (about a
+    minute): once Redis is back the message is recorded and delivered as usual."""
+    from kombu.transport import redis as kombu_redis
+
+    original = kombu_redis.QoS.append
+    if getattr(original, "_chatbatch", False):
+        return
+
+    def append(self: Any, message: Any, delivery_tag: str) -> None:
+        def failed(error: Exception, failures: int) -> None:
+            if failures == 1:
+                logger.warning("Redis went away as message %s was taken (%s): it is recorded once Redis is back", delivery_tag, type(error).__name__)
+
+        RETRY.call_with_retry(lambda: original(self, message, delivery_tag), failed, with_failure_count=True)
+
+    append._chatbatch = True  # type: ignore[attr-defined]
+    kombu_redis.QoS.append = append  # type: ignore[method-assign]
+
+
 def run_worker(
     settings: Settings,
     *,
@@ -76,6 +100,7 @@ def run_worker(
 ) -> None:
     """Run a worker until it is stopped (SIGTERM: unfinished work is handed back to the queue)."""
     _tolerate_acks_on_a_lost_connection()
+    _record_deliveries_across_a_redis_restart()
     client = connect(settings.redis_url)
     runner = load_runner(model_uri, settings, served_name=served_name)
     engine = build_engine(runner, settings)
