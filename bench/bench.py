@@ -149,7 +149,7 @@ def worker_stats(harness: Harness, model: str) -> dict[str, object]:
     from chatbatch.registry import live_models
 
     time.sleep(5.5)
-    return {w["worker"]: {k: w[k] for k in ("requests", "batches", "largest_batch", "busy_seconds")}
+    return {str(w["worker"]): {k: w[k] for k in ("requests", "batches", "largest_batch", "busy_seconds")}
             for w in live_models(connect(harness.url)).get(model, [])}
 
 

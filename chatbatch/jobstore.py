@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import redis
 
 from chatbatch import keys
 from chatbatch.events import LUA_PUBLISH_JOB, publish
 from chatbatch.exceptions import JobNotFoundError
+from chatbatch.redisconn import Fields, text
 from schemas.job import BatchJob, JobError, JobErrors, JobStatus, RequestCounts
 
 # KEYS: lines hash, job hash. ARGV[1]: one entry per text line, "line number TAB count field
@@ -175,7 +176,7 @@ class JobStore:
             raise JobNotFoundError(
                 f"no job {job_id!r} in Redis: check the id (chatbatch prints it at submit)"
             )
-        data = {k.decode(): v.decode() for k, v in raw.items()}
+        data = {text(k): text(v) for k, v in raw.items()}
         record: dict[str, Any] = {
             "id": data["id"],
             "input_file": data.get("input_file", ""),
@@ -203,7 +204,7 @@ class JobStore:
 
     def field(self, job_id: str, name: str) -> str | None:
         value = self.redis.hget(keys.job(job_id), name)
-        return value.decode() if value is not None else None
+        return text(value) if value is not None else None
 
     def generated_tokens(self, job_id: str) -> int:
         """Tokens generated for the job's answered lines so far (for progress displays)."""
@@ -211,13 +212,11 @@ class JobStore:
 
     def status(self, job_id: str) -> JobStatus | None:
         value = self.redis.hget(keys.job(job_id), "status")
-        return JobStatus(value.decode()) if value else None
+        return JobStatus(text(value)) if value else None
 
     def set_status(self, job_id: str, status: JobStatus, **fields: Any) -> None:
-        now = int(time.time())
-        self.redis.hset(
-            keys.job(job_id), mapping={"status": status.value, f"{status.value}_at": now, **fields}
-        )
+        mapping: dict[str, Any] = {"status": status.value, f"{status.value}_at": int(time.time()), **fields}
+        self.redis.hset(keys.job(job_id), mapping=cast(Fields, mapping))
 
     def start(self, job_id: str) -> None:
         """validating -> in_progress, once; atomic, so a cancel that lands meanwhile is never
@@ -228,7 +227,7 @@ class JobStore:
             1, keys.job(job_id), int(time.time()),
         )
 
-    def add_inputs(self, job_id: str, lines: dict[int, str]) -> None:
+    def add_inputs(self, job_id: str, lines: dict[Any, str]) -> None:
         """Remember the valid lines (number -> custom_id) before they are enqueued."""
         if lines:
             self.redis.hset(keys.job_inputs(job_id), mapping=lines)
@@ -298,7 +297,7 @@ class JobStore:
             status = JobStatus.failed
         else:
             raw = self.redis.hget(keys.job(job_id), "final_status")
-            status = JobStatus(raw.decode() if raw else "completed")
+            status = JobStatus(text(raw) if raw else "completed")
             self.redis.hset(keys.job(job_id), mapping={"status": status.value, f"{status.value}_at": now})
         publish(self.redis, "batch", job_id, status.value)
         self._expire_keys(job_id)
@@ -309,7 +308,7 @@ class JobStore:
         raw = self.redis.hmget(keys.job(job_id), ["expires_at", "status"])
         if raw[0] is None or raw[1] is None:
             return False
-        if JobStatus(raw[1].decode()).is_final or int(raw[0]) > time.time():
+        if JobStatus(text(raw[1])).is_final or int(raw[0]) > time.time():
             return False
         self.redis.hset(keys.job(job_id), "expire", 1)
         return True
@@ -318,7 +317,7 @@ class JobStore:
         """(status, expires_at, expiring flag) in one read: what `stop_reason` decides on."""
         status, expires_at, expire = self.redis.hmget(keys.job(job_id), ["status", "expires_at", "expire"])
         return (
-            JobStatus(status.decode()) if status else None,
+            JobStatus(text(status)) if status else None,
             int(expires_at) if expires_at else None,
             expire == b"1",
         )
@@ -328,7 +327,7 @@ class JobStore:
 
     def inputs(self, job_id: str) -> dict[int, str]:
         """Every enqueued line: number -> custom_id."""
-        return {int(k): v.decode() for k, v in self.redis.hgetall(keys.job_inputs(job_id)).items()}
+        return {int(k): text(v) for k, v in self.redis.hgetall(keys.job_inputs(job_id)).items()}
 
     def _expire_keys(self, job_id: str) -> None:
         for key in (

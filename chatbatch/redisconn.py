@@ -3,12 +3,27 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
+from redis.typing import EncodableT
 
 from chatbatch.exceptions import ConfigurationError
+
+#: A hash's fields as redis-py's `hset(mapping=...)` types them (its keys are invariant, so a
+#: `dict[str, ...]` record is cast to it).
+Fields = Mapping[EncodableT, EncodableT]
+
+
+def text(value: object) -> str:
+    """A Redis string reply as text, whether the client decodes replies or not."""
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, str):
+        return value
+    raise TypeError(f"expected a Redis string reply, got {type(value).__name__}")
 
 
 def redact(url: str) -> str:

@@ -8,6 +8,7 @@ import time
 import redis
 
 from chatbatch import keys
+from chatbatch.redisconn import text
 
 #: A model is live while some worker's heartbeat is younger than this many heartbeat intervals.
 LIVE_INTERVALS = 3
@@ -33,12 +34,12 @@ def live_models(client: redis.Redis) -> dict[str, list[dict[str, object]]]:
     now = time.time()
     models: dict[str, list[dict[str, object]]] = {}
     for raw in client.zrange(keys.MODELS, 0, -1):
-        name = raw.decode()
+        name = text(raw)
         workers = []
         for worker, value in client.hgetall(keys.model_workers(name)).items():
             info = json.loads(value)
             if now - float(info["seen"]) <= float(info["interval"]) * LIVE_INTERVALS:
-                workers.append({"worker": worker.decode(), **info})
+                workers.append({"worker": text(worker), **info})
         if workers:
             models[name] = workers
     return models

@@ -27,6 +27,7 @@ import redis
 
 from chatbatch import keys
 from chatbatch.jobstore import JobStore
+from chatbatch.redisconn import text
 from chatbatch.settings import Settings
 from schemas.job import BatchJob
 
@@ -89,7 +90,8 @@ class CallbackSender:
         backlog = True  # first our own unacknowledged entries (after a restart), then new ones
         while not self._stop.is_set():
             try:
-                answer = self.redis.xreadgroup(
+                # redis-py types the reply as a union of every protocol's shape.
+                answer: Any = self.redis.xreadgroup(
                     GROUP, self.consumer, {keys.EVENTS: "0" if backlog else ">"}, count=32, block=1000
                 )
             except redis.RedisError as error:
@@ -100,7 +102,7 @@ class CallbackSender:
             if backlog and not entries:
                 backlog = False
             for entry_id, fields in entries:
-                event = {k.decode(): v.decode() for k, v in fields.items()}
+                event = {text(k): text(v) for k, v in fields.items()}
                 self._pool.submit(self._handle, entry_id, event)
 
     def _handle(self, entry_id: bytes, event: dict[str, str]) -> None:
@@ -125,7 +127,7 @@ class CallbackSender:
             raw = self.redis.get(keys.result(object_id))
             if raw is None:
                 return
-            body = raw
+            body = raw if isinstance(raw, bytes) else raw.encode()
         pause = 1.0
         for attempt in range(1, self.settings.callback_max_attempts + 1):
             timestamp = int(time.time())
@@ -137,7 +139,7 @@ class CallbackSender:
             }
             error = ""
             try:
-                response = httpx.post(url.decode(), content=body, headers=headers, timeout=self.settings.callback_timeout)
+                response = httpx.post(text(url), content=body, headers=headers, timeout=self.settings.callback_timeout)
                 if 200 <= response.status_code < 300:
                     self.redis.hset(record_key, mapping={
                         "callback_status": "delivered", "callback_attempts": attempt,

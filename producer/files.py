@@ -7,12 +7,13 @@ import os
 import time
 import uuid
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 import redis
 
 from chatbatch import keys
 from chatbatch.exceptions import InputTooLargeError
+from chatbatch.redisconn import Fields, text
 
 
 class FileStore:
@@ -48,7 +49,7 @@ class FileStore:
             os.replace(partial, target)
         finally:
             partial.unlink(missing_ok=True)
-        record = {
+        record: dict[str, Any] = {
             "id": file_id,
             "object": "file",
             "bytes": size,
@@ -58,7 +59,7 @@ class FileStore:
             "status": "processed",
             "owner": owner,
         }
-        self.redis.hset(keys.file(file_id), mapping=record)
+        self.redis.hset(keys.file(file_id), mapping=cast(Fields, record))
         self.redis.zadd(keys.FILES, {file_id: record["created_at"]})
         return record
 
@@ -66,7 +67,7 @@ class FileStore:
         raw = self.redis.hgetall(keys.file(file_id))
         if not raw:
             return None
-        record: dict[str, Any] = {k.decode(): v.decode() for k, v in raw.items()}
+        record: dict[str, Any] = {text(k): text(v) for k, v in raw.items()}
         record["bytes"] = int(record["bytes"])
         record["created_at"] = int(record["created_at"])
         return record
@@ -74,7 +75,7 @@ class FileStore:
     def list(self, owner: str) -> list[dict[str, Any]]:
         files = []
         for raw in self.redis.zrevrange(keys.FILES, 0, -1):
-            record = self.get(raw.decode())
+            record = self.get(text(raw))
             if record is not None and record["owner"] == owner:
                 files.append(record)
         return files

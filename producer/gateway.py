@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 from fastapi import Depends, FastAPI, File, Form, Header, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse, Response
 from chatbatch import keys
 from chatbatch.exceptions import ChatbatchError, InputTooLargeError, RequestFailedError
 from chatbatch.jobstore import callback_state
+from chatbatch.redisconn import Fields, text
 from chatbatch.settings import Settings, get_settings
 from producer.callbacks import CallbackSender, batch_body
 from producer.client import Client
@@ -131,10 +132,10 @@ def create_app(settings: Settings | None = None, *, callbacks: bool = True) -> F
     ) -> Any:
         url = callback_url(callback)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        record = {"id": request_id, "owner": who, "created_at": int(time.time())}
+        record: dict[str, Any] = {"id": request_id, "owner": who, "created_at": int(time.time())}
         if url:
             record.update(callback_url=url, callback_status="pending", callback_attempts=0)
-        client.redis.hset(keys.request(request_id), mapping=record)
+        client.redis.hset(keys.request(request_id), mapping=cast(Fields, record))
         client.redis.expire(keys.request(request_id), settings.result_ttl)
         handle = client.submit(body, request_id=request_id)
         if asynchronous and asynchronous.lower() in ("1", "true", "yes"):
@@ -150,7 +151,7 @@ def create_app(settings: Settings | None = None, *, callbacks: bool = True) -> F
 
     def _request_object(request_id: str) -> dict[str, Any]:
         raw = client.redis.hgetall(keys.request(request_id))
-        data = {k.decode(): v.decode() for k, v in raw.items()}
+        data = {text(k): text(v) for k, v in raw.items()}
         result = client.redis.get(keys.result(request_id))
         record: dict[str, Any] = {"id": request_id, "object": "chat.completion.request", "created_at": int(data.get("created_at", 0))}
         if result is None:
@@ -325,7 +326,7 @@ def create_app(settings: Settings | None = None, *, callbacks: bool = True) -> F
         passed = after is None
         more = False
         for raw in client.redis.zrevrange(keys.JOBS, 0, -1):
-            job_id = raw.decode()
+            job_id = text(raw)
             if not passed:
                 passed = job_id == after
                 continue

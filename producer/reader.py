@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import BinaryIO
+from typing import IO
 
 from chatbatch.exceptions import InputTooLargeError
 
@@ -26,7 +26,7 @@ def check_lines(source: str, count: int, max_lines: int) -> None:
         )
 
 
-def count_lines(stream: BinaryIO) -> int:
+def count_lines(stream: IO[bytes]) -> int:
     """Lines in a seekable stream (a last line without a newline counts); reads in blocks."""
     count = 0
     last = b"\n"
@@ -39,7 +39,7 @@ def count_lines(stream: BinaryIO) -> int:
     return count + (0 if last == b"\n" else 1)
 
 
-def iter_lines(stream: BinaryIO, *, max_line_bytes: int) -> Iterator[tuple[int, bytes | None, int]]:
+def iter_lines(stream: IO[bytes], *, max_line_bytes: int) -> Iterator[tuple[int, bytes | None, int]]:
     """(1-based line number, raw line without its newline, size in bytes) for each line.
 
     A line longer than `max_line_bytes` is never held in memory: it comes back as None with its

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -229,7 +230,8 @@ def test_notifications_reach_a_consumer_group(gateway: Gateway, redis_server: Re
     seen: dict[str, dict[str, str]] = {}
 
     def read() -> bool:
-        for _, entries in r.xreadgroup(group, "c1", {keys.EVENTS: ">"}, count=100, block=500) or []:
+        answer: Any = r.xreadgroup(group, "c1", {keys.EVENTS: ">"}, count=100, block=500)
+        for _, entries in answer or []:
             for entry_id, fields in entries:
                 event = {k.decode(): v.decode() for k, v in fields.items()}
                 seen[event["id"]] = event

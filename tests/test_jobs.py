@@ -93,9 +93,9 @@ def test_expired_job_keeps_finished_lines(tiny_worker: Worker, redis_server: Red
     client = Client(Settings(redis_url=redis_server.url, chunk_size=8))
     ids = [f"s{i}" for i in range(400)]
     source = _slow_file(tmp_path / "in.jsonl", len(ids))
-    lines = source.read_text().splitlines()
+    slow = source.read_text().splitlines()
     quick = [batch_line(f"s{i}", user("quick", max_tokens=2)) for i in range(8)]  # the first chunk finishes in time
-    source.write_text("\n".join(quick + lines[8:]) + "\n")
+    source.write_text("\n".join(quick + slow[8:]) + "\n")
     handle = client.submit_file(str(source), completion_window="3s")
     job = handle.wait(timeout=60)
     assert job.status.value == "expired"

@@ -35,7 +35,7 @@ def test_save_hf_from_a_local_directory_follows_the_tutorial_flow(tmp_path: Path
     done = run_cli(base_env, "model", "save", "--hf", str(source), "--out", str(out))
     assert done.returncode == 0, done.stderr
     model = mlflow.models.Model.load(str(out / "MLmodel"))
-    assert model.metadata["task"] == "llm/v1/chat"
+    assert model.metadata is not None and model.metadata["task"] == "llm/v1/chat"
     assert model.flavors["transformers"]["task"] == "text-generation"
     # MLflow's own pyfunc serves it as a chat model (the path `mlflow models serve` takes) ...
     answer = mlflow.pyfunc.load_model(str(out)).predict(
@@ -69,7 +69,7 @@ def test_registry_uri_serves_under_the_registered_name(tmp_path: Path, tiny_mode
         by_run = load_runner(f"runs:/{run.info.run_id}/model", SETTINGS)
         assert by_run.served_name == "tiny-llama-chat"
     finally:
-        mlflow.set_tracking_uri(None)
+        mlflow.set_tracking_uri(None)  # type: ignore[arg-type]  # None restores the default store
 
 
 def test_other_pyfunc_chat_models_fall_back_to_predict(tmp_path: Path) -> None:

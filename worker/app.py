@@ -12,6 +12,7 @@ import threading
 import time
 from concurrent.futures import Future, wait
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import redis
@@ -228,7 +229,7 @@ def _answer_chunk(task: Any, s: WorkerState, job_id: str, number: str, items: li
             woken.set()
 
     for (item, _), future in zip(valid, futures):
-        future.add_done_callback(lambda f, item=item: on_done(f, item))
+        future.add_done_callback(partial(on_done, item=item))
     stopped: tuple[ErrorCode, str] | None = None
     handed_back = 0
     answered = errors = 0

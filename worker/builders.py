@@ -188,7 +188,7 @@ def tiny_model(out: Path) -> Path:
 
 
 #: TinyLlama-1.1B's shape (../anchors: the GPU figures are measured on it).
-TINYLLAMA_SHAPE = {
+TINYLLAMA_SHAPE: dict[str, Any] = {
     "vocab_size": 32_000,
     "hidden_size": 2_048,
     "intermediate_size": 5_632,
@@ -216,7 +216,7 @@ def tinyllama_shape_model(out: Path) -> Path:
         pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    model = LlamaForCausalLM(config).bfloat16().eval()
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

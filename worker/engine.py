@@ -201,9 +201,9 @@ class Engine:
         added."""
         try:
             errors = self.runner.prepare_many(items)
-        except Exception as error:  # a tokenizer bug must fail these requests, not the worker
+        except Exception as failure:  # a tokenizer bug must fail these requests, not the worker
             logger.exception("preparing %d requests failed", len(items))
-            errors = [RequestError(ErrorCode.internal_error, f"could not prepare the request: {error}")] * len(items)
+            errors = [RequestError(ErrorCode.internal_error, f"could not prepare the request: {failure}")] * len(items)
         rows = 0
         for item, error in zip(items, errors):
             if error is None:

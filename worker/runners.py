@@ -109,7 +109,7 @@ class TransformersRunner:
         self.default_max_tokens = default_max_tokens
         config = model.config
         self.context_length = int(
-            getattr(config, "max_position_embeddings", None) or getattr(tokenizer, "model_max_length", 2048)
+            getattr(config, "max_position_embeddings", None) or getattr(tokenizer, "model_max_length", None) or 2048
         )
         eos: set[int] = set()
         for source in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
