@@ -65,11 +65,11 @@ def start_redis(directory: Path, *extra: str) -> RedisServer:
         stderr=subprocess.DEVNULL,
     )
     server = RedisServer(port=port, dir=directory, process=process)
-    wait_for(lambda: _pings(server), 10, f"redis-server on port {port}")
+    wait_for(lambda: pings(server), 10, f"redis-server on port {port}")
     return server
 
 
-def _pings(server: RedisServer) -> bool:
+def pings(server: RedisServer) -> bool:
     try:
         return bool(server.client().ping())
     except (redis.AuthenticationError, redis.ResponseError):

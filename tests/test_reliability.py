@@ -13,13 +13,25 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from chatbatch.settings import Settings
 from producer import Client, JobHandle
 from schemas import BatchJob, BatchRequestOutput, ErrorCode
-from tests.conftest import ROOT, RedisServer, S3Server, Worker, batch_line, free_port, start_redis, user, wait_for
+from tests.conftest import (
+    ROOT,
+    RedisServer,
+    S3Server,
+    Worker,
+    batch_line,
+    free_port,
+    pings,
+    start_redis,
+    user,
+    wait_for,
+)
 
 MODEL = "tiny-llama-chat"
 
@@ -149,6 +161,35 @@ def _restart(server: RedisServer) -> None:
     )
 
 
+def _message(channel: Any, tag: str) -> Any:
+    """A message as kombu's Redis channel hands it to Celery."""
+    raw = channel.prepare_message("a chunk")
+    raw["properties"].update(delivery_info={"exchange": "", "routing_key": "chatbatch"}, delivery_tag=tag)
+    return channel.Message(raw, channel=channel)
+
+
+def test_a_channel_closed_after_its_connection_keeps_its_messages(aof_redis: RedisServer) -> None:
+    """Celery drops a lost connection; kombu then closes the channel, putting back the messages
+    it holds, after the connection's transport was cleared: that must not raise (Celery would
+    stop the worker), and the messages stay unacknowledged in Redis, to come back after the
+    visibility timeout."""
+    from kombu import Connection
+
+    from worker.main import _restore_unacked_on_a_closed_connection
+
+    _restore_unacked_on_a_closed_connection()
+    with Connection(aof_redis.url) as connection:
+        channel = connection.default_channel
+        channel.qos.append(_message(channel, "tag-1"), "tag-1")
+        aof_redis.process.kill()
+        aof_redis.process.wait(10)
+        connection.transport.client = None  # what kombu's Connection.collect leaves behind
+        channel.close()
+    _restart(aof_redis)
+    wait_for(lambda: pings(aof_redis), 10, "redis-server back")
+    assert aof_redis.client().hexists("unacked", "tag-1")
+
+
 def test_a_message_taken_as_redis_goes_away_is_kept(aof_redis: RedisServer) -> None:
     """Kombu takes a message off its queue, then records it as unacknowledged: Redis going away
     in between must not lose it (the worker retries the second step until Redis is back)."""
@@ -159,9 +200,7 @@ def test_a_message_taken_as_redis_goes_away_is_kept(aof_redis: RedisServer) -> N
     _record_deliveries_across_a_redis_restart()
     with Connection(aof_redis.url) as connection:
         channel = connection.default_channel
-        raw = channel.prepare_message("a chunk")
-        raw["properties"].update(delivery_info={"exchange": "", "routing_key": "chatbatch"}, delivery_tag="tag-1")
-        message = channel.Message(raw, channel=channel)
+        message = _message(channel, "tag-1")
         aof_redis.process.kill()
         aof_redis.process.wait(10)
         taken = threading.Thread(target=channel.qos.append, args=(message, "tag-1"))

@@ -88,6 +88,41 @@ def _record_deliveries_across_a_redis_restart() -> None:
     kombu_redis.QoS.append = append  # type: ignore[method-assign]
 
 
+def _restore_unacked_on_a_closed_connection() -> None:
+    """When Celery drops a lost broker connection, kombu closes its channel and first pushes the
+    messages it holds back onto their queues. Where the connection's transport was already
+    cleared, kombu raised AttributeError there, which Celery treats as unrecoverable: the worker
+    stopped consuming for good (seen once under load in `test_redis_restart_mid_job`). Such a
+    restore is now skipped with a warning: the messages stay in Redis's unacknowledged set and
+    return to their queue after the visibility timeout, the way a dead worker's do."""
+    from kombu.transport import redis as kombu_redis
+
+    original = kombu_redis.QoS.restore_unacked
+    if getattr(original, "_chatbatch", False):
+        return
+
+    def restore_unacked(self: Any, client: Any = None) -> None:
+        try:
+            original(self, client)
+        except AttributeError as error:
+            logger.warning(
+                "could not put %d unacknowledged messages back at once, the broker connection is closed (%r): "
+                "they return to their queue after the visibility timeout", len(self._delivered), error,
+            )
+            self._delivered.clear()
+
+    restore_unacked._chatbatch = True  # type: ignore[attr-defined]
+    kombu_redis.QoS.restore_unacked = restore_unacked  # type: ignore[method-assign]
+
+
+def _survive_redis_restarts() -> None:
+    """Kombu's Redis transport, mended where a Redis restart made it lose a message or stop the
+    worker (docs/reliability.md)."""
+    _tolerate_acks_on_a_lost_connection()
+    _record_deliveries_across_a_redis_restart()
+    _restore_unacked_on_a_closed_connection()
+
+
 def run_worker(
     settings: Settings,
     *,
@@ -99,8 +134,7 @@ def run_worker(
     loglevel: str = "INFO",
 ) -> None:
     """Run a worker until it is stopped (SIGTERM: unfinished work is handed back to the queue)."""
-    _tolerate_acks_on_a_lost_connection()
-    _record_deliveries_across_a_redis_restart()
+    _survive_redis_restarts()
     client = connect(settings.redis_url)
     runner = load_runner(model_uri, settings, served_name=served_name)
     engine = build_engine(runner, settings)
