@@ -351,6 +351,33 @@ class JobStore:
         """Take back the count of a delivery that ended cleanly by handing its chunk back."""
         self.redis.hincrby(keys.job_deliveries(job_id), chunk, -1)
 
+    def add_pending(self, job_id: str, chunk: str, queue: str, lines: str) -> None:
+        """Keep a chunk's lines until they are answered (`lines` as sent, a JSON string)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(keys.job_pending(job_id), chunk, json.dumps([queue, lines]))
+        pipe.expire(keys.job_pending(job_id), self.job_ttl)
+        pipe.sadd(keys.PENDING_JOBS, job_id)
+        pipe.execute()
+
+    def pending(self, job_id: str) -> dict[str, tuple[str, str]]:
+        """Chunk id -> (queue, lines JSON) of the job's chunks not yet answered in full."""
+        chunks: dict[str, tuple[str, str]] = {}
+        for chunk, value in self.redis.hgetall(keys.job_pending(job_id)).items():
+            queue, lines = json.loads(value)
+            chunks[text(chunk)] = (queue, lines)
+        return chunks
+
+    def forget_pending(self, job_id: str, chunk: str | None = None) -> None:
+        """A chunk answered in full; or, without `chunk`, the job ended."""
+        if chunk is not None:
+            self.redis.hdel(keys.job_pending(job_id), chunk)
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.delete(keys.job_pending(job_id))
+        pipe.srem(keys.PENDING_JOBS, job_id)
+        pipe.hdel(keys.RECOVERY_SEEN, job_id)
+        pipe.execute()
+
     def count_attempt(self, job_id: str, line: int) -> int:
         """Count one more solo attempt at a line; returns the count including this one."""
         key = keys.job_attempts(job_id)

@@ -48,6 +48,20 @@ def job_attempts(job_id: str) -> str:
     return f"{PREFIX}job:{job_id}:attempts"
 
 
+def job_pending(job_id: str) -> str:
+    """Hash: chunk id -> JSON [queue, lines] of each chunk not yet answered in full, so that a
+    chunk whose message the broker lost can be sent again."""
+    return f"{PREFIX}job:{job_id}:pending"
+
+
+#: Set of the jobs that have pending chunks.
+PENDING_JOBS = PREFIX + "jobs:pending"
+#: Hash: job id -> "answered lines:unix seconds" when the recovery sweep last saw it move.
+RECOVERY_SEEN = PREFIX + "recovery:seen"
+#: String: held by the worker running the recovery sweep.
+RECOVERY_LOCK = PREFIX + "recovery:lock"
+
+
 def request_deliveries(request_id: str) -> str:
     """String counter: times a single request's task was delivered."""
     return f"{PREFIX}result:{request_id}:deliveries"

@@ -248,11 +248,14 @@ class Client:
             if stop_reason(store, job_id) is not None:
                 return  # recorded as inputs; closed below with cancelled or expired lines
             chunk_id = f"{submission}-{chunk_number}"
+            # The lines go as one JSON string: the worker's Celery thread then decodes one
+            # string, not hundreds of small objects through kombu's per-object hook.
+            payload = json.dumps(items, separators=(",", ":"))
+            # Kept until answered: a chunk whose message the broker loses is sent again.
+            store.add_pending(job_id, chunk_id, queue, payload)
             self.celery.send_task(
                 TASK_CHUNK,
-                # The lines go as one JSON string: the worker's Celery thread then decodes one
-                # string, not hundreds of small objects through kombu's per-object hook.
-                args=[job_id, chunk_id, json.dumps(items, separators=(",", ":"))],
+                args=[job_id, chunk_id, payload],
                 queue=queue,
                 # Celery would otherwise render every line into the message's argsrepr.
                 argsrepr=f"({job_id!r}, {chunk_id!r}, <{len(items)} lines>)",

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from chatbatch import keys
 from chatbatch.settings import Settings
 from producer import Client, JobHandle
 from schemas import BatchJob, BatchRequestOutput, ErrorCode
@@ -132,6 +133,30 @@ def test_sigterm_hands_unfinished_work_back_at_once(aof_redis: RedisServer, base
     finally:
         second.stop()
     print(f"SIGTERM: worker exited in {took:.1f}s with {held}/{len(ids)} lines answered")
+
+
+def test_a_chunk_message_the_broker_lost_is_sent_again(aof_redis: RedisServer, base_env: dict[str, str], tiny_model: Path, tmp_path: Path) -> None:
+    """A worker killed between taking a message off the queue and recording it as
+    unacknowledged loses it (kombu's two steps); here the message is taken off by hand. The
+    recovery sweep finds the job stalled with a chunk that has no message anywhere, and sends
+    it again from the lines the producer kept."""
+    env = _env(base_env, aof_redis, visibility_timeout="4")
+    client = Client(Settings(redis_url=aof_redis.url, chunk_size=4))
+    ids = _job_file(tmp_path / "in.jsonl", 32, 4)
+    handle = client.submit_file(str(tmp_path / "in.jsonl"))  # no worker yet: 8 chunks wait
+    queue = aof_redis.client()
+    assert queue.llen("chatbatch") == 8
+    assert queue.rpop("chatbatch") is not None  # the oldest chunk's message, gone
+    worker = _worker(env, tmp_path, "w", tiny_model, aof_redis)
+    try:
+        job = _wait(handle, 120, worker)
+        assert job.status.value == "completed"
+        lines = _check_exactly_once(client, job, ids)
+        assert all(kind == "output" for kind, _ in lines)
+        assert "its message was lost" in worker.output()
+        assert not queue.exists(keys.job_pending(job.id)), "answered chunks are forgotten"
+    finally:
+        worker.stop()
 
 
 def test_task_longer_than_visibility_timeout_never_duplicates(aof_redis: RedisServer, base_env: dict[str, str], tiny_model: Path, tmp_path: Path) -> None:

@@ -160,6 +160,8 @@ def chunk(self: Any, job_id: str, number: str, lines: str | list[dict[str, Any]]
         earlier.wait()
     try:
         _chunk(self, s, job_id, number, items)
+        if all(s.store.recorded(job_id, [item["line"] for item in items])):
+            s.store.forget_pending(job_id, number)
     finally:
         with _running_lock:
             del _running[key]

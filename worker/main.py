@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
 import threading
+import time
 from typing import Any
 
 from celery import signals
 
-from chatbatch import registry
+from chatbatch import keys, registry
 from chatbatch.jobstore import JobStore
-from chatbatch.queues import DEFAULT_QUEUE, model_queue
+from chatbatch.queues import DEFAULT_QUEUE, TASK_CHUNK, model_queue
 from chatbatch.redisconn import RETRY, connect
 from chatbatch.settings import Settings
 from worker import app as worker_app
 from worker import model as model_loading
+from worker import recovery
 from worker.model import build_engine, load_runner
 
 logger = logging.getLogger(__name__)
@@ -39,6 +42,24 @@ def _heartbeats(state: worker_app.WorkerState, hostname: str, stop: threading.Ev
         except Exception as error:  # Redis down: keep trying, Celery reconnects on its own
             logger.warning("heartbeat failed: %s", type(error).__name__)
         stop.wait(state.settings.heartbeat_interval)
+
+
+def _recover_lost_chunks(state: worker_app.WorkerState, hostname: str, stop: threading.Event) -> None:
+    """Sweep for chunks the broker lost (worker/recovery.py), one worker at a time: every half
+    visibility timeout (1..60 s); a job is looked at once it has not moved for the visibility
+    timeout (at most 5 minutes)."""
+    settings = state.settings
+    interval = min(60.0, max(1.0, settings.visibility_timeout / 2))
+
+    def send(job_id: str, chunk: str, queue: str, lines: str) -> None:
+        worker_app.app.send_task(TASK_CHUNK, args=[job_id, chunk, lines], queue=queue, argsrepr=f"({job_id!r}, {chunk!r}, <{len(json.loads(lines))} lines>)")
+
+    while not stop.wait(interval):
+        try:
+            if state.redis.set(keys.RECOVERY_LOCK, hostname, nx=True, ex=max(1, int(interval))):
+                recovery.sweep(state.store, send, stall_seconds=min(settings.visibility_timeout, 300), now=time.time())
+        except Exception as error:  # Redis away: the next sweep tries again
+            logger.warning("sweep for lost chunks failed: %s", type(error).__name__)
 
 
 def _tolerate_acks_on_a_lost_connection() -> None:
@@ -165,6 +186,7 @@ def run_worker(
     @signals.worker_ready.connect(weak=False)
     def _ready(**_: Any) -> None:
         threading.Thread(target=_heartbeats, args=(state, hostname, stop), daemon=True).start()
+        threading.Thread(target=_recover_lost_chunks, args=(state, hostname, stop), daemon=True).start()
         logger.info("worker %s serves %r on queues %s", hostname, runner.served_name, ",".join(queues))
 
     try:

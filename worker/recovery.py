@@ -1,0 +1,93 @@
+"""Chunks whose message the broker lost, sent again.
+
+Kombu's Redis transport takes a message off its queue, then records it as unacknowledged in a
+second step. A worker killed between the two (SIGKILL, the OOM killer, a preempted machine)
+loses the message: it is on no queue and in no unacknowledged set, and its job would never end.
+The producer keeps each chunk's lines until they are answered (`JobStore.add_pending`); one
+worker at a time sweeps the jobs that have stopped moving, and sends again each of their
+pending chunks whose message is nowhere in Redis. A chunk sent again that was not lost after
+all only costs time: its lines are answered once, whichever copy comes first.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Callable, Iterable
+
+import redis
+
+from chatbatch import keys
+from chatbatch.jobstore import JobStore
+from chatbatch.redisconn import text
+from schemas.job import JobStatus
+
+logger = logging.getLogger(__name__)
+
+#: A chunk task's argsrepr, which Celery puts in the message's headers: ('job', 'chunk', <n lines>).
+_CHUNK_REPR = re.compile(rb"\('([^']+)', '([^']+)', <\d+ lines>\)")
+#: Kombu's hash of unacknowledged messages (its default name).
+UNACKED = "unacked"
+#: Messages read per LRANGE while looking for a job's chunks on a queue.
+_PAGE = 200
+
+
+def chunks_with_a_message(client: redis.Redis, queues: Iterable[str]) -> set[tuple[str, str]]:
+    """(job, chunk) of every chunk message waiting on these queues or held unacknowledged."""
+    found: set[tuple[str, str]] = set()
+
+    def scan(raw: object) -> None:
+        if isinstance(raw, bytes):
+            match = _CHUNK_REPR.search(raw)
+            if match:
+                found.add((match.group(1).decode(), match.group(2).decode()))
+
+    for queue in queues:
+        for start in range(0, int(client.llen(queue)), _PAGE):
+            for raw in client.lrange(queue, start, start + _PAGE - 1):
+                scan(raw)
+    for _, raw in client.hscan_iter(UNACKED):
+        scan(raw)
+    return found
+
+
+def sweep(store: JobStore, send: Callable[[str, str, str, str], None], *, stall_seconds: float, now: float) -> list[tuple[str, str]]:
+    """One pass over the jobs with pending chunks; `send(job, chunk, queue, lines)` sends a
+    chunk again. Returns the (job, chunk) pairs sent again.
+
+    A job is looked at once it is fully enqueued and no line of it was answered for
+    `stall_seconds`; its pending chunks with no message anywhere are sent again, and it is
+    given another `stall_seconds` before the next look.
+    """
+    client = store.redis
+    resent: list[tuple[str, str]] = []
+    for member in client.smembers(keys.PENDING_JOBS):
+        job_id = text(member)
+        status, enqueued, completed, failed = client.hmget(keys.job(job_id), ["status", "enqueued", "completed", "failed"])
+        if status is None or JobStatus(text(status)).is_final:
+            store.forget_pending(job_id)
+            continue
+        if enqueued is None or text(enqueued) != "1":
+            continue  # its producer is still sending chunks (or was stopped: a resume goes on)
+        answered = int(completed or 0) + int(failed or 0)
+        seen = client.hget(keys.RECOVERY_SEEN, job_id)
+        last, since = (int(part) for part in text(seen).split(":")) if seen else (-1, 0)
+        if answered != last:
+            client.hset(keys.RECOVERY_SEEN, job_id, f"{answered}:{int(now)}")
+            continue
+        if now - since < stall_seconds:
+            continue
+        pending = store.pending(job_id)
+        alive = chunks_with_a_message(client, {queue for queue, _ in pending.values()}) if pending else set()
+        for chunk, (queue, lines) in pending.items():
+            if (job_id, chunk) in alive:
+                continue
+            if all(store.recorded(job_id, [item["line"] for item in json.loads(lines)])):
+                store.forget_pending(job_id, chunk)
+                continue
+            logger.warning("job %s chunk %s: its message was lost (a worker died as it took it); sending it again", job_id, chunk)
+            send(job_id, chunk, queue, lines)
+            resent.append((job_id, chunk))
+        client.hset(keys.RECOVERY_SEEN, job_id, f"{answered}:{int(now)}")
+    return resent
