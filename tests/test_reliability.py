@@ -154,7 +154,7 @@ def test_a_chunk_message_the_broker_lost_is_sent_again(aof_redis: RedisServer, b
         lines = _check_exactly_once(client, job, ids)
         assert all(kind == "output" for kind, _ in lines)
         assert "its message was lost" in worker.output()
-        assert not queue.exists(keys.job_pending(job.id)), "answered chunks are forgotten"
+        wait_for(lambda: not queue.exists(keys.job_pending(job.id)), 10, "answered chunks forgotten")
     finally:
         worker.stop()
 
