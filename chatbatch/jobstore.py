@@ -378,6 +378,21 @@ class JobStore:
         pipe.hdel(keys.RECOVERY_SEEN, job_id)
         pipe.execute()
 
+    def add_pending_request(self, request_id: str, queue: str, body: dict[str, Any], sent: float) -> None:
+        """Keep a single request until it is answered."""
+        self.redis.hset(keys.PENDING_REQUESTS, request_id, json.dumps([queue, body, int(sent)]))
+
+    def pending_requests(self) -> dict[str, tuple[str, dict[str, Any], int]]:
+        """Request id -> (queue, body, unix seconds sent) of the single requests not yet answered."""
+        requests: dict[str, tuple[str, dict[str, Any], int]] = {}
+        for request_id, value in self.redis.hgetall(keys.PENDING_REQUESTS).items():
+            queue, body, sent = json.loads(value)
+            requests[text(request_id)] = (queue, body, sent)
+        return requests
+
+    def forget_pending_request(self, request_id: str) -> None:
+        self.redis.hdel(keys.PENDING_REQUESTS, request_id)
+
     def count_attempt(self, job_id: str, line: int) -> int:
         """Count one more solo attempt at a line; returns the count including this one."""
         key = keys.job_attempts(job_id)

@@ -54,6 +54,9 @@ def job_pending(job_id: str) -> str:
     return f"{PREFIX}job:{job_id}:pending"
 
 
+#: Hash: request id -> JSON [queue, body, unix seconds sent] of each single request not yet
+#: answered, so that one whose message the broker lost can be sent again.
+PENDING_REQUESTS = PREFIX + "requests:pending"
 #: Set of the jobs that have pending chunks.
 PENDING_JOBS = PREFIX + "jobs:pending"
 #: Hash: job id -> "answered lines:unix seconds" when the recovery sweep last saw it move.

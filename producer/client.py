@@ -118,9 +118,10 @@ class Client:
             )
         queue = self._queue_for(request.model)
         request_id = request_id or f"chatreq_{uuid.uuid4().hex}"
-        self.celery.send_task(
-            TASK_CHAT, args=[request_id, request.model_dump(exclude_none=True)], queue=queue
-        )
+        sent = request.model_dump(exclude_none=True)
+        # Kept until answered: a request whose message the broker loses is sent again.
+        self.store.add_pending_request(request_id, queue, sent, time.time())
+        self.celery.send_task(TASK_CHAT, args=[request_id, sent], queue=queue, argsrepr=f"({request_id!r}, <request>)")
         return RequestHandle(request_id, self)
 
     def chat(self, body: dict[str, Any], *, timeout: float | None = None) -> ChatCompletion:

@@ -159,6 +159,25 @@ def test_a_chunk_message_the_broker_lost_is_sent_again(aof_redis: RedisServer, b
         worker.stop()
 
 
+def test_a_request_message_the_broker_lost_is_sent_again(aof_redis: RedisServer, base_env: dict[str, str], tiny_model: Path, tmp_path: Path) -> None:
+    """The same loss for a single request: kept until answered, it is sent again."""
+    env = _env(base_env, aof_redis, visibility_timeout="4")
+    client = Client(Settings(redis_url=aof_redis.url))
+    handle = client.submit(user("hello", max_tokens=4))  # no worker yet
+    kept = client.submit(user("hello again", max_tokens=4))
+    queue = aof_redis.client()
+    assert queue.rpop("chatbatch") is not None  # the first request's message, gone
+    worker = _worker(env, tmp_path, "w", tiny_model, aof_redis)
+    try:
+        assert handle.result(timeout=120).choices[0].message.content is not None
+        assert kept.result(timeout=30).choices[0].message.content is not None
+        assert f"request {handle.id}: its message was lost" in worker.output()
+        assert f"request {kept.id}: its message was lost" not in worker.output(), "only the lost one is sent again"
+        wait_for(lambda: not queue.hlen(keys.PENDING_REQUESTS), 10, "answered requests forgotten")
+    finally:
+        worker.stop()
+
+
 def test_task_longer_than_visibility_timeout_never_duplicates(aof_redis: RedisServer, base_env: dict[str, str], tiny_model: Path, tmp_path: Path) -> None:
     # Batches of 4: a chunk of 32 long lines takes several seconds, past the 2 s timeout.
     env = _env(base_env, aof_redis, visibility_timeout="2", max_deliveries="20", max_batch_size="4")

@@ -77,6 +77,7 @@ def _store_result(s: WorkerState, request_id: str, record: dict[str, Any]) -> No
         pipe.expire(keys.result_ready(request_id), ttl)
         events.publish(pipe, "chat.completion", request_id, "failed" if "error" in record else "completed")
         pipe.execute()
+    s.store.forget_pending_request(request_id)
 
 
 @app.task(name=TASK_CHAT, bind=True)

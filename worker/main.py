@@ -14,7 +14,7 @@ from celery import signals
 
 from chatbatch import keys, registry
 from chatbatch.jobstore import JobStore
-from chatbatch.queues import DEFAULT_QUEUE, TASK_CHUNK, model_queue
+from chatbatch.queues import DEFAULT_QUEUE, TASK_CHAT, TASK_CHUNK, model_queue
 from chatbatch.redisconn import RETRY, connect
 from chatbatch.settings import Settings
 from worker import app as worker_app
@@ -54,10 +54,15 @@ def _recover_lost_chunks(state: worker_app.WorkerState, hostname: str, stop: thr
     def send(job_id: str, chunk: str, queue: str, lines: str) -> None:
         worker_app.app.send_task(TASK_CHUNK, args=[job_id, chunk, lines], queue=queue, argsrepr=f"({job_id!r}, {chunk!r}, <{len(json.loads(lines))} lines>)")
 
+    def send_request(request_id: str, queue: str, body: dict[str, Any]) -> None:
+        worker_app.app.send_task(TASK_CHAT, args=[request_id, body], queue=queue, argsrepr=f"({request_id!r}, <request>)")
+
     while not stop.wait(interval):
         try:
             if state.redis.set(keys.RECOVERY_LOCK, hostname, nx=True, ex=max(1, int(interval))):
-                recovery.sweep(state.store, send, stall_seconds=min(settings.visibility_timeout, 300), now=time.time())
+                stall = min(settings.visibility_timeout, 300)
+                recovery.sweep(state.store, send, stall_seconds=stall, now=time.time())
+                recovery.sweep_requests(state.store, send_request, stall_seconds=stall, now=time.time())
         except Exception as error:  # Redis away: the next sweep tries again
             logger.warning("sweep for lost chunks failed: %s", type(error).__name__)
 

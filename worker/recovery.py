@@ -1,12 +1,14 @@
-"""Chunks whose message the broker lost, sent again.
+"""Chunks and single requests whose message the broker lost, sent again.
 
 Kombu's Redis transport takes a message off its queue, then records it as unacknowledged in a
 second step. A worker killed between the two (SIGKILL, the OOM killer, a preempted machine)
 loses the message: it is on no queue and in no unacknowledged set, and its job would never end.
 The producer keeps each chunk's lines until they are answered (`JobStore.add_pending`); one
 worker at a time sweeps the jobs that have stopped moving, and sends again each of their
-pending chunks whose message is nowhere in Redis. A chunk sent again that was not lost after
-all only costs time: its lines are answered once, whichever copy comes first.
+pending chunks whose message is nowhere in Redis. Single requests are kept the same way until
+answered, and one that has waited as long with no message anywhere is sent again. What is
+sent again without having been lost only costs time: each answer is stored once, whichever
+copy comes first.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 import logging
 import re
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import redis
 
@@ -27,21 +30,24 @@ logger = logging.getLogger(__name__)
 
 #: A chunk task's argsrepr, which Celery puts in the message's headers: ('job', 'chunk', <n lines>).
 _CHUNK_REPR = re.compile(rb"\('([^']+)', '([^']+)', <\d+ lines>\)")
+#: A single request's: ('request id', <request>).
+_REQUEST_REPR = re.compile(rb"\('([^']+)', <request>\)")
 #: Kombu's hash of unacknowledged messages (its default name).
 UNACKED = "unacked"
 #: Messages read per LRANGE while looking for a job's chunks on a queue.
 _PAGE = 200
 
 
-def chunks_with_a_message(client: redis.Redis, queues: Iterable[str]) -> set[tuple[str, str]]:
-    """(job, chunk) of every chunk message waiting on these queues or held unacknowledged."""
-    found: set[tuple[str, str]] = set()
+def tasks_with_a_message(client: redis.Redis, queues: Iterable[str]) -> set[tuple[str, ...]]:
+    """(job, chunk) of every chunk message and (request id,) of every single request's message
+    waiting on these queues or held unacknowledged."""
+    found: set[tuple[str, ...]] = set()
 
     def scan(raw: object) -> None:
         if isinstance(raw, bytes):
-            match = _CHUNK_REPR.search(raw)
+            match = _CHUNK_REPR.search(raw) or _REQUEST_REPR.search(raw)
             if match:
-                found.add((match.group(1).decode(), match.group(2).decode()))
+                found.add(tuple(group.decode() for group in match.groups()))
 
     for queue in queues:
         for start in range(0, int(client.llen(queue)), _PAGE):
@@ -79,7 +85,7 @@ def sweep(store: JobStore, send: Callable[[str, str, str, str], None], *, stall_
         if now - since < stall_seconds:
             continue
         pending = store.pending(job_id)
-        alive = chunks_with_a_message(client, {queue for queue, _ in pending.values()}) if pending else set()
+        alive = tasks_with_a_message(client, {queue for queue, _ in pending.values()}) if pending else set()
         for chunk, (queue, lines) in pending.items():
             if (job_id, chunk) in alive:
                 continue
@@ -90,4 +96,28 @@ def sweep(store: JobStore, send: Callable[[str, str, str, str], None], *, stall_
             send(job_id, chunk, queue, lines)
             resent.append((job_id, chunk))
         client.hset(keys.RECOVERY_SEEN, job_id, f"{answered}:{int(now)}")
+    return resent
+
+
+def sweep_requests(
+    store: JobStore, send: Callable[[str, str, dict[str, Any]], None], *, stall_seconds: float, now: float
+) -> list[str]:
+    """Single requests unanswered for `stall_seconds` with no message anywhere are sent again
+    with `send(request id, queue, body)`; returns their ids."""
+    client = store.redis
+    waiting = {rid: entry for rid, entry in store.pending_requests().items() if now - entry[2] >= stall_seconds}
+    if not waiting:
+        return []
+    alive = tasks_with_a_message(client, {queue for queue, _, _ in waiting.values()})
+    resent: list[str] = []
+    for request_id, (queue, body, _) in waiting.items():
+        if client.exists(keys.result(request_id)):
+            store.forget_pending_request(request_id)
+            continue
+        # Looked at again only after another `stall_seconds`, lost or not.
+        store.add_pending_request(request_id, queue, body, now)
+        if (request_id,) not in alive:
+            logger.warning("request %s: its message was lost (a worker died as it took it); sending it again", request_id)
+            send(request_id, queue, body)
+            resent.append(request_id)
     return resent
