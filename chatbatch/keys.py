@@ -61,6 +61,9 @@ PENDING_REQUESTS = PREFIX + "requests:pending"
 PENDING_JOBS = PREFIX + "jobs:pending"
 #: Hash: job id -> "answered lines:unix seconds" when the recovery sweep last saw it move.
 RECOVERY_SEEN = PREFIX + "recovery:seen"
+#: Set: "job\tchunk" and "\trequest id" found with no message by the last look; sent again
+#: only when the next look (a stall period later) finds them missing again.
+RECOVERY_SUSPECTS = PREFIX + "recovery:suspects"
 #: String: held by the worker running the recovery sweep.
 RECOVERY_LOCK = PREFIX + "recovery:lock"
 

@@ -5,7 +5,9 @@ second step. A worker killed between the two (SIGKILL, the OOM killer, a preempt
 loses the message: it is on no queue and in no unacknowledged set, and its job would never end.
 The producer keeps each chunk's lines until they are answered (`JobStore.add_pending`); one
 worker at a time sweeps the jobs that have stopped moving, and sends again each of their
-pending chunks whose message is nowhere in Redis. Single requests are kept the same way until
+pending chunks whose message is nowhere in Redis at two looks a stall period apart (a message
+is briefly in neither place while kombu moves it, which one look could mistake for a loss).
+Single requests are kept the same way until
 answered, and one that has waited as long with no message anywhere is sent again. What is
 sent again without having been lost only costs time: each answer is stored once, whichever
 copy comes first.
@@ -58,6 +60,18 @@ def tasks_with_a_message(client: redis.Redis, queues: Iterable[str]) -> set[tupl
     return found
 
 
+def _missing_twice(client: redis.Redis, suspect: str, missing: bool) -> bool:
+    """Whether a task was missing at this look and the one before; remembers this look."""
+    if not missing:
+        client.srem(keys.RECOVERY_SUSPECTS, suspect)
+        return False
+    if client.sismember(keys.RECOVERY_SUSPECTS, suspect):
+        client.srem(keys.RECOVERY_SUSPECTS, suspect)
+        return True
+    client.sadd(keys.RECOVERY_SUSPECTS, suspect)
+    return False
+
+
 def sweep(store: JobStore, send: Callable[[str, str, str, str], None], *, stall_seconds: float, now: float) -> list[tuple[str, str]]:
     """One pass over the jobs with pending chunks; `send(job, chunk, queue, lines)` sends a
     chunk again. Returns the (job, chunk) pairs sent again.
@@ -73,6 +87,8 @@ def sweep(store: JobStore, send: Callable[[str, str, str, str], None], *, stall_
         status, enqueued, completed, failed = client.hmget(keys.job(job_id), ["status", "enqueued", "completed", "failed"])
         if status is None or JobStatus(text(status)).is_final:
             store.forget_pending(job_id)
+            for suspect in client.sscan_iter(keys.RECOVERY_SUSPECTS, match=f"{job_id}\t*"):
+                client.srem(keys.RECOVERY_SUSPECTS, suspect)
             continue
         if enqueued is None or text(enqueued) != "1":
             continue  # its producer is still sending chunks (or was stopped: a resume goes on)
@@ -87,7 +103,7 @@ def sweep(store: JobStore, send: Callable[[str, str, str, str], None], *, stall_
         pending = store.pending(job_id)
         alive = tasks_with_a_message(client, {queue for queue, _ in pending.values()}) if pending else set()
         for chunk, (queue, lines) in pending.items():
-            if (job_id, chunk) in alive:
+            if not _missing_twice(client, f"{job_id}\t{chunk}", (job_id, chunk) not in alive):
                 continue
             if all(store.recorded(job_id, [item["line"] for item in json.loads(lines)])):
                 store.forget_pending(job_id, chunk)
@@ -113,10 +129,11 @@ def sweep_requests(
     for request_id, (queue, body, _) in waiting.items():
         if client.exists(keys.result(request_id)):
             store.forget_pending_request(request_id)
+            client.srem(keys.RECOVERY_SUSPECTS, f"\t{request_id}")
             continue
         # Looked at again only after another `stall_seconds`, lost or not.
         store.add_pending_request(request_id, queue, body, now)
-        if (request_id,) not in alive:
+        if _missing_twice(client, f"\t{request_id}", (request_id,) not in alive):
             logger.warning("request %s: its message was lost (a worker died as it took it); sending it again", request_id)
             send(request_id, queue, body)
             resent.append(request_id)
