@@ -23,6 +23,17 @@ def model_queue(model: str) -> str:
     return f"chatbatch.model.{safe}"
 
 
+def chunk_argsrepr(job_id: str, chunk: str, lines: int) -> str:
+    """How a chunk task shows in its message (Celery would otherwise render every line into it);
+    worker/recovery.py finds chunks on the queues by it."""
+    return f"({job_id!r}, {chunk!r}, <{lines} lines>)"
+
+
+def request_argsrepr(request_id: str) -> str:
+    """How a single request's task shows in its message (not its whole body)."""
+    return f"({request_id!r}, <request>)"
+
+
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery settings; the reasons are in docs/reliability.md and docs/engine.md."""
     transport = {

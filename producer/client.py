@@ -14,7 +14,15 @@ from chatbatch import registry
 from chatbatch.delivery import CANCELLED, close_unanswered, expire_if_due, finish, stop_reason
 from chatbatch.exceptions import ConfigurationError, JobNotFoundError
 from chatbatch.jobstore import JobStore
-from chatbatch.queues import DEFAULT_QUEUE, TASK_CHAT, TASK_CHUNK, make_celery, model_queue
+from chatbatch.queues import (
+    DEFAULT_QUEUE,
+    TASK_CHAT,
+    TASK_CHUNK,
+    chunk_argsrepr,
+    make_celery,
+    model_queue,
+    request_argsrepr,
+)
 from chatbatch.redisconn import connect
 from chatbatch.settings import Settings, get_settings
 from chatbatch.storage import open_input
@@ -121,7 +129,7 @@ class Client:
         sent = request.model_dump(exclude_none=True)
         # Kept until answered: a request whose message the broker loses is sent again.
         self.store.add_pending_request(request_id, queue, sent, time.time())
-        self.celery.send_task(TASK_CHAT, args=[request_id, sent], queue=queue, argsrepr=f"({request_id!r}, <request>)")
+        self.celery.send_task(TASK_CHAT, args=[request_id, sent], queue=queue, argsrepr=request_argsrepr(request_id))
         return RequestHandle(request_id, self)
 
     def chat(self, body: dict[str, Any], *, timeout: float | None = None) -> ChatCompletion:
@@ -258,8 +266,7 @@ class Client:
                 TASK_CHUNK,
                 args=[job_id, chunk_id, payload],
                 queue=queue,
-                # Celery would otherwise render every line into the message's argsrepr.
-                argsrepr=f"({job_id!r}, {chunk_id!r}, <{len(items)} lines>)",
+                argsrepr=chunk_argsrepr(job_id, chunk_id, len(items)),
             )
             store.start(job_id)
 

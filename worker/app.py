@@ -21,7 +21,7 @@ from chatbatch import events, keys
 from chatbatch.delivery import CANCELLED, finish, stop_reason
 from chatbatch.ids import new_id
 from chatbatch.jobstore import JobStore
-from chatbatch.queues import TASK_CHAT, TASK_CHUNK, make_celery
+from chatbatch.queues import TASK_CHAT, TASK_CHUNK, chunk_argsrepr, make_celery, request_argsrepr
 from chatbatch.settings import Settings, get_settings
 from schemas.batch import BatchRequestOutput, error_line
 from schemas.chat import ChatCompletion, ChatCompletionRequest, parse_chat_request
@@ -104,7 +104,7 @@ def chat(self: Any, request_id: str, body: dict[str, Any]) -> None:
         wait([future])
         if future.cancelled():  # the worker is draining: another worker answers it
             s.redis.decr(keys.request_deliveries(request_id))
-            _send_back(self, [request_id, body], f"({request_id!r}, <request>)")
+            _send_back(self, [request_id, body], request_argsrepr(request_id))
             return
         record: dict[str, Any] = future.result().model_dump()
     except RequestError as error:
@@ -266,7 +266,7 @@ def _answer_chunk(task: Any, s: WorkerState, job_id: str, number: str, items: li
             # suspect.
             rest = [item for item, _ in outstanding.values()]
             store.uncount_delivery(job_id, number)
-            _send_back(task, [job_id, number, rest], f"({job_id!r}, {number!r}, <{len(rest)} lines>)")
+            _send_back(task, [job_id, number, rest], chunk_argsrepr(job_id, number, len(rest)))
             handed_back = len(rest)
             for _, pending in outstanding.values():
                 pending.cancel()  # what has not started; the running batch finishes
@@ -340,7 +340,7 @@ def _run_alone(task: Any, s: WorkerState, job_id: str, number: str, items: list[
         if s.engine.draining:
             # Still counted as a redelivery where it lands: the suspect keeps running alone.
             rest = items[index:]
-            _send_back(task, [job_id, number, rest], f"({job_id!r}, {number!r}, <{len(rest)} lines>)")
+            _send_back(task, [job_id, number, rest], chunk_argsrepr(job_id, number, len(rest)))
             return
 
         def attempt(line: int = item["line"]) -> RequestError | None:
@@ -363,7 +363,7 @@ def _run_alone(task: Any, s: WorkerState, job_id: str, number: str, items: list[
             wait([outcome])  # type: ignore[list-item]
             if outcome.cancelled():  # type: ignore[union-attr]
                 rest = items[index:]
-                _send_back(task, [job_id, number, rest], f"({job_id!r}, {number!r}, <{len(rest)} lines>)")
+                _send_back(task, [job_id, number, rest], chunk_argsrepr(job_id, number, len(rest)))
                 return
             stopped = None
         store.record_lines(job_id, [_answer(item, outcome, stopped)])

@@ -14,7 +14,7 @@ from celery import signals
 
 from chatbatch import keys, registry
 from chatbatch.jobstore import JobStore
-from chatbatch.queues import DEFAULT_QUEUE, TASK_CHAT, TASK_CHUNK, model_queue
+from chatbatch.queues import DEFAULT_QUEUE, TASK_CHAT, TASK_CHUNK, chunk_argsrepr, model_queue, request_argsrepr
 from chatbatch.redisconn import RETRY, connect
 from chatbatch.settings import Settings
 from worker import app as worker_app
@@ -44,27 +44,28 @@ def _heartbeats(state: worker_app.WorkerState, hostname: str, stop: threading.Ev
         stop.wait(state.settings.heartbeat_interval)
 
 
-def _recover_lost_chunks(state: worker_app.WorkerState, hostname: str, stop: threading.Event) -> None:
-    """Sweep for chunks the broker lost (worker/recovery.py), one worker at a time: every half
+def _recover_lost_tasks(state: worker_app.WorkerState, hostname: str, stop: threading.Event) -> None:
+    """Sweep for chunks and single requests the broker lost (worker/recovery.py), one worker at a time: every half
     visibility timeout (1..60 s); a job is looked at once it has not moved for the visibility
     timeout (at most 5 minutes)."""
     settings = state.settings
     interval = min(60.0, max(1.0, settings.visibility_timeout / 2))
 
     def send(job_id: str, chunk: str, queue: str, lines: str) -> None:
-        worker_app.app.send_task(TASK_CHUNK, args=[job_id, chunk, lines], queue=queue, argsrepr=f"({job_id!r}, {chunk!r}, <{len(json.loads(lines))} lines>)")
+        worker_app.app.send_task(TASK_CHUNK, args=[job_id, chunk, lines], queue=queue, argsrepr=chunk_argsrepr(job_id, chunk, len(json.loads(lines))))
 
     def send_request(request_id: str, queue: str, body: dict[str, Any]) -> None:
-        worker_app.app.send_task(TASK_CHAT, args=[request_id, body], queue=queue, argsrepr=f"({request_id!r}, <request>)")
+        worker_app.app.send_task(TASK_CHAT, args=[request_id, body], queue=queue, argsrepr=request_argsrepr(request_id))
 
     while not stop.wait(interval):
         try:
             if state.redis.set(keys.RECOVERY_LOCK, hostname, nx=True, ex=max(1, int(interval))):
                 stall = min(settings.visibility_timeout, 300)
-                recovery.sweep(state.store, send, stall_seconds=stall, now=time.time())
-                recovery.sweep_requests(state.store, send_request, stall_seconds=stall, now=time.time())
+                now = time.time()
+                recovery.sweep(state.store, send, stall_seconds=stall, now=now)
+                recovery.sweep_requests(state.store, send_request, stall_seconds=stall, now=now)
         except Exception as error:  # Redis away: the next sweep tries again
-            logger.warning("sweep for lost chunks failed: %s", type(error).__name__)
+            logger.warning("sweep for lost chunks and requests failed: %s", type(error).__name__)
 
 
 def _tolerate_acks_on_a_lost_connection() -> None:
@@ -191,7 +192,7 @@ def run_worker(
     @signals.worker_ready.connect(weak=False)
     def _ready(**_: Any) -> None:
         threading.Thread(target=_heartbeats, args=(state, hostname, stop), daemon=True).start()
-        threading.Thread(target=_recover_lost_chunks, args=(state, hostname, stop), daemon=True).start()
+        threading.Thread(target=_recover_lost_tasks, args=(state, hostname, stop), daemon=True).start()
         logger.info("worker %s serves %r on queues %s", hostname, runner.served_name, ",".join(queues))
 
     try:

@@ -30,9 +30,9 @@ from schemas.job import JobStatus
 
 logger = logging.getLogger(__name__)
 
-#: A chunk task's argsrepr, which Celery puts in the message's headers: ('job', 'chunk', <n lines>).
+#: `chatbatch.queues.chunk_argsrepr`, which Celery puts in the message's headers.
 _CHUNK_REPR = re.compile(rb"\('([^']+)', '([^']+)', <\d+ lines>\)")
-#: A single request's: ('request id', <request>).
+#: `chatbatch.queues.request_argsrepr`.
 _REQUEST_REPR = re.compile(rb"\('([^']+)', <request>\)")
 #: Kombu's hash of unacknowledged messages (its default name).
 UNACKED = "unacked"
