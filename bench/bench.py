@@ -114,10 +114,14 @@ def engine_alone(runner: object, source: Path, settings: object) -> tuple[float,
     """Seconds and generated tokens for the engine alone on the lines of `source`, in this
     process: read and validate each line, run it, no queue (the model is already loaded)."""
     from schemas import parse_batch_line
+    from worker import heap
     from worker.model import build_engine
 
     engine = build_engine(runner, settings)  # type: ignore[arg-type]
     engine.start()
+    # The heap settings a worker applies once it is ready (worker/heap.py), so that both paths
+    # run under the same garbage collector.
+    heap.settle()
     started = time.perf_counter()
     with source.open("rb") as lines:
         requests = [parse_batch_line(raw.rstrip(b"\n"), number).body for number, raw in enumerate(lines, 1)]

@@ -137,10 +137,17 @@ def test_python_api_and_cross_task_batching(tiny_worker: Worker, redis_server: R
 def test_model_is_loaded_once_per_worker_process(tiny_worker: Worker, base_env: dict[str, str], redis_server: RedisServer) -> None:
     for i in range(3):
         assert run_cli(base_env, "chat", "--max-tokens", "2", f"ping {i}").returncode == 0
-    info = tiny_worker.info(redis_server.client(), MODEL)
-    assert info["requests"] >= 3  # type: ignore[operator]
+    from tests.conftest import wait_for
+
+    def beat() -> dict[str, object] | None:
+        info = tiny_worker.info(redis_server.client(), MODEL)
+        return info if info["requests"] >= 3 else None  # type: ignore[operator]
+
+    info = wait_for(beat, 30, "a heartbeat with the requests")
     assert info["model_loads"] == 1
     assert tiny_worker.output().count("loaded model") == 1
+    # Once ready, the worker froze what it loaded out of garbage collection (worker/heap.py).
+    assert info["frozen_objects"] > 100_000  # type: ignore[operator]
 
 
 def test_requests_route_by_model_name(tiny_worker: Worker, base_env: dict[str, str]) -> None:

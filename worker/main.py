@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ from chatbatch.queues import DEFAULT_QUEUE, TASK_CHAT, TASK_CHUNK, chunk_argsrep
 from chatbatch.redisconn import RETRY, connect
 from chatbatch.settings import Settings
 from worker import app as worker_app
+from worker import heap
 from worker import model as model_loading
 from worker import recovery
 from worker.model import build_engine, load_runner
@@ -35,6 +37,7 @@ def _heartbeats(state: worker_app.WorkerState, hostname: str, stop: threading.Ev
                 {
                     "pid": os.getpid(),
                     "model_loads": model_loading.LOADS,
+                    "frozen_objects": gc.get_freeze_count(),
                     **state.engine.stats,
                 },
                 state.settings.heartbeat_interval,
@@ -191,6 +194,8 @@ def run_worker(
 
     @signals.worker_ready.connect(weak=False)
     def _ready(**_: Any) -> None:
+        # Everything the worker keeps is loaded now (model, engine, Celery's consumer).
+        heap.settle()
         threading.Thread(target=_heartbeats, args=(state, hostname, stop), daemon=True).start()
         threading.Thread(target=_recover_lost_tasks, args=(state, hostname, stop), daemon=True).start()
         logger.info("worker %s serves %r on queues %s", hostname, runner.served_name, ",".join(queues))
