@@ -19,9 +19,8 @@ from chatbatch.queues import DEFAULT_QUEUE, TASK_CHAT, TASK_CHUNK, chunk_argsrep
 from chatbatch.redisconn import RETRY, connect
 from chatbatch.settings import Settings
 from worker import app as worker_app
-from worker import heap
+from worker import heap, recovery
 from worker import model as model_loading
-from worker import recovery
 from worker.model import build_engine, load_runner
 
 logger = logging.getLogger(__name__)
