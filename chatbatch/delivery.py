@@ -62,6 +62,13 @@ def finish(store: JobStore, job_id: str) -> str | None:
         return outcome
     job = store.get(job_id)
     remote = [dest if is_remote(dest) else None for dest in (job.output_file, job.error_file)]
+    if not any(remote):
+        # Nothing to upload (the lines stay in Redis; local files are the producer's to
+        # write): the job ends at once, without reading its lines back.
+        status = store.end(job_id)
+        counts = job.request_counts
+        logger.info("job %s %s: %d lines answered, %d failed", job_id, status.value, counts.completed, counts.failed)
+        return status.value
     deadline = time.monotonic() + retry_seconds
     pause = 1.0
     while True:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
@@ -235,7 +234,8 @@ class Client:
                 return JobHandle(job_id, self)
             logger.info("resuming job %s", job_id)
         seen: dict[str, int] = {}
-        chunks: dict[str, list[dict[str, Any]]] = {}
+        # Per queue: (line number, custom_id, the line as the chunk carries it) for each line.
+        chunks: dict[str, list[tuple[int, str, str]]] = {}
         chunk_bytes: dict[str, int] = {}
         chunk_number = 0
         total = 0
@@ -248,18 +248,18 @@ class Client:
             chunk_bytes.pop(queue, None)
             if not items:
                 return
-            answered = store.recorded(job_id, [item["line"] for item in items])
+            answered = store.recorded(job_id, [number for number, _, _ in items])
             items = [item for item, done in zip(items, answered) if not done]
             chunk_number += 1
             if not items:
                 return
-            store.add_inputs(job_id, {item["line"]: item["custom_id"] for item in items})
+            store.add_inputs(job_id, {number: custom_id for number, custom_id, _ in items})
             if stop_reason(store, job_id) is not None:
                 return  # recorded as inputs; closed below with cancelled or expired lines
             chunk_id = f"{submission}-{chunk_number}"
             # The lines go as one JSON string: the worker's Celery thread then decodes one
             # string, not hundreds of small objects through kombu's per-object hook.
-            payload = json.dumps(items, separators=(",", ":"))
+            payload = "[" + ",".join(text for _, _, text in items) + "]"
             # Kept until answered: a chunk whose message the broker loses is sent again.
             store.add_pending(job_id, chunk_id, queue, payload)
             self.celery.send_task(
@@ -303,9 +303,11 @@ class Client:
                 )
                 store.record_line(job_id, number, "error", line.model_dump())
                 continue
-            chunks.setdefault(queue, []).append(
-                {"line": number, "custom_id": parsed.custom_id, "body": parsed.body.model_dump(exclude_none=True)}
-            )
+            # The line as it came, with its number added: {"line", "custom_id", "method", "url",
+            # "body"}. It passed validation, so it is one JSON object with no "line" key; the
+            # worker validates its body again with the same function, so nothing is
+            # re-serialized here.
+            chunks.setdefault(queue, []).append((number, parsed.custom_id, f'{{"line":{number},' + raw.decode().strip()[1:]))
             chunk_bytes[queue] = chunk_bytes.get(queue, 0) + length
             if len(chunks[queue]) >= per_chunk or chunk_bytes[queue] >= CHUNK_BYTES:
                 flush(queue)

@@ -248,16 +248,18 @@ def parse_chat_request(data: Any, *, prefix: str = "") -> ChatCompletionRequest:
             ErrorCode.invalid_request,
             f"'{prefix.rstrip('.') or 'body'}' must be a JSON object, got {type(data).__name__}",
         )
-    for name, harmless in UNSUPPORTED_FIELDS.items():
-        if name in data and data[name] != harmless and data[name] is not None:
-            raise RequestError(
-                ErrorCode.unsupported_parameter,
-                f"'{prefix}{name}' is not supported by chatbatch"
-                + (f" (only {name}={harmless!r} is accepted)" if harmless is not None else "")
-                + f": remove '{name}' from the request",
-                param=prefix + name,
-            )
-    body = {k: v for k, v in data.items() if k not in UNSUPPORTED_FIELDS}
+    body = data
+    if data.keys() & UNSUPPORTED_FIELDS.keys():  # one set operation for the common case: none
+        for name, harmless in UNSUPPORTED_FIELDS.items():
+            if name in data and data[name] != harmless and data[name] is not None:
+                raise RequestError(
+                    ErrorCode.unsupported_parameter,
+                    f"'{prefix}{name}' is not supported by chatbatch"
+                    + (f" (only {name}={harmless!r} is accepted)" if harmless is not None else "")
+                    + f": remove '{name}' from the request",
+                    param=prefix + name,
+                )
+        body = {k: v for k, v in data.items() if k not in UNSUPPORTED_FIELDS}
     try:
         return ChatCompletionRequest.model_validate(body)
     except ValidationError as error:

@@ -142,8 +142,9 @@ def chunk(self: Any, job_id: str, number: str, lines: str | list[dict[str, Any]]
     Args:
         job_id: the job.
         number: the chunk's id within the job (its deliveries are counted under it).
-        lines: {"line", "custom_id", "body"} for each valid input line of the chunk, as a JSON
-            string (or as a list).
+        lines: {"line", "custom_id", "body"} for each valid input line of the chunk (the
+            producer sends each input line as it came, with its "line" added), as a JSON string
+            (or as a list).
     """
     items: list[dict[str, Any]] = json.loads(lines) if isinstance(lines, str) else lines
     s = state()
