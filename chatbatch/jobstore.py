@@ -38,6 +38,16 @@ end
 return stored
 """
 
+# KEYS: lines hash. ARGV: line numbers. 1 for each line with a stored answer, else 0: answers
+# are checked without sending them back.
+_RECORDED = """
+local found = {}
+for i, line in ipairs(ARGV) do
+  found[i] = redis.call('HEXISTS', KEYS[1], line)
+end
+return found
+"""
+
 # KEYS: job hash. ARGV: now. Ends a job once every line is answered and every line enqueued.
 # Returns the status, or "deliver" to the one caller that must upload the job's files first
 # (the job waits in "finalizing", its final status kept in "final_status").
@@ -120,6 +130,7 @@ class JobStore:
         self._record_lines = client.register_script(_RECORD_LINES)
         self._create = client.register_script(_CREATE)
         self._finalize = client.register_script(_MAYBE_FINALIZE)
+        self._recorded = client.register_script(_RECORDED)
 
     def create(
         self,
@@ -269,7 +280,7 @@ class JobStore:
         """Which of these input lines already have an output or error line."""
         if not lines:
             return []
-        return [bool(v) for v in self.redis.hmget(keys.job_lines(job_id), lines)]
+        return [bool(v) for v in self._recorded(keys=[keys.job_lines(job_id)], args=lines)]
 
     def maybe_finalize(self, job_id: str) -> str | None:
         """End the job if every line is answered.
