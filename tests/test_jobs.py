@@ -137,3 +137,23 @@ def test_status_watch_ends_with_the_record(tiny_worker: Worker, base_env: dict[s
     assert done.returncode == 0
     assert BatchJob.model_validate_json(done.stdout).status.value == "completed"
     assert "10 completed" in done.stderr
+
+
+def test_lines_with_crlf_spaces_and_harmless_fields_are_answered_as_sent(tiny_worker: Worker, redis_server: RedisServer, tmp_path: Path) -> None:
+    # Chunks carry each input line as it came (its number spliced in): whitespace around the
+    # object, CRLF endings, key order and fields accepted at their "unused" value must all
+    # reach the worker intact and give the same answers as the plain line.
+    plain = batch_line("plain", user("same prompt", max_tokens=4, temperature=0))
+    odd = [
+        '  {"body": {"messages": [{"role": "user", "content": "same prompt"}], "max_tokens": 4, "temperature": 0, "stream": false, "logprobs": false},'
+        ' "url": "/v1/chat/completions", "method": "POST", "custom_id": "reordered"}  ',
+        '\t{"custom_id": "tabbed", "method": "POST", "url": "/v1/chat/completions", "body": {"messages": [{"role": "user", "content": [{"type": "text", "text": "same prompt"}]}], "max_completion_tokens": 4, "temperature": 0}}',
+    ]
+    source = tmp_path / "odd.jsonl"
+    source.write_bytes(("\r\n".join([plain, *odd]) + "\r\n").encode())
+    client = Client(Settings(redis_url=redis_server.url))
+    job = client.submit_file(str(source)).wait(timeout=120)
+    lines = _assert_each_line_once(client, job, ["plain", "reordered", "tabbed"])
+    assert all(kind == "output" for kind, _ in lines), lines
+    texts = {line.custom_id: line.response.body["choices"][0]["message"]["content"] for _, line in lines if line.response}
+    assert texts["reordered"] == texts["tabbed"] == texts["plain"], texts
