@@ -32,6 +32,11 @@ def write_job_files(
     Raises:
         StorageError: an upload failed after boto3's retries.
     """
+    if not output and not errors:
+        # Nothing to write (the lines stay in Redis): the counts come from the job record, and
+        # the lines are not read back.
+        recorded = store.get(job_id).request_counts
+        return recorded.completed, recorded.failed
     files: dict[str, OutputFile] = {}
     counts = {"output": 0, "error": 0}
     try:
@@ -62,13 +67,6 @@ def finish(store: JobStore, job_id: str) -> str | None:
         return outcome
     job = store.get(job_id)
     remote = [dest if is_remote(dest) else None for dest in (job.output_file, job.error_file)]
-    if not any(remote):
-        # Nothing to upload (the lines stay in Redis; local files are the producer's to
-        # write): the job ends at once, without reading its lines back.
-        status = store.end(job_id)
-        counts = job.request_counts
-        logger.info("job %s %s: %d lines answered, %d failed", job_id, status.value, counts.completed, counts.failed)
-        return status.value
     deadline = time.monotonic() + retry_seconds
     pause = 1.0
     while True:
@@ -84,7 +82,7 @@ def finish(store: JobStore, job_id: str) -> str | None:
             time.sleep(pause)
             pause = min(pause * 2, 10.0)
     status = store.end(job_id)
-    logger.info("job %s %s: wrote %d output and %d error lines", job_id, status.value, *written)
+    logger.info("job %s %s: %d output and %d error lines", job_id, status.value, *written)
     return status.value
 
 

@@ -10,7 +10,7 @@ import pytest
 from chatbatch.settings import Settings
 from producer import Client
 from schemas import BatchJob, BatchRequestOutput, ChatCompletion, ErrorCode
-from tests.conftest import RedisServer, Worker, batch_line, run_cli, user
+from tests.conftest import RedisServer, Worker, batch_line, run_cli, user, wait_for
 
 MODEL = "tiny-llama-chat"
 
@@ -122,8 +122,6 @@ def test_python_api_and_cross_task_batching(tiny_worker: Worker, redis_server: R
     kinds = [kind for kind, _ in job.lines()]
     assert kinds == ["output"] * 30
 
-    from tests.conftest import wait_for
-
     def after() -> dict[str, object] | None:
         info = tiny_worker.info(redis_server.client(), MODEL)
         return info if info["requests"] >= before["requests"] + 42 else None  # type: ignore[operator]
@@ -137,8 +135,6 @@ def test_python_api_and_cross_task_batching(tiny_worker: Worker, redis_server: R
 def test_model_is_loaded_once_per_worker_process(tiny_worker: Worker, base_env: dict[str, str], redis_server: RedisServer) -> None:
     for i in range(3):
         assert run_cli(base_env, "chat", "--max-tokens", "2", f"ping {i}").returncode == 0
-    from tests.conftest import wait_for
-
     def beat() -> dict[str, object] | None:
         info = tiny_worker.info(redis_server.client(), MODEL)
         return info if info["requests"] >= 3 else None  # type: ignore[operator]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import os
 import socket
@@ -53,8 +52,8 @@ def _recover_lost_tasks(state: worker_app.WorkerState, hostname: str, stop: thre
     settings = state.settings
     interval = min(60.0, max(1.0, settings.visibility_timeout / 2))
 
-    def send(job_id: str, chunk: str, queue: str, lines: str) -> None:
-        worker_app.app.send_task(TASK_CHUNK, args=[job_id, chunk, lines], queue=queue, argsrepr=chunk_argsrepr(job_id, chunk, len(json.loads(lines))))
+    def send(job_id: str, chunk: str, queue: str, lines: str, count: int) -> None:
+        worker_app.app.send_task(TASK_CHUNK, args=[job_id, chunk, lines], queue=queue, argsrepr=chunk_argsrepr(job_id, chunk, count))
 
     def send_request(request_id: str, queue: str, body: dict[str, Any]) -> None:
         worker_app.app.send_task(TASK_CHAT, args=[request_id, body], queue=queue, argsrepr=request_argsrepr(request_id))

@@ -72,9 +72,10 @@ def _missing_twice(client: redis.Redis, suspect: str, missing: bool) -> bool:
     return False
 
 
-def sweep(store: JobStore, send: Callable[[str, str, str, str], None], *, stall_seconds: float, now: float) -> list[tuple[str, str]]:
-    """One pass over the jobs with pending chunks; `send(job, chunk, queue, lines)` sends a
-    chunk again. Returns the (job, chunk) pairs sent again.
+def sweep(store: JobStore, send: Callable[[str, str, str, str, int], None], *, stall_seconds: float, now: float) -> list[tuple[str, str]]:
+    """One pass over the jobs with pending chunks; `send(job, chunk, queue, lines, count)`
+    sends a chunk (its lines JSON and how many) again. Returns the (job, chunk) pairs sent
+    again.
 
     A job is looked at once it is fully enqueued and no line of it was answered for
     `stall_seconds`; its pending chunks with no message anywhere are sent again, and it is
@@ -105,11 +106,12 @@ def sweep(store: JobStore, send: Callable[[str, str, str, str], None], *, stall_
         for chunk, (queue, lines) in pending.items():
             if not _missing_twice(client, f"{job_id}\t{chunk}", (job_id, chunk) not in alive):
                 continue
-            if all(store.recorded(job_id, [item["line"] for item in json.loads(lines)])):
+            items = json.loads(lines)
+            if all(store.recorded(job_id, [item["line"] for item in items])):
                 store.forget_pending(job_id, chunk)
                 continue
             logger.warning("job %s chunk %s: its message was lost (a worker died as it took it); sending it again", job_id, chunk)
-            send(job_id, chunk, queue, lines)
+            send(job_id, chunk, queue, lines, len(items))
             resent.append((job_id, chunk))
         client.hset(keys.RECOVERY_SEEN, job_id, f"{answered}:{int(now)}")
     return resent
