@@ -189,8 +189,10 @@ def test_task_longer_than_visibility_timeout_never_duplicates(aof_redis: RedisSe
         assert job.status.value == "completed"
         lines = _check_exactly_once(client, job, ids)
         assert all(kind == "output" for kind, _ in lines)
-        redelivered = sum("was redelivered" in w.output() for w in workers)
-        assert redelivered, "a chunk outlived the visibility timeout and was delivered again"
+        # Kombu restores a message older than the timeout; either worker may take it again:
+        # the one running it waits for its own run, the other runs the lines left one at a time.
+        redelivered = sum(w.output().count("was delivered again") + w.output().count("was redelivered") for w in workers)
+        assert redelivered, "no chunk outlived the visibility timeout: the test did not exercise redelivery"
     finally:
         for worker in workers:
             worker.stop()
