@@ -22,13 +22,20 @@ logger = logging.getLogger(__name__)
 YOUNG_THRESHOLD = 20_000
 
 
-def settle() -> None:
+def settle() -> int:
     """Collect once, then freeze everything alive now (the model and the libraries, loaded
     once per process and kept for its life) so that later collections never walk it, and space
     out young collections. Call it once the process has loaded all it keeps; objects made
-    later are collected as usual."""
+    later are collected as usual.
+
+    Returns:
+        the number of frozen objects. Keep it rather than asking again: `gc.get_freeze_count()`
+        walks the whole frozen list with the GIL held (several milliseconds for a worker).
+    """
     gc.collect()
     gc.freeze()
     _, middle, old = gc.get_threshold()
     gc.set_threshold(YOUNG_THRESHOLD, middle, old)
-    logger.info("heap settled: %d objects frozen out of garbage collection", gc.get_freeze_count())
+    frozen = gc.get_freeze_count()
+    logger.info("heap settled: %d objects frozen out of garbage collection", frozen)
+    return frozen

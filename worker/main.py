@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import socket
@@ -25,7 +24,7 @@ from worker.model import build_engine, load_runner
 logger = logging.getLogger(__name__)
 
 
-def _heartbeats(state: worker_app.WorkerState, hostname: str, stop: threading.Event) -> None:
+def _heartbeats(state: worker_app.WorkerState, hostname: str, frozen: int, stop: threading.Event) -> None:
     while not stop.is_set():
         try:
             registry.heartbeat(
@@ -35,7 +34,7 @@ def _heartbeats(state: worker_app.WorkerState, hostname: str, stop: threading.Ev
                 {
                     "pid": os.getpid(),
                     "model_loads": model_loading.LOADS,
-                    "frozen_objects": gc.get_freeze_count(),
+                    "frozen_objects": frozen,
                     **state.engine.stats,
                 },
                 state.settings.heartbeat_interval,
@@ -193,8 +192,8 @@ def run_worker(
     @signals.worker_ready.connect(weak=False)
     def _ready(**_: Any) -> None:
         # Everything the worker keeps is loaded now (model, engine, Celery's consumer).
-        heap.settle()
-        threading.Thread(target=_heartbeats, args=(state, hostname, stop), daemon=True).start()
+        frozen = heap.settle()
+        threading.Thread(target=_heartbeats, args=(state, hostname, frozen, stop), daemon=True).start()
         threading.Thread(target=_recover_lost_tasks, args=(state, hostname, stop), daemon=True).start()
         logger.info("worker %s serves %r on queues %s", hostname, runner.served_name, ",".join(queues))
 
