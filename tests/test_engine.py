@@ -195,3 +195,70 @@ def test_drain_cancels_what_has_not_started_and_finishes_the_running_batch(runne
     finally:
         release.set()
         engine.stop()
+
+
+def test_submit_many_answers_each_ticket_once_through_its_callback(runner) -> None:  # type: ignore[no-untyped-def]
+    """A chunk's lines go in as tickets: each callback comes once, from the engine thread for
+    an answer or an error, or from the canceller; a cancelled ticket never runs."""
+    import threading
+    from concurrent.futures import CancelledError, InvalidStateError
+
+    from worker.engine import Ticket
+
+    started = threading.Event()
+    release = threading.Event()
+
+    class Held:
+        """The tiny runner, held inside its first batch until the test has cancelled."""
+
+        served_name = runner.served_name
+        batched = True
+
+        def prepare_many(self, items):  # type: ignore[no-untyped-def]
+            return runner.prepare_many(items)
+
+        def run_batch(self, items):  # type: ignore[no-untyped-def]
+            started.set()
+            release.wait(60)
+            return runner.run_batch(items)
+
+    calls: list[tuple[Ticket, str]] = []
+    all_called = threading.Event()
+
+    def on_done(ticket: Ticket) -> None:
+        calls.append((ticket, threading.current_thread().name))
+        if len(calls) == 6:
+            all_called.set()
+
+    engine = Engine(Held(), batch_wait=0.0, max_batch_size=2)
+    engine.start()
+    try:
+        running = engine.submit_many([(_request(f"run {i}", max_tokens=4, temperature=0), f"r{i}") for i in range(2)], on_done)
+        assert started.wait(60)
+        queued = engine.submit_many(
+            [(_request("word " * 400, max_tokens=8), "too-long"), *((_request(f"wait {i}", max_tokens=4), f"q{i}") for i in range(3))],
+            on_done,
+        )
+        assert not any(ticket.done() for ticket in running + queued)
+        with pytest.raises(InvalidStateError):
+            running[0].result()
+        assert [ticket.cancel() for ticket in running] == [False, False]  # their batch has started
+        assert queued[1].cancel() and queued[1].cancel() and queued[1].cancelled()
+        release.set()
+        assert all_called.wait(60)
+        assert sorted(id(ticket) for ticket, _ in calls) == sorted(id(ticket) for ticket in running + queued)
+        by_ticket = {id(ticket): thread for ticket, thread in calls}
+        assert by_ticket[id(queued[1])] == threading.current_thread().name
+        assert {by_ticket[id(t)] for t in running + [queued[0], queued[2], queued[3]]} == {"chatbatch-engine"}
+        assert all(isinstance(ticket.result(), ChatCompletion) for ticket in running + queued[2:])
+        with pytest.raises(RequestError) as error:
+            queued[0].result()
+        assert error.value.code is ErrorCode.context_length_exceeded
+        with pytest.raises(CancelledError):
+            queued[1].result()
+        assert engine.stats["requests"] == 4  # the cancelled line never ran
+        with pytest.raises(InvalidStateError):
+            queued[1].set_result(running[0].result())
+    finally:
+        release.set()
+        engine.stop()

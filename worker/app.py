@@ -12,7 +12,6 @@ import threading
 import time
 from concurrent.futures import Future, wait
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import redis
@@ -26,7 +25,7 @@ from chatbatch.settings import Settings, get_settings
 from schemas.batch import BatchRequestOutput, error_line
 from schemas.chat import ChatCompletion, ChatCompletionRequest, parse_chat_request
 from schemas.errors import ErrorCode, RequestError
-from worker.engine import Engine
+from worker.engine import Engine, Ticket
 
 logger = logging.getLogger(__name__)
 
@@ -208,8 +207,7 @@ def _answer_chunk(task: Any, s: WorkerState, job_id: str, number: str, items: li
     """Run a chunk's lines on the engine and store each answer; returns (answered, errors,
     handed back)."""
     store = s.store
-    ready: list[tuple[dict[str, Any], Future[ChatCompletion] | RequestError]] = []
-    outstanding: dict[int, tuple[dict[str, Any], Future[ChatCompletion]]] = {}
+    ready: list[tuple[dict[str, Any], Ticket | RequestError]] = []
     valid: list[tuple[dict[str, Any], ChatCompletionRequest]] = []
     for item in items:
         parsed = _parse(s, item)
@@ -217,23 +215,20 @@ def _answer_chunk(task: Any, s: WorkerState, job_id: str, number: str, items: li
             ready.append((item, parsed))
         else:
             valid.append((item, parsed))
-    futures = s.engine.submit_many([(request, f"{job_id}:{item['line']}") for item, request in valid])
-    for (item, _), future in zip(valid, futures):
-        outstanding[id(future)] = (item, future)
     # The engine thread appends each finished request here and wakes this thread once a group
     # is ready (or the last one): one wake-up per group, not per line.
-    finished: list[tuple[dict[str, Any], Future[ChatCompletion]]] = []
+    finished: list[Ticket] = []
     taken = 0
     woken = threading.Event()
-    total = len(futures)
+    total = len(valid)
 
-    def on_done(future: Future[ChatCompletion], item: dict[str, Any]) -> None:
-        finished.append((item, future))
+    def on_done(ticket: Ticket) -> None:
+        finished.append(ticket)
         if len(finished) - taken >= _RECORD_EVERY or len(finished) == total:
             woken.set()
 
-    for (item, _), future in zip(valid, futures):
-        future.add_done_callback(partial(on_done, item=item))
+    tickets = s.engine.submit_many([(request, f"{job_id}:{item['line']}") for item, request in valid], on_done)
+    outstanding = {id(ticket): (item, ticket) for (item, _), ticket in zip(valid, tickets)}
     stopped: tuple[ErrorCode, str] | None = None
     handed_back = 0
     answered = errors = 0
@@ -253,13 +248,14 @@ def _answer_chunk(task: Any, s: WorkerState, job_id: str, number: str, items: li
         woken.clear()
         arrived = finished[taken:]
         taken += len(arrived)
-        for item, future in arrived:
-            if outstanding.pop(id(future), None) is None:
+        for ticket in arrived:
+            entry = outstanding.pop(id(ticket), None)
+            if entry is None:
                 continue  # handed back already
-            if future.cancelled() and s.engine.draining:
-                outstanding[id(future)] = (item, future)  # handed back below with the others
+            if ticket.cancelled() and s.engine.draining:
+                outstanding[id(ticket)] = entry  # handed back below with the others
             else:
-                ready.append((item, future))
+                ready.append(entry)
         if s.engine.draining and handed_back == 0 and outstanding:
             # Hand back at once every line without an answer yet, the running ones too: the
             # other worker skips or discards whichever of them this one still answers before
@@ -372,7 +368,7 @@ def _run_alone(task: Any, s: WorkerState, job_id: str, number: str, items: list[
 
 
 def _answer(
-    item: dict[str, Any], outcome: Future[ChatCompletion] | RequestError, stopped: tuple[ErrorCode, str] | None
+    item: dict[str, Any], outcome: Future[ChatCompletion] | Ticket | RequestError, stopped: tuple[ErrorCode, str] | None
 ) -> tuple[int, str, dict[str, Any] | str, int]:
     """The stored line for one item: its output, or its error line."""
     try:
