@@ -262,3 +262,42 @@ def test_submit_many_answers_each_ticket_once_through_its_callback(runner) -> No
     finally:
         release.set()
         engine.stop()
+
+
+def test_a_chunks_answers_are_freed_as_soon_as_its_task_lets_go(runner) -> None:  # type: ignore[no-untyped-def]
+    """A ticket drops its callback once called: a task's callback that keeps its tickets would
+    otherwise close a cycle holding every answer of the chunk until a full garbage collection
+    (the worker's grew by ~30 MB per 20,000-line job before a full pass)."""
+    import gc
+    import threading
+    import time
+    import weakref
+
+    from worker.engine import Ticket
+
+    class Task:
+        def __init__(self) -> None:
+            self.finished: list[Ticket] = []
+            self.all_done = threading.Event()
+
+        def on_done(self, ticket: Ticket) -> None:
+            self.finished.append(ticket)
+            if len(self.finished) == 3:
+                self.all_done.set()
+
+    engine = Engine(runner, batch_wait=0.0)
+    engine.start()
+    gc.disable()
+    try:
+        task = Task()
+        engine.submit_many([(_request(f"free {i}", max_tokens=2), f"f{i}") for i in range(3)], task.on_done)
+        assert task.all_done.wait(120)
+        gone = weakref.ref(task)
+        del task
+        deadline = time.monotonic() + 10  # the engine thread may still be returning from the last callback
+        while gone() is not None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert gone() is None, "the task's answers are held by a reference cycle"
+    finally:
+        gc.enable()
+        engine.stop()
