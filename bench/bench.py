@@ -3,7 +3,8 @@ prints one JSON line per figure (plus a summary). Timings on shared machines are
 the ratios, which are measured in the same run.
 
     python bench/bench.py queue       # 20,000 lines, tiny model, max_tokens 1: end to end vs engine alone
-                                      # (3 runs each, taking turns; best compared);
+                                      # (3 runs each, taking turns; best compared; the
+                                      # worker's memory after each job);
                                       # producer peak memory while submitting a 200 MB file
     python bench/bench.py throughput  # MLflow pyfunc one at a time vs engine alone vs end to end;
                                       # worker memory over a long run
@@ -187,7 +188,7 @@ def queue_mode(args: argparse.Namespace, workdir: Path) -> None:
         from worker.model import load_runner
 
         runner = load_runner(model, settings)
-        harness.start_worker(model, "tiny-llama-chat")
+        worker = harness.start_worker(model, "tiny-llama-chat")
         # The two paths take turns, --repeat times each, so that a noisy spell on this shared
         # machine hits both; the best run of each is compared (and the medians, for the spread).
         alone_runs, e2e_runs = [], []
@@ -198,7 +199,9 @@ def queue_mode(args: argparse.Namespace, workdir: Path) -> None:
             e2e_s, _, counts = end_to_end(harness, source)
             assert counts["completed"] == args.lines, counts
             e2e_runs.append(e2e_s)
-            log(step="end_to_end", lines=args.lines, s=round(e2e_s, 2), lines_per_s=round(args.lines / e2e_s))
+            # The worker's memory after each job: it must not grow from one job to the next.
+            log(step="end_to_end", lines=args.lines, s=round(e2e_s, 2), lines_per_s=round(args.lines / e2e_s),
+                worker_rss_mb=round(rss_mb(worker.pid)))
         log(step="worker_engine", **worker_stats(harness, "tiny-llama-chat"))
         best_alone, best_e2e = min(alone_runs), min(e2e_runs)
         ratio = best_alone / best_e2e
