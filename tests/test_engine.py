@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -156,72 +157,57 @@ def test_engine_rejects_bad_limits(runner) -> None:  # type: ignore[no-untyped-d
         Engine(runner, batch_wait=-1)
 
 
+class Held:
+    """A runner held inside its first batch until the test releases it."""
+
+    def __init__(self, runner) -> None:  # type: ignore[no-untyped-def]
+        self.runner = runner
+        self.served_name = runner.served_name
+        self.batched = True
+        self.started = threading.Event()
+        self.release = threading.Event()
+
+    def prepare_many(self, items):  # type: ignore[no-untyped-def]
+        return self.runner.prepare_many(items)
+
+    def run_batch(self, items):  # type: ignore[no-untyped-def]
+        self.started.set()
+        self.release.wait(60)
+        return self.runner.run_batch(items)
+
+
 def test_drain_cancels_what_has_not_started_and_finishes_the_running_batch(runner) -> None:  # type: ignore[no-untyped-def]
-    import threading
     from concurrent.futures import wait
 
-    started = threading.Event()
-    release = threading.Event()
-
-    class Held:
-        """The tiny runner, held inside its first batch until the test has drained."""
-
-        served_name = runner.served_name
-        batched = True
-
-        def prepare_many(self, items):  # type: ignore[no-untyped-def]
-            return runner.prepare_many(items)
-
-        def run_batch(self, items):  # type: ignore[no-untyped-def]
-            started.set()
-            release.wait(60)
-            return runner.run_batch(items)
-
-    engine = Engine(Held(), batch_wait=0.0, max_batch_size=2)
+    held = Held(runner)
+    engine = Engine(held, batch_wait=0.0, max_batch_size=2)
     engine.start()
     try:
         running = [engine.submit(_request(f"run {i}", max_tokens=4), f"r{i}") for i in range(2)]
-        assert started.wait(60)
+        assert held.started.wait(60)
         queued = [engine.submit(_request(f"wait {i}", max_tokens=4), f"q{i}") for i in range(5)]
         engine.drain()
         late = engine.submit(_request("late", max_tokens=4), "late")
         assert late.cancelled() and late.done()
-        release.set()
+        held.release.set()
         done, waiting = wait(running + queued + [late], timeout=60)
         assert not waiting, "every waiter is woken: cancelled futures are notified"
         assert all(isinstance(f.result(), ChatCompletion) for f in running)
         assert all(f.cancelled() for f in queued)
         assert engine.stats["batches"] == 1
     finally:
-        release.set()
+        held.release.set()
         engine.stop()
 
 
 def test_submit_many_answers_each_ticket_once_through_its_callback(runner) -> None:  # type: ignore[no-untyped-def]
     """A chunk's lines go in as tickets: each callback comes once, from the engine thread for
     an answer or an error, or from the canceller; a cancelled ticket never runs."""
-    import threading
     from concurrent.futures import CancelledError, InvalidStateError
 
     from worker.engine import Ticket
 
-    started = threading.Event()
-    release = threading.Event()
-
-    class Held:
-        """The tiny runner, held inside its first batch until the test has cancelled."""
-
-        served_name = runner.served_name
-        batched = True
-
-        def prepare_many(self, items):  # type: ignore[no-untyped-def]
-            return runner.prepare_many(items)
-
-        def run_batch(self, items):  # type: ignore[no-untyped-def]
-            started.set()
-            release.wait(60)
-            return runner.run_batch(items)
-
+    held = Held(runner)
     calls: list[tuple[Ticket, str]] = []
     all_called = threading.Event()
 
@@ -230,11 +216,11 @@ def test_submit_many_answers_each_ticket_once_through_its_callback(runner) -> No
         if len(calls) == 6:
             all_called.set()
 
-    engine = Engine(Held(), batch_wait=0.0, max_batch_size=2)
+    engine = Engine(held, batch_wait=0.0, max_batch_size=2)
     engine.start()
     try:
         running = engine.submit_many([(_request(f"run {i}", max_tokens=4, temperature=0), f"r{i}") for i in range(2)], on_done)
-        assert started.wait(60)
+        assert held.started.wait(60)
         queued = engine.submit_many(
             [(_request("word " * 400, max_tokens=8), "too-long"), *((_request(f"wait {i}", max_tokens=4), f"q{i}") for i in range(3))],
             on_done,
@@ -244,7 +230,7 @@ def test_submit_many_answers_each_ticket_once_through_its_callback(runner) -> No
             running[0].result()
         assert [ticket.cancel() for ticket in running] == [False, False]  # their batch has started
         assert queued[1].cancel() and queued[1].cancel() and queued[1].cancelled()
-        release.set()
+        held.release.set()
         assert all_called.wait(60)
         assert sorted(id(ticket) for ticket, _ in calls) == sorted(id(ticket) for ticket in running + queued)
         by_ticket = {id(ticket): thread for ticket, thread in calls}
@@ -260,7 +246,7 @@ def test_submit_many_answers_each_ticket_once_through_its_callback(runner) -> No
         with pytest.raises(InvalidStateError):
             queued[1].set_result(running[0].result())
     finally:
-        release.set()
+        held.release.set()
         engine.stop()
 
 
@@ -269,7 +255,6 @@ def test_a_chunks_answers_are_freed_as_soon_as_its_task_lets_go(runner) -> None:
     otherwise close a cycle holding every answer of the chunk until a full garbage collection
     (the worker's grew by ~30 MB per 20,000-line job before a full pass)."""
     import gc
-    import threading
     import time
     import weakref
 
