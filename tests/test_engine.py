@@ -200,6 +200,39 @@ def test_drain_cancels_what_has_not_started_and_finishes_the_running_batch(runne
         engine.stop()
 
 
+def test_stop_answers_every_request_left_and_keeps_cancellations(runner) -> None:  # type: ignore[no-untyped-def]
+    """Requests still queued when the engine stops get an error, so no task waits for ever; one
+    cancelled meanwhile stays cancelled (and does not stop the engine thread with an error)."""
+    import time
+    from concurrent.futures import wait
+
+    held = Held(runner)
+    engine = Engine(held, batch_wait=0.0, max_batch_size=2)
+    engine.start()
+    stopper = threading.Thread(target=engine.stop)
+    try:
+        running = [engine.submit(_request(f"run {i}", max_tokens=4), f"r{i}") for i in range(2)]
+        assert held.started.wait(60)
+        queued = [engine.submit(_request(f"left {i}", max_tokens=4), f"q{i}") for i in range(3)]
+        assert queued[1].cancel()
+        stopper.start()
+        deadline = time.monotonic() + 10
+        while not engine._stopping.is_set() and time.monotonic() < deadline:  # stop() has begun
+            time.sleep(0.01)
+        held.release.set()
+        stopper.join(60)
+        _, waiting = wait(running + queued, timeout=10)
+        assert not waiting, "every waiter is woken"
+        assert all(isinstance(f.result(), ChatCompletion) for f in running)
+        for future in (queued[0], queued[2]):
+            with pytest.raises(RequestError, match="stopped before this request ran"):
+                future.result()
+        assert queued[1].cancelled()
+    finally:
+        held.release.set()
+        engine.stop()
+
+
 def test_submit_many_answers_each_ticket_once_through_its_callback(runner) -> None:  # type: ignore[no-untyped-def]
     """A chunk's lines go in as tickets: each callback comes once, from the engine thread for
     an answer or an error, or from the canceller; a cancelled ticket never runs."""

@@ -300,11 +300,17 @@ class Engine:
                 backlog.append(item)
                 rows += item.rows
             else:
-                try:
-                    item.future.set_exception(error)
-                except InvalidStateError:  # cancelled meanwhile
-                    pass
+                self._fail(item, error)
         return rows
+
+    @classmethod
+    def _fail(cls, item: Pending, error: RequestError) -> None:
+        """Answer a request with an error, unless it was cancelled meanwhile (then only its
+        waiters are notified)."""
+        try:
+            item.future.set_exception(error)
+        except InvalidStateError:
+            cls._live(item)
 
     # The engine thread.
 
@@ -319,10 +325,14 @@ class Engine:
                 continue
             batch, backlog = self._choose_batch(backlog)
             self._run(batch)
-        for item in backlog:
-            item.future.set_exception(
-                RequestError(ErrorCode.internal_error, "the worker stopped before this request ran")
-            )
+        # Everything not run gets an answer, what is still queued too: a task waiting on it
+        # must not wait for ever (a request cancelled meanwhile keeps its cancellation).
+        with self._arrived:
+            queued = [item for item in self._waiting if item is not None]
+            self._waiting.clear()
+        stopped = RequestError(ErrorCode.internal_error, "the worker stopped before this request ran")
+        for item in [*backlog, *queued]:
+            self._fail(item, stopped)
 
     def _collect(self, backlog: list[Pending]) -> None:
         """Take waiting requests: with an empty backlog, wait for the first; then wait up to
