@@ -260,12 +260,11 @@ class Engine:
 
     def _enqueue(self, items: list[Pending]) -> None:
         if self._draining.is_set():
-            for item in items:
-                item.future.cancel()
-                item.future.set_running_or_notify_cancel()
+            self._cancel(items)
         elif self._stopping.is_set():
+            shutting_down = RequestError(ErrorCode.internal_error, "the worker is shutting down")
             for item in items:
-                item.future.set_exception(RequestError(ErrorCode.internal_error, "the worker is shutting down"))
+                self._fail(item, shutting_down)
         else:
             self._put(items)
 

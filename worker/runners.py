@@ -290,8 +290,7 @@ class TransformersRunner:
 
         device = self.device
         width = max(len(row.prepared.prompt_ids) for row in rows)
-        input_ids, pads = _left_padded([row.prepared.prompt_ids for row in rows], len(rows), width, self.pad_id)
-        mask = (torch.arange(width) >= pads.unsqueeze(1)).long()
+        input_ids, mask = _left_padded([row.prepared.prompt_ids for row in rows], len(rows), width, self.pad_id)
         input_ids, mask = input_ids.to(device), mask.to(device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = self._new_cache()
@@ -404,9 +403,9 @@ class TransformersRunner:
         size, length = self._static_shape(count, width + max_new)
         # The attention mask spans the whole cache: left padding is masked; slots not written
         # yet are excluded by causality. Filler rows (up to the bucketed size) hold one token.
-        input_ids, pads = _left_padded([row.prepared.prompt_ids for row in rows], size, width, self.pad_id)
+        input_ids, prompt_mask = _left_padded([row.prepared.prompt_ids for row in rows], size, width, self.pad_id)
         mask = torch.ones((size, length), dtype=torch.long)
-        mask[:, :width] = (torch.arange(width) >= pads.unsqueeze(1)).long()
+        mask[:, :width] = prompt_mask
         input_ids, mask = input_ids.to(device), mask.to(device)
         positions = (mask[:, :width].cumsum(-1) - 1).clamp(min=0)
         cache = self._static_cache(size, length)
@@ -550,19 +549,20 @@ class PyfuncRunner:
 
 def _left_padded(prompts: list[list[int]], rows: int, width: int, pad_id: int) -> tuple[Any, Any]:
     """The prompts' token ids left-padded to `width`, in `rows` rows (the rows after the
-    prompts, a static batch's fillers, hold one token: padding only), and each row's count of
-    padding columns, as CPU tensors.
+    prompts, a static batch's fillers, hold one token: padding only), and their attention mask
+    (0 over the padding), as CPU tensors.
 
     Filled in numpy: a torch operation per row costs tens of microseconds, which for a batch
     of 32 short prompts was ~1 ms of the engine thread's time per batch, about a tenth of a
-    batch on the tiny model; numpy takes ~0.07 ms.
+    batch on the tiny model; numpy takes ~0.1 ms.
     """
     import numpy as np
     import torch
 
     ids = np.full((rows, width), pad_id, dtype=np.int64)
-    pads = np.full(rows, width - 1, dtype=np.int64)
+    mask = np.zeros((rows, width), dtype=np.int64)
+    mask[:, -1] = 1
     for i, prompt in enumerate(prompts):
         ids[i, width - len(prompt) :] = prompt
-        pads[i] = width - len(prompt)
-    return torch.from_numpy(ids), torch.from_numpy(pads)
+        mask[i, width - len(prompt) :] = 1
+    return torch.from_numpy(ids), torch.from_numpy(mask)
