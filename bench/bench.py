@@ -70,7 +70,7 @@ class Harness:
                 time.sleep(0.05)
 
     def chatbatch(self, *args: str, env: dict[str, str] | None = None) -> str:
-        done = subprocess.run([sys.executable, "-m", "chatbatch.cli", *args], env={**self.env, **(env or {})},
+        done = subprocess.run([sys.executable, "-m", "cli", *args], env={**self.env, **(env or {})},
                               capture_output=True, text=True, check=True, cwd=ROOT)
         return done.stdout.strip()
 
@@ -79,7 +79,7 @@ class Harness:
         from chatbatch.registry import live_models
 
         log_file = (self.workdir / f"worker-{len(self.workers)}.log").open("wb")
-        process = subprocess.Popen([sys.executable, "-m", "chatbatch.cli", "worker", "--model", model, "--loglevel", "WARNING"],
+        process = subprocess.Popen([sys.executable, "-m", "cli", "worker", "--model", model, "--loglevel", "WARNING"],
                                    env={**self.env, **(env or {})}, stdout=log_file, stderr=subprocess.STDOUT,
                                    cwd=ROOT, start_new_session=True)
         self.workers.append(process)
@@ -145,7 +145,7 @@ def end_to_end(harness: Harness, source: Path, timeout: float = 3600) -> tuple[f
     log(step="end_to_end_enqueued", s=round(time.perf_counter() - started, 2))
     job = handle.wait(timeout, poll=0.05)
     elapsed = time.perf_counter() - started
-    return elapsed, client.store.generated_tokens(job.id), job.request_counts.model_dump()
+    return elapsed, client.jobs.generated_tokens(job.id), job.request_counts.model_dump()
 
 
 def worker_stats(harness: Harness, model: str) -> dict[str, object]:
@@ -220,7 +220,7 @@ def queue_mode(args: argparse.Namespace, workdir: Path) -> None:
             # No worker consumes this job's queue: only the producer is measured.
             for process in harness.workers:
                 os.killpg(process.pid, signal.SIGKILL)
-            seconds, peak = peak_rss_of([sys.executable, "-m", "chatbatch.cli", "submit", str(big)], harness.env)
+            seconds, peak = peak_rss_of([sys.executable, "-m", "cli", "submit", str(big)], harness.env)
             log(step="producer_memory", file_mb=round(size_mb), lines=50_000, s=round(seconds, 1), peak_rss_mb=peak,
                 target_mb=150, met=peak < 150)
     finally:

@@ -1,26 +1,29 @@
-"""Every Redis key chatbatch uses, one helper per key. Celery's own keys are not listed here."""
+"""Every Redis key chatbatch uses, one helper per key, with the module that owns it. Celery's
+own keys (queues, kombu's `unacked` hash) are not listed here."""
 
 from __future__ import annotations
 
 PREFIX = "chatbatch:"
+
+# The model registry (chatbatch/registry.py).
 
 #: Sorted set: served model name -> last heartbeat (unix seconds).
 MODELS = PREFIX + "models"
 
 
 def model_workers(model: str) -> str:
-    """Hash: worker hostname -> JSON heartbeat (pid, loads, requests served)."""
+    """Hash: worker hostname -> JSON heartbeat (pid, queues, engine figures)."""
     return f"{PREFIX}model:{model}:workers"
 
 
-def result(request_id: str) -> str:
-    """String: a single request's chat.completion or error record (JSON), with a TTL."""
-    return f"{PREFIX}result:{request_id}"
+# Jobs (chatbatch/jobs.py).
 
-
-def result_ready(request_id: str) -> str:
-    """List: one element pushed when the result is stored; lets the caller block on BLPOP."""
-    return f"{PREFIX}result:{request_id}:ready"
+#: Sorted set of job ids by creation time.
+JOBS = PREFIX + "jobs"
+#: Sorted set: job id -> unix seconds at which the sweep looks at it next (its completion
+#: window's end; for a job in `finalizing`, when its writer's lease ends). Only jobs that have
+#: not ended are in it.
+OPEN_JOBS = PREFIX + "jobs:open"
 
 
 def job(job_id: str) -> str:
@@ -38,8 +41,25 @@ def job_inputs(job_id: str) -> str:
     return f"{PREFIX}job:{job_id}:inputs"
 
 
+def job_writer(job_id: str) -> str:
+    """String with a TTL: held by the process writing an ended job's files to S3."""
+    return f"{PREFIX}job:{job_id}:writer"
+
+
+def job_enqueuer(job_id: str) -> str:
+    """String with a TTL: held by the producer enqueueing the job's lines, renewed as it goes."""
+    return f"{PREFIX}job:{job_id}:enqueuer"
+
+
+#: Set of the jobs whose lines are being enqueued (each with its enqueuer's lease).
+ENQUEUING = PREFIX + "jobs:enqueuing"
+
+
+# The chunk ledger (chatbatch/ledger.py).
+
+
 def job_deliveries(job_id: str) -> str:
-    """Hash: chunk number -> times it was delivered to a worker."""
+    """Hash: chunk id -> times it was delivered to a worker."""
     return f"{PREFIX}job:{job_id}:deliveries"
 
 
@@ -54,18 +74,26 @@ def job_pending(job_id: str) -> str:
     return f"{PREFIX}job:{job_id}:pending"
 
 
-#: Hash: request id -> JSON [queue, body, unix seconds sent] of each single request not yet
-#: answered, so that one whose message the broker lost can be sent again.
-PENDING_REQUESTS = PREFIX + "requests:pending"
 #: Set of the jobs that have pending chunks.
 PENDING_JOBS = PREFIX + "jobs:pending"
-#: Hash: job id -> "answered lines:unix seconds" when the recovery sweep last saw it move.
-RECOVERY_SEEN = PREFIX + "recovery:seen"
-#: Set: "job\tchunk" and "\trequest id" found with no message by the last look; sent again
-#: only when the next look (a stall period later) finds them missing again.
-RECOVERY_SUSPECTS = PREFIX + "recovery:suspects"
-#: String: held by the worker running the recovery sweep.
-RECOVERY_LOCK = PREFIX + "recovery:lock"
+
+# Single requests (chatbatch/requests.py).
+
+
+def request(request_id: str) -> str:
+    """Hash: a single request's record (queue, created_at, owner, callback URL and state)."""
+    return f"{PREFIX}request:{request_id}"
+
+
+def result(request_id: str) -> str:
+    """String: a single request's chat.completion or error record (JSON), with a TTL."""
+    return f"{PREFIX}result:{request_id}"
+
+
+def result_ready(request_id: str) -> str:
+    """Stream: one entry added when the result is stored; waiters block on XREAD, which reads
+    without consuming, so any number of them wake."""
+    return f"{PREFIX}result:{request_id}:ready"
 
 
 def request_deliveries(request_id: str) -> str:
@@ -73,12 +101,37 @@ def request_deliveries(request_id: str) -> str:
     return f"{PREFIX}result:{request_id}:deliveries"
 
 
-#: Sorted set of job ids by creation time.
-JOBS = PREFIX + "jobs"
+#: Hash: request id -> JSON [queue, body, unix seconds sent] of each single request not yet
+#: answered, so that one whose message the broker lost can be sent again.
+PENDING_REQUESTS = PREFIX + "requests:pending"
 
+# Callbacks (chatbatch/callbacks.py); their state lives in the job or request record.
+
+
+def callback_lease(kind: str, object_id: str) -> str:
+    """String with a TTL: held by the one delivery of a callback under way."""
+    return f"{PREFIX}callback:{kind}:{object_id}:lease"
+
+
+# Notifications (chatbatch/events.py).
 
 #: Stream of notifications: one entry per answered single request and per ended job.
 EVENTS = PREFIX + "events"
+
+# The recovery sweep (worker/recovery.py).
+
+#: Hash: job id -> "answered lines:unix seconds" when the recovery sweep last saw it move.
+RECOVERY_SEEN = PREFIX + "recovery:seen"
+#: Set: "job\tchunk" and "\trequest id" found with no message by the last look; sent again
+#: only when the next look (a stall period later) finds them missing again.
+RECOVERY_SUSPECTS = PREFIX + "recovery:suspects"
+#: String: held by the worker running the recovery sweep.
+RECOVERY_LOCK = PREFIX + "recovery:lock"
+#: String: held by the process running the job sweep (expiry, stalled writes).
+SWEEP_LOCK = PREFIX + "sweep:lock"
+
+# Uploaded files (gateway/files.py).
+
 #: Sorted set of uploaded file ids by creation time.
 FILES = PREFIX + "files"
 
@@ -86,8 +139,3 @@ FILES = PREFIX + "files"
 def file(file_id: str) -> str:
     """Hash: an uploaded file's object (id, bytes, filename, purpose, owner, created_at)."""
     return f"{PREFIX}file:{file_id}"
-
-
-def request(request_id: str) -> str:
-    """Hash: an HTTP request's record (owner, callback URL and delivery state)."""
-    return f"{PREFIX}request:{request_id}"

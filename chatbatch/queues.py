@@ -12,9 +12,12 @@ if TYPE_CHECKING:
 
 #: Consumed by every worker unless it is started with --queue; takes requests without a model.
 DEFAULT_QUEUE = "chatbatch"
+#: Consumed by every worker, whatever its other queues: callback deliveries.
+CALLBACK_QUEUE = "chatbatch.callbacks"
 #: Task names: the producer sends by name and never imports the worker.
 TASK_CHAT = "chatbatch.chat"
 TASK_CHUNK = "chatbatch.chunk"
+TASK_CALLBACK = "chatbatch.callback"
 
 
 def model_queue(model: str) -> str:

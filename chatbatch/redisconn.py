@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from typing import Any
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -18,12 +19,26 @@ Fields = Mapping[EncodableT, EncodableT]
 
 
 def text(value: object) -> str:
-    """A Redis string reply as text, whether the client decodes replies or not."""
+    """A Redis string reply as text, whether the client decodes replies or not. Every reply
+    chatbatch reads goes through this helper (or `maybe_text`, `texts`), so a client made with
+    `decode_responses=True` works as well as one without."""
     if isinstance(value, bytes):
         return value.decode()
     if isinstance(value, str):
         return value
+    if isinstance(value, int):
+        return str(value)
     raise TypeError(f"expected a Redis string reply, got {type(value).__name__}")
+
+
+def maybe_text(value: object) -> str | None:
+    """`text(value)`, or None for a missing value (a nil reply)."""
+    return None if value is None else text(value)
+
+
+def texts(mapping: Mapping[Any, Any]) -> dict[str, str]:
+    """A hash reply (HGETALL) with text keys and values."""
+    return {text(key): text(value) for key, value in mapping.items()}
 
 
 def redact(url: str) -> str:

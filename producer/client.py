@@ -3,63 +3,43 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
-import uuid
-from typing import Any
+from typing import IO, Any
 
 import redis
 
 from chatbatch import registry
-from chatbatch.delivery import CANCELLED, close_unanswered, expire_if_due, finish, stop_reason
+from chatbatch.callbacks import check_url
 from chatbatch.exceptions import ConfigurationError, JobNotFoundError
-from chatbatch.jobstore import JobStore
-from chatbatch.queues import (
-    DEFAULT_QUEUE,
-    TASK_CHAT,
-    TASK_CHUNK,
-    chunk_argsrepr,
-    make_celery,
-    model_queue,
-    request_argsrepr,
-)
+from chatbatch.ids import new_id
+from chatbatch.jobs import Jobs
+from chatbatch.ledger import Ledger
+from chatbatch.queues import DEFAULT_QUEUE, TASK_CHAT, make_celery, model_queue, request_argsrepr
 from chatbatch.redisconn import connect
+from chatbatch.requests import Requests
 from chatbatch.settings import Settings, get_settings
 from chatbatch.storage import open_input
+from producer.enqueue import Enqueuer, chunk_lines
 from producer.handles import JobHandle, RequestHandle
-from producer.reader import check_lines, check_size, count_lines, iter_lines
-from schemas.batch import LineError, error_line, line_too_large, parse_batch_line
+from producer.reader import check_lines, check_size, count_lines
 from schemas.chat import ChatCompletion, check_metadata, parse_chat_request
 from schemas.errors import ErrorCode, RequestError
 from schemas.job import BatchJob, JobStatus
 
 logger = logging.getLogger(__name__)
 
-def _seconds(window: str) -> int:
-    """'24h', '90m', '3600s' -> seconds."""
+
+def window_seconds(window: str) -> int:
+    """'24h', '90m', '3600s' -> seconds.
+
+    Raises:
+        ConfigurationError: not such a duration.
+    """
     units = {"h": 3600, "m": 60, "s": 1}
     if len(window) < 2 or window[-1] not in units or not window[:-1].isdigit() or int(window[:-1]) < 1:
-        raise ConfigurationError(
-            f"completion window {window!r} is not a duration: use e.g. 24h, 90m or 3600s"
-        )
+        raise ConfigurationError(f"completion window {window!r} is not a duration: use e.g. 24h, 90m or 3600s")
     return int(window[:-1]) * units[window[-1]]
-
-
-#: A chunk is sent once its lines reach this many bytes, whatever its line count: Celery
-#: messages stay small enough for Redis and for a worker to hold many.
-CHUNK_BYTES = 4 * 1024 * 1024
-#: Bounds of the automatic chunk size.
-MIN_CHUNK_LINES = 32
-MAX_CHUNK_LINES = 256
-
-
-def chunk_lines(lines: int | None) -> int:
-    """Lines per chunk when CHATBATCH_CHUNK_SIZE is unset: about 64 chunks per file, so that
-    many workers share a job, within 32..256 lines. Each message costs the worker a few
-    milliseconds of Celery and Redis work, so a 50,000-line file goes in 256-line chunks, not
-    as 1,500 small ones; a file of unknown length gets the smallest chunks."""
-    if lines is None:
-        return MIN_CHUNK_LINES
-    return max(MIN_CHUNK_LINES, min(MAX_CHUNK_LINES, -(-lines // 64)))
 
 
 class Client:
@@ -76,7 +56,9 @@ class Client:
     def __init__(self, settings: Settings | None = None, *, redis_client: redis.Redis | None = None) -> None:
         self.settings = settings or get_settings()
         self.redis = redis_client or connect(self.settings.redis_url)
-        self.store = JobStore(self.redis, job_ttl=self.settings.job_ttl, upload_retry_seconds=self.settings.s3_retry_seconds)
+        self.jobs = Jobs(self.redis, job_ttl=self.settings.job_ttl, upload_retry_seconds=self.settings.s3_retry_seconds)
+        self.requests = Requests(self.redis, result_ttl=self.settings.result_ttl)
+        self.ledger = Ledger(self.redis, job_ttl=self.settings.job_ttl)
         self._celery: Any = None
         self._live: tuple[float, set[str]] = (0.0, set())
 
@@ -90,7 +72,16 @@ class Client:
         """The model names live workers serve, with their workers' heartbeats."""
         return registry.live_models(self.redis)
 
-    def _queue_for(self, model: str | None) -> str:
+    def waiting_notice(self, queues: list[str]) -> str | None:
+        """A sentence for people when one of these queues has no live worker, else None."""
+        return registry.nobody_serves(self.redis, queues)
+
+    def queue_for(self, model: str | None) -> str:
+        """The queue of requests naming `model` (None: the default queue).
+
+        Raises:
+            RequestError: model_not_found, when no live worker serves it.
+        """
         if model is None:
             return DEFAULT_QUEUE
         fetched, live = self._live
@@ -109,12 +100,26 @@ class Client:
 
     # Single requests.
 
-    def submit(self, body: dict[str, Any], *, request_id: str | None = None) -> RequestHandle:
+    def submit(
+        self,
+        body: dict[str, Any],
+        *,
+        request_id: str | None = None,
+        callback_url: str | None = None,
+        owner: str | None = None,
+    ) -> RequestHandle:
         """Enqueue one chat request (an OpenAI `/v1/chat/completions` body).
+
+        Args:
+            request_id: the id to give it (default: a new `chatcmpl-...` id).
+            callback_url: POSTed the signed chat.completion when it is answered.
+            owner: the HTTP API's key owner, kept with the record.
 
         Raises:
             RequestError: the body is invalid, or names a model no worker serves.
+            ConfigurationError: a callback URL that cannot be used.
         """
+        callback_url = check_url(callback_url, self.settings.callback_secret)
         request = parse_chat_request(body)
         size = len(request.model_dump_json())
         if size > self.settings.max_line_bytes:
@@ -123,13 +128,12 @@ class Client:
                 f"the request is {size:,} bytes, over the limit of {self.settings.max_line_bytes:,}: "
                 "shorten the messages or raise CHATBATCH_MAX_LINE_BYTES",
             )
-        queue = self._queue_for(request.model)
-        request_id = request_id or f"chatreq_{uuid.uuid4().hex}"
+        queue = self.queue_for(request.model)
+        request_id = request_id or new_id("chatcmpl-")
         sent = request.model_dump(exclude_none=True)
-        # Kept until answered: a request whose message the broker loses is sent again.
-        self.store.add_pending_request(request_id, queue, sent, time.time())
+        self.requests.record(request_id, queue=queue, body=sent, owner=owner, callback_url=callback_url)
         self.celery.send_task(TASK_CHAT, args=[request_id, sent], queue=queue, argsrepr=request_argsrepr(request_id))
-        return RequestHandle(request_id, self)
+        return RequestHandle(request_id, self, queue=queue)
 
     def chat(self, body: dict[str, Any], *, timeout: float | None = None) -> ChatCompletion:
         """Submit one request and wait for its chat.completion."""
@@ -146,7 +150,7 @@ class Client:
         Raises:
             JobNotFoundError: no such job.
         """
-        if not self.store.exists(job_id):
+        if not self.jobs.exists(job_id):
             raise JobNotFoundError(f"no job {job_id!r} in Redis: check the id")
         return JobHandle(job_id, self)
 
@@ -159,6 +163,7 @@ class Client:
         output: str | None = None,
         errors: str | None = None,
         completion_window: str = "24h",
+        callback_url: str | None = None,
     ) -> JobHandle:
         """Validate a JSONL file of batch lines as a stream and enqueue its valid lines.
 
@@ -166,8 +171,12 @@ class Client:
         run. Submitting again with the id of an unfinished job resumes it: only lines without an
         answer are enqueued again, and no line is ever answered twice.
 
+        Args:
+            callback_url: POSTed the signed batch object when the job ends.
+
         Raises:
-            ConfigurationError: unreadable file, bad metadata, or the job already ended.
+            ConfigurationError: unreadable file, bad metadata or callback URL, or a resumed job
+                from another file.
             InputTooLargeError: the file is over the byte or line limit.
         """
         settings = self.settings
@@ -176,6 +185,8 @@ class Client:
                 check_metadata(metadata)
             except ValueError as error:
                 raise ConfigurationError(f"--metadata: {error}") from None
+        callback_url = check_url(callback_url, settings.callback_secret, option="--callback-url")
+        extra = {"callback_url": callback_url, "callback_status": "pending", "callback_attempts": "0"} if callback_url else None
         with open_input(source) as (stream, size, name):
             check_size(source, size, settings.max_file_bytes)
             lines = count_lines(stream)
@@ -185,16 +196,58 @@ class Client:
                 stream,
                 lines=lines,
                 source=name,
-                job_id=job_id or f"batch_{uuid.uuid4().hex}",
+                job_id=job_id or new_id("batch_"),
                 metadata=metadata,
                 output=output,
                 errors=errors,
                 completion_window=completion_window,
+                extra=extra,
             )
+
+    def create_job(
+        self,
+        job_id: str,
+        *,
+        source: str,
+        metadata: dict[str, str] | None = None,
+        output: str | None = None,
+        errors: str | None = None,
+        completion_window: str = "24h",
+        extra: dict[str, str] | None = None,
+    ) -> BatchJob | None:
+        """Create the job record, or find the job to resume: None when its lines are to be
+        enqueued (new or unfinished), else the ended job, returned as it is.
+
+        Raises:
+            ConfigurationError: a job with this id was submitted from another file.
+        """
+        created = self.jobs.create(
+            job_id,
+            input_file=source,
+            completion_window=completion_window,
+            expires_in=window_seconds(completion_window),
+            metadata=metadata,
+            output_file=output,
+            error_file=errors,
+            extra=extra,
+        )
+        if created:
+            return None
+        job = self.jobs.get(job_id)
+        if job.input_file != source:
+            raise ConfigurationError(
+                f"job {job_id} was submitted from {job.input_file}, not {source}: resume it "
+                "with the same file, or submit without --job-id for a new job"
+            )
+        if job.status.is_final or job.status == JobStatus.finalizing:
+            logger.info("job %s already %s: nothing to enqueue", job_id, job.status.value)
+            return job
+        logger.info("resuming job %s", job_id)
+        return None
 
     def submit_stream(
         self,
-        stream: Any,
+        stream: IO[bytes],
         *,
         source: str,
         job_id: str,
@@ -204,138 +257,55 @@ class Client:
         completion_window: str = "24h",
         extra: dict[str, str] | None = None,
         lines: int | None = None,
+        stop: threading.Event | None = None,
     ) -> JobHandle:
         """Enqueue batch lines from an open binary stream (what `submit_file` does once the
-        file is open and within its limits); `source` is recorded as the job's input file, and
-        `lines`, when known, sizes the chunks."""
-        settings = self.settings
-        per_chunk = settings.chunk_size or chunk_lines(lines)
-        store = self.store
-        created = store.create(
-            job_id,
-            input_file=source,
-            completion_window=completion_window,
-            expires_in=_seconds(completion_window),
-            metadata=metadata,
-            output_file=output,
-            error_file=errors,
-            extra=extra,
+        file is open and within its limits); `source` is recorded as the job's input file,
+        `lines`, when known, sizes the chunks, and `stop` interrupts (see `Enqueuer`)."""
+        ended = self.create_job(
+            job_id, source=source, metadata=metadata, output=output, errors=errors,
+            completion_window=completion_window, extra=extra,
         )
-        if not created:
-            job = store.get(job_id)
-            if job.input_file != source:
-                raise ConfigurationError(
-                    f"job {job_id} was submitted from {job.input_file}, not {source}: resume it "
-                    "with the same file, or submit without --job-id for a new job"
-                )
-            if job.status.is_final or job.status == JobStatus.finalizing:
-                # Submitting a job again is idempotent: an ended job is returned as it is.
-                logger.info("job %s already %s: nothing to enqueue", job_id, job.status.value)
-                return JobHandle(job_id, self)
-            logger.info("resuming job %s", job_id)
-        seen: dict[str, int] = {}
-        # Per queue: (line number, custom_id, the line as the chunk carries it) for each line.
-        chunks: dict[str, list[tuple[int, str, str]]] = {}
-        chunk_bytes: dict[str, int] = {}
-        chunk_number = 0
-        total = 0
-        # Chunks of a resumed submission get new ids, so their deliveries count afresh.
-        submission = uuid.uuid4().hex[:12]
-
-        def flush(queue: str) -> None:
-            nonlocal chunk_number
-            items = chunks.pop(queue, [])
-            chunk_bytes.pop(queue, None)
-            if not items:
-                return
-            answered = store.recorded(job_id, [number for number, _, _ in items])
-            items = [item for item, done in zip(items, answered) if not done]
-            chunk_number += 1
-            if not items:
-                return
-            store.add_inputs(job_id, {number: custom_id for number, custom_id, _ in items})
-            if stop_reason(store, job_id) is not None:
-                return  # recorded as inputs; closed below with cancelled or expired lines
-            chunk_id = f"{submission}-{chunk_number}"
-            # The lines go as one JSON string: the worker's Celery thread then decodes one
-            # string, not hundreds of small objects through kombu's per-object hook.
-            payload = "[" + ",".join(text for _, _, text in items) + "]"
-            # Kept until answered: a chunk whose message the broker loses is sent again.
-            store.add_pending(job_id, chunk_id, queue, payload)
-            self.celery.send_task(
-                TASK_CHUNK,
-                args=[job_id, chunk_id, payload],
-                queue=queue,
-                argsrepr=chunk_argsrepr(job_id, chunk_id, len(items)),
-            )
-            store.start(job_id)
-
-        for number, raw, length in iter_lines(stream, max_line_bytes=settings.max_line_bytes):
-            if raw is not None and not raw.strip():
-                continue  # blank lines carry no request and get no answer
-            total += 1
-            try:
-                if raw is None:
-                    raise line_too_large(number, length, settings.max_line_bytes)
-                parsed = parse_batch_line(raw, number, max_line_bytes=settings.max_line_bytes)
-                if parsed.custom_id in seen:
-                    raise LineError(
-                        number,
-                        RequestError(
-                            ErrorCode.duplicate_custom_id,
-                            f"line {number}: custom_id {parsed.custom_id!r} repeats line "
-                            f"{seen[parsed.custom_id]}: give every line its own custom_id",
-                        ),
-                        parsed.custom_id,
-                    )
-                seen[parsed.custom_id] = number
-                try:
-                    queue = self._queue_for(parsed.body.model)
-                except RequestError as error:
-                    raise LineError(number, RequestError(error.code, f"line {number}: {error.message}"), parsed.custom_id) from None
-            except LineError as problem:
-                line = error_line(
-                    line_id=f"batch_req_{uuid.uuid4().hex}",
-                    custom_id=problem.custom_id,
-                    code=problem.error.code,
-                    message=problem.error.message,
-                    line=number,
-                )
-                store.record_line(job_id, number, "error", line.model_dump())
-                continue
-            # The line as it came, with its number added: {"line", "custom_id", "method", "url",
-            # "body"}. It passed validation, so it is one JSON object with no "line" key; the
-            # worker validates its body again with the same function, so nothing is
-            # re-serialized here.
-            chunks.setdefault(queue, []).append((number, parsed.custom_id, f'{{"line":{number},' + raw.decode().strip()[1:]))
-            chunk_bytes[queue] = chunk_bytes.get(queue, 0) + length
-            if len(chunks[queue]) >= per_chunk or chunk_bytes[queue] >= CHUNK_BYTES:
-                flush(queue)
-        for queue in list(chunks):
-            flush(queue)
-        reason = stop_reason(store, job_id)
-        if reason is not None:
-            close_unanswered(store, job_id, reason)
-        store.finish_enqueueing(job_id, total)
-        status = finish(store, job_id)
-        logger.info("job %s: %d lines enqueued from %s (%s)", job_id, total, source, status)
+        if ended is None:
+            self.enqueue(stream, job_id=job_id, lines=lines, stop=stop)
         return JobHandle(job_id, self)
+
+    def enqueue(
+        self,
+        stream: IO[bytes],
+        *,
+        job_id: str,
+        lines: int | None = None,
+        stop: threading.Event | None = None,
+        holder: str | None = None,
+    ) -> str | None:
+        """Enqueue the lines of an existing job's input; returns the job's status after it.
+        `holder` names the enqueuer's lease (one taken to resume the job).
+
+        Raises:
+            producer.enqueue.Interrupted: `stop` was set before the end.
+        """
+        enqueuer = Enqueuer(
+            self.settings, self.jobs, self.ledger, self.celery.send_task, self.queue_for,
+            job_id=job_id, per_chunk=self.settings.chunk_size or chunk_lines(lines), stop=stop, holder=holder,
+        )
+        status = enqueuer.run(stream)
+        logger.info("job %s: %d lines enqueued (%s)", job_id, enqueuer.total, status)
+        return status
 
     def cancel(self, job_id: str) -> BatchJob:
         """Cancel a job: no new line starts; unanswered lines become `cancelled` error lines.
-
         A batch already running on a worker finishes, and its answers are kept.
-        """
-        store = self.store
-        job = store.get(job_id)
-        if job.status.is_final or job.status == JobStatus.finalizing:
-            return job
-        store.set_status(job_id, JobStatus.cancelling)
-        close_unanswered(store, job_id, CANCELLED)
-        finish(store, job_id)
-        return store.get(job_id)
 
-    def refresh(self, job_id: str) -> BatchJob:
-        """The job record, after expiring the job if its completion window has passed."""
-        expire_if_due(self.store, job_id)
-        return self.store.get(job_id)
+        Raises:
+            JobNotFoundError: no such job.
+        """
+        return self.jobs.cancel(job_id)
+
+    def status(self, job_id: str) -> BatchJob:
+        """The job record (reading never changes it).
+
+        Raises:
+            JobNotFoundError: no such job.
+        """
+        return self.jobs.get(job_id)

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-from chatbatch import keys
-from chatbatch.delivery import write_job_files
 from chatbatch.exceptions import RequestFailedError
 from schemas.chat import ChatCompletion
 from schemas.job import BatchJob
@@ -20,14 +17,22 @@ if TYPE_CHECKING:
 class RequestHandle:
     """One submitted chat request."""
 
-    __slots__ = ("id", "_client")
+    __slots__ = ("id", "queue", "_client")
 
-    def __init__(self, request_id: str, client: Client) -> None:
+    def __init__(self, request_id: str, client: Client, *, queue: str | None = None) -> None:
         self.id = request_id
         self._client = client
+        #: The queue it went to (None for a handle made from an id: read from its record).
+        self.queue = queue or client.requests.get(request_id).get("queue")
 
     def done(self) -> bool:
-        return bool(self._client.redis.exists(keys.result(self.id)))
+        return self._client.requests.answered(self.id)
+
+    def waiting_notice(self) -> str | None:
+        """A sentence for people while no live worker consumes the request's queue."""
+        if self.queue is None or self.done():
+            return None
+        return self._client.waiting_notice([self.queue])
 
     def result(self, timeout: float | None = None) -> ChatCompletion:
         """Wait for the answer.
@@ -36,21 +41,15 @@ class RequestHandle:
             RequestFailedError: the request ended as an error record (its code and message).
             TimeoutError: no answer within `timeout` seconds.
         """
-        redis = self._client.redis
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            raw = redis.get(keys.result(self.id))
-            if raw is not None:
-                record = json.loads(raw)
-                if "error" in record:
-                    raise RequestFailedError(record["error"]["code"], record["error"]["message"])
-                return ChatCompletion.model_validate(record)
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                raise TimeoutError(f"request {self.id} has no answer after {timeout}s")
-            # BLPOP wakes as soon as the worker stores the answer; the short cap re-checks the key.
-            wait = 1.0 if left is None else max(0.01, min(1.0, left))
-            redis.blpop([keys.result_ready(self.id)], timeout=wait)
+        record = self._client.requests.wait(self.id, timeout)
+        if record is None:
+            raise TimeoutError(f"request {self.id} has no answer after {timeout}s")
+        if "error" in record:
+            raise RequestFailedError(record["error"]["code"], record["error"]["message"])
+        return ChatCompletion.model_validate(record)
+
+    def __repr__(self) -> str:
+        return f"RequestHandle({self.id!r})"
 
 
 class JobHandle:
@@ -63,8 +62,12 @@ class JobHandle:
         self._client = client
 
     def status(self) -> BatchJob:
-        """The job record (the OpenAI Batch object)."""
-        return self._client.refresh(self.id)
+        """The job record (the OpenAI Batch object); reading never changes it."""
+        return self._client.jobs.get(self.id)
+
+    def waiting_notice(self) -> str | None:
+        """A sentence for people while a queue the job's lines went to has no live worker."""
+        return self._client.waiting_notice(self._client.jobs.queues(self.id))
 
     def wait(
         self,
@@ -91,7 +94,7 @@ class JobHandle:
 
     def lines(self) -> Iterator[tuple[str, str]]:
         """("output" | "error", JSON line) for every answered line, in input order."""
-        for _, kind, line in self._client.store.iter_lines(self.id):
+        for _, kind, line in self._client.jobs.iter_lines(self.id):
             yield kind, line
 
     def write_results(self, output: str | None, errors: str | None) -> tuple[int, int]:
@@ -101,7 +104,7 @@ class JobHandle:
         Returns:
             (output lines, error lines) of the job.
         """
-        return write_job_files(self._client.store, self.id, output, errors)
+        return self._client.jobs.write_files(self.id, output, errors)
 
     def cancel(self) -> BatchJob:
         """Stop the job: lines not yet answered become `cancelled` error lines."""

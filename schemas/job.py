@@ -18,6 +18,9 @@ class JobStatus(str, Enum):
     failed = "failed"
     cancelling = "cancelling"
     cancelled = "cancelled"
+    # chatbatch's own, as `cancelling` is to `cancelled`: past its completion window, its
+    # unanswered lines being closed.
+    expiring = "expiring"
     expired = "expired"
 
     @property

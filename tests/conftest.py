@@ -19,7 +19,9 @@ import pytest
 import redis
 
 ROOT = Path(__file__).resolve().parent.parent
-CHATBATCH = [sys.executable, "-m", "chatbatch.cli"]
+#: Signs callbacks; producers and workers share it.
+CALLBACK_SECRET = "whsec-test-3c1f"
+CHATBATCH = [sys.executable, "-m", "cli"]
 
 
 def free_port() -> int:
@@ -76,6 +78,25 @@ def pings(server: RedisServer) -> bool:
         return True  # up, and asking for a password
     except redis.RedisError:
         return False
+
+
+@pytest.fixture
+def aof_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of the test's own, with AOF persistence (it survives a restart)."""
+    server = start_redis(tmp_path / "redis", "--appendonly", "yes", "--appendfsync", "always")
+    yield server
+    if server.process.poll() is None:
+        server.process.terminate()
+        server.process.wait(10)
+
+
+def restart_redis(server: RedisServer) -> None:
+    """Start a killed AOF redis-server again on its port and directory."""
+    server.process = subprocess.Popen(
+        ["redis-server", "--port", str(server.port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "yes", "--appendfsync", "always", "--dir", str(server.dir)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -152,6 +173,8 @@ def base_env(redis_server: RedisServer, chatbatch_home: Path, s3_server: S3Serve
         AWS_SHARED_CREDENTIALS_FILE="/dev/null",
         CHATBATCH_REDIS_URL=redis_server.url,
         CHATBATCH_HOME=str(chatbatch_home),
+        CHATBATCH_CALLBACK_SECRET=CALLBACK_SECRET,
+        CHATBATCH_CALLBACK_MAX_ATTEMPTS="4",
         HF_HUB_OFFLINE="1",
         TRANSFORMERS_OFFLINE="1",
         MLFLOW_TRACKING_URI=f"file://{chatbatch_home}/mlruns",

@@ -20,10 +20,10 @@ import pytest
 
 from chatbatch import keys
 from schemas import BatchRequestOutput, ChatCompletion
-from tests.conftest import CHATBATCH, ROOT, RedisServer, Worker, batch_line, free_port, user, wait_for
+from tests.conftest import CALLBACK_SECRET, CHATBATCH, ROOT, RedisServer, Worker, batch_line, free_port, user, wait_for
 
 KEY_A, KEY_B = "sk-test-alpha", "sk-test-bravo"
-SECRET = "whsec-test-3c1f"
+SECRET = CALLBACK_SECRET
 MODEL = "tiny-llama-chat"
 
 

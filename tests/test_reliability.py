@@ -7,13 +7,11 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import subprocess
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -28,22 +26,12 @@ from tests.conftest import (
     Worker,
     batch_line,
     free_port,
-    pings,
-    start_redis,
+    restart_redis,
     user,
     wait_for,
 )
 
 MODEL = "tiny-llama-chat"
-
-
-@pytest.fixture
-def aof_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = start_redis(tmp_path / "redis", "--appendonly", "yes", "--appendfsync", "always")
-    yield server
-    if server.process.poll() is None:
-        server.process.terminate()
-        server.process.wait(10)
 
 
 def _env(base_env: dict[str, str], redis: RedisServer, **settings: str) -> dict[str, str]:
@@ -198,67 +186,6 @@ def test_task_longer_than_visibility_timeout_never_duplicates(aof_redis: RedisSe
             worker.stop()
 
 
-def _restart(server: RedisServer) -> None:
-    """Start a killed AOF redis-server again on its port and directory."""
-    server.process = subprocess.Popen(
-        ["redis-server", "--port", str(server.port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "yes", "--appendfsync", "always", "--dir", str(server.dir)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-
-
-def _message(channel: Any, tag: str) -> Any:
-    """A message as kombu's Redis channel hands it to Celery."""
-    raw = channel.prepare_message("a chunk")
-    raw["properties"].update(delivery_info={"exchange": "", "routing_key": "chatbatch"}, delivery_tag=tag)
-    return channel.Message(raw, channel=channel)
-
-
-def test_a_channel_closed_after_its_connection_keeps_its_messages(aof_redis: RedisServer) -> None:
-    """Celery drops a lost connection; kombu then closes the channel, putting back the messages
-    it holds, after the connection's transport was cleared: that must not raise (Celery would
-    stop the worker), and the messages stay unacknowledged in Redis, to come back after the
-    visibility timeout."""
-    from kombu import Connection
-
-    from worker.main import _restore_unacked_on_a_closed_connection
-
-    _restore_unacked_on_a_closed_connection()
-    with Connection(aof_redis.url) as connection:
-        channel = connection.default_channel
-        channel.qos.append(_message(channel, "tag-1"), "tag-1")
-        aof_redis.process.kill()
-        aof_redis.process.wait(10)
-        connection.transport.client = None  # what kombu's Connection.collect leaves behind
-        channel.close()
-    _restart(aof_redis)
-    wait_for(lambda: pings(aof_redis), 10, "redis-server back")
-    assert aof_redis.client().hexists("unacked", "tag-1")
-
-
-def test_a_message_taken_as_redis_goes_away_is_kept(aof_redis: RedisServer) -> None:
-    """Kombu takes a message off its queue, then records it as unacknowledged: Redis going away
-    in between must not lose it (the worker retries the second step until Redis is back)."""
-    from kombu import Connection
-
-    from worker.main import _record_deliveries_across_a_redis_restart
-
-    _record_deliveries_across_a_redis_restart()
-    with Connection(aof_redis.url) as connection:
-        channel = connection.default_channel
-        message = _message(channel, "tag-1")
-        aof_redis.process.kill()
-        aof_redis.process.wait(10)
-        taken = threading.Thread(target=channel.qos.append, args=(message, "tag-1"))
-        taken.start()
-        time.sleep(1.5)
-        assert taken.is_alive(), "the unacknowledged record was given up while Redis was away"
-        _restart(aof_redis)
-        taken.join(60)
-        assert not taken.is_alive()
-        wait_for(lambda: aof_redis.client().hexists("unacked", "tag-1"), 10, "the message recorded as unacknowledged")
-
-
 def test_redis_restart_mid_job(aof_redis: RedisServer, base_env: dict[str, str], tiny_model: Path, tmp_path: Path) -> None:
     env = _env(base_env, aof_redis, visibility_timeout="30")
     worker = _worker(env, tmp_path, "w", tiny_model, aof_redis)
@@ -270,7 +197,7 @@ def test_redis_restart_mid_job(aof_redis: RedisServer, base_env: dict[str, str],
         aof_redis.process.kill()
         aof_redis.process.wait(10)
         time.sleep(2)
-        _restart(aof_redis)
+        restart_redis(aof_redis)
         job = _wait(handle, 300, worker)
         assert job.status.value == "completed"
         _check_exactly_once(client, job, ids)

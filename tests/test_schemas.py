@@ -144,13 +144,13 @@ def test_schemas_import_pydantic_only() -> None:
 
 
 def test_producer_imports_no_torch_or_mlflow() -> None:
-    code = "import sys, producer, chatbatch.cli; print(sorted({'torch', 'mlflow', 'transformers'} & set(sys.modules)))"
+    code = "import sys, producer, gateway, cli.main; print(sorted({'torch', 'mlflow', 'transformers'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
 
 def test_chunks_are_sized_to_the_file() -> None:
-    from producer.client import MAX_CHUNK_LINES, MIN_CHUNK_LINES, chunk_lines
+    from producer.enqueue import MAX_CHUNK_LINES, MIN_CHUNK_LINES, chunk_lines
 
     assert chunk_lines(None) == MIN_CHUNK_LINES
     assert chunk_lines(10) == MIN_CHUNK_LINES

@@ -187,6 +187,11 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._draining = threading.Event()
+        #: Set when the engine thread ended on an error of its own (not a request's): the
+        #: worker must stop saying it serves (worker/main.py exits, so its tasks come back).
+        self.died = threading.Event()
+        #: What ended the engine thread, once `died` is set.
+        self.failure: BaseException | None = None
         self.stats: dict[str, float] = {
             "requests": 0,
             "batches": 0,
@@ -261,6 +266,10 @@ class Engine:
     def _enqueue(self, items: list[Pending]) -> None:
         if self._draining.is_set():
             self._cancel(items)
+        elif self.died.is_set():
+            dead = RequestError(ErrorCode.internal_error, "the worker's engine stopped on an error")
+            for item in items:
+                self._fail(item, dead)
         elif self._stopping.is_set():
             shutting_down = RequestError(ErrorCode.internal_error, "the worker is shutting down")
             for item in items:
@@ -314,6 +323,17 @@ class Engine:
     # The engine thread.
 
     def _loop(self) -> None:
+        """The engine thread. An error of one request fails that request (see `_run`,
+        `_prepare`); an error of the engine's own ends the thread with `died` set, leaving the
+        requests it held unanswered: the worker exits and their tasks are delivered again."""
+        try:
+            self._serve()
+        except BaseException as error:  # the thread must not end silently, whatever ended it
+            self.failure = error
+            logger.critical("the engine thread stopped on an error: this worker can no longer serve", exc_info=True)
+            self.died.set()
+
+    def _serve(self) -> None:
         backlog: list[Pending] = []
         while not self._stopping.is_set():
             if self._draining.is_set():
@@ -364,6 +384,16 @@ class Engine:
             if timeout == 0.0:
                 return  # a full batch is here, and everything that was waiting was taken
 
+    @staticmethod
+    def _start(item: Pending) -> RequestError | None:
+        """Run a request's `on_start` hook: its refusal, or an internal_error when the hook
+        itself fails (it runs Redis commands, which may fail)."""
+        try:
+            return item.on_start()  # type: ignore[misc]
+        except Exception as error:
+            logger.exception("the start hook of %s failed", item.request_id)
+            return RequestError(ErrorCode.internal_error, f"the worker could not start this request: {error}")
+
     def _cancel(self, items: list[Pending]) -> None:
         for item in items:
             item.future.cancel()
@@ -412,7 +442,7 @@ class Engine:
             return
         batch = [item for item in batch if item.future.set_running_or_notify_cancel()]
         for item in [item for item in batch if item.on_start is not None]:
-            refusal = item.on_start()  # type: ignore[misc]
+            refusal = self._start(item)
             if refusal is not None:
                 item.future.set_exception(refusal)
                 batch.remove(item)

@@ -1,4 +1,9 @@
-"""`chatbatch worker`: load the model once, start the engine, then consume with Celery."""
+"""`chatbatch worker`: load the model once, start the engine, then consume with Celery.
+
+Beside Celery's consumer, a worker runs a few threads of its own (`Background`): its registry
+heartbeat, the sweeps (jobs past their window, stalled file writes, lost tasks), the callback
+relay, and a watchdog that ends the process when the engine thread dies.
+"""
 
 from __future__ import annotations
 
@@ -12,142 +17,120 @@ from typing import Any
 from celery import signals
 
 from chatbatch import keys, registry
-from chatbatch.jobstore import JobStore
-from chatbatch.queues import DEFAULT_QUEUE, TASK_CHAT, TASK_CHUNK, chunk_argsrepr, model_queue, request_argsrepr
-from chatbatch.redisconn import RETRY, connect
+from chatbatch.ids import new_id
+from chatbatch.queues import (
+    CALLBACK_QUEUE,
+    DEFAULT_QUEUE,
+    TASK_CHAT,
+    TASK_CHUNK,
+    chunk_argsrepr,
+    model_queue,
+    request_argsrepr,
+)
+from chatbatch.redisconn import connect
 from chatbatch.settings import Settings
-from worker import app as worker_app
-from worker import heap, recovery
+from worker import callbacks, heap, kombu_mends, recovery
 from worker import model as model_loading
 from worker.model import build_engine, load_runner
+from worker.state import WorkerState
+from worker.tasks import create_app
 
 logger = logging.getLogger(__name__)
 
+#: Exit status of a worker whose engine thread died: its supervisor restarts it.
+EXIT_ENGINE_DIED = 70
 
-def _heartbeats(state: worker_app.WorkerState, hostname: str, frozen: int, stop: threading.Event) -> None:
-    while not stop.is_set():
-        try:
-            registry.heartbeat(
-                state.redis,
-                state.served_name,
-                hostname,
-                {
+
+class Background:
+    """The worker's own threads, started once it is ready and stopped with it."""
+
+    def __init__(self, state: WorkerState, app: Any, hostname: str, queues: list[str]) -> None:
+        self.state = state
+        self.app = app
+        self.hostname = hostname
+        self.queues = queues
+        self.frozen = 0
+        self.stop = threading.Event()
+
+    def start(self, frozen: int) -> None:
+        self.frozen = frozen
+        for name, target in (
+            ("heartbeat", self.heartbeats),
+            ("sweeps", self.sweeps),
+            ("callback-relay", self.relay),
+            ("watchdog", self.watchdog),
+        ):
+            threading.Thread(target=target, name=f"chatbatch-{name}", daemon=True).start()
+
+    def heartbeats(self) -> None:
+        """Announce the model and queues every heartbeat interval, while the engine lives."""
+        state = self.state
+        while not self.stop.is_set() and not state.engine.died.is_set():
+            try:
+                info = {
                     "pid": os.getpid(),
+                    "queues": self.queues,
                     "model_loads": model_loading.LOADS,
-                    "frozen_objects": frozen,
+                    "frozen_objects": self.frozen,
                     **state.engine.stats,
-                },
-                state.settings.heartbeat_interval,
-            )
-        except Exception as error:  # Redis down: keep trying, Celery reconnects on its own
-            logger.warning("heartbeat failed: %s", type(error).__name__)
-        stop.wait(state.settings.heartbeat_interval)
+                }
+                registry.heartbeat(state.redis, state.served_name, self.hostname, info, state.settings.heartbeat_interval)
+            except Exception as error:  # Redis away: keep trying, Celery reconnects on its own
+                logger.warning("heartbeat failed: %s", type(error).__name__)
+            self.stop.wait(state.settings.heartbeat_interval)
 
+    def sweeps(self) -> None:
+        """The job sweep (expiry, stalled file writes) every heartbeat interval, and the lost
+        task sweep (worker/recovery.py) every half visibility timeout (1..60 s); each on one
+        worker at a time, under a Redis lock."""
+        settings = self.state.settings
+        job_interval = settings.heartbeat_interval
+        recovery_interval = min(60.0, max(1.0, settings.visibility_timeout / 2))
+        next_recovery = time.monotonic() + recovery_interval
+        while not self.stop.wait(job_interval):
+            self._locked(keys.SWEEP_LOCK, job_interval, self.state.jobs.sweep)
+            if time.monotonic() >= next_recovery:
+                next_recovery = time.monotonic() + recovery_interval
+                self._locked(keys.RECOVERY_LOCK, recovery_interval, self._recover)
 
-def _recover_lost_tasks(state: worker_app.WorkerState, hostname: str, stop: threading.Event) -> None:
-    """Sweep for chunks and single requests the broker lost (worker/recovery.py), one worker at a time: every half
-    visibility timeout (1..60 s); a job is looked at once it has not moved for the visibility
-    timeout (at most 5 minutes)."""
-    settings = state.settings
-    interval = min(60.0, max(1.0, settings.visibility_timeout / 2))
-
-    def send(job_id: str, chunk: str, queue: str, lines: str, count: int) -> None:
-        worker_app.app.send_task(TASK_CHUNK, args=[job_id, chunk, lines], queue=queue, argsrepr=chunk_argsrepr(job_id, chunk, count))
-
-    def send_request(request_id: str, queue: str, body: dict[str, Any]) -> None:
-        worker_app.app.send_task(TASK_CHAT, args=[request_id, body], queue=queue, argsrepr=request_argsrepr(request_id))
-
-    while not stop.wait(interval):
+    def _locked(self, lock: str, seconds: float, work: Any) -> None:
         try:
-            if state.redis.set(keys.RECOVERY_LOCK, hostname, nx=True, ex=max(1, int(interval))):
-                stall = min(settings.visibility_timeout, 300)
-                now = time.time()
-                recovery.sweep(state.store, send, stall_seconds=stall, now=now)
-                recovery.sweep_requests(state.store, send_request, stall_seconds=stall, now=now)
-        except Exception as error:  # Redis away: the next sweep tries again
-            logger.warning("sweep for lost chunks and requests failed: %s", type(error).__name__)
+            if self.state.redis.set(lock, self.hostname, nx=True, ex=max(1, int(seconds))):
+                work()
+        except Exception:  # Redis away, or a job that cannot be read: the next sweep tries again
+            logger.warning("sweep under %s failed", lock, exc_info=True)
 
+    def _recover(self) -> None:
+        settings = self.state.settings
+        stall = min(settings.visibility_timeout, 300)
+        now = time.time()
 
-def _tolerate_acks_on_a_lost_connection() -> None:
-    """Redis restarted while tasks were finishing: their acks reach kombu's Redis channel after
-    it was closed, and kombu raises AttributeError (not one of the connection errors it already
-    logs and skips). Raised while Celery restarts its consumer, that error stopped the restart
-    and the worker never consumed again. Such an ack is now logged and skipped like any other
-    failed ack: the message was already restored to its queue when the connection dropped, and
-    its answers are stored, so its next delivery is a no-op."""
-    from kombu.message import Message
+        def send_chunk(job_id: str, chunk: str, queue: str, lines: str, count: int) -> None:
+            self.app.send_task(TASK_CHUNK, args=[job_id, chunk, lines], queue=queue, argsrepr=chunk_argsrepr(job_id, chunk, count))
 
-    original = Message.ack_log_error
-    if getattr(original, "_chatbatch", False):
-        return
+        def send_request(request_id: str, queue: str, body: dict[str, Any]) -> None:
+            self.app.send_task(TASK_CHAT, args=[request_id, body], queue=queue, argsrepr=request_argsrepr(request_id))
 
-    def ack_log_error(self: Message, log: Any, errors: Any, multiple: bool = False) -> None:
-        try:
-            original(self, log, errors, multiple)
-        except AttributeError as error:
-            log.warning("could not acknowledge %r, the broker connection was lost: %r", self.delivery_tag, error)
+        recovery.sweep(self.state, send_chunk, stall_seconds=stall, now=now)
+        recovery.sweep_requests(self.state, send_request, stall_seconds=stall, now=now)
 
-    ack_log_error._chatbatch = True  # type: ignore[attr-defined]
-    Message.ack_log_error = ack_log_error  # type: ignore[method-assign]
+    def relay(self) -> None:
+        callbacks.relay(self.state, self.app, new_id(f"{self.hostname}-"), self.stop)
 
-
-def _record_deliveries_across_a_redis_restart() -> None:
-    """Kombu's Redis transport takes a message off its queue (BRPOP), then records it as
-    unacknowledged in a second command. When Redis went away between the two, that command
-    failed, and the message was on no queue and in no unacknowledged set: lost, and its job
-    never ended (seen in a fresh-clone CI run of `test_redis_restart_mid_job`). The second
-    command now retries while Redis is away, as the worker's own Redis commands do (about a
-    minute): once Redis is back the message is recorded and delivered as usual."""
-    from kombu.transport import redis as kombu_redis
-
-    original = kombu_redis.QoS.append
-    if getattr(original, "_chatbatch", False):
-        return
-
-    def append(self: Any, message: Any, delivery_tag: str) -> None:
-        def failed(error: Exception, failures: int) -> None:
-            if failures == 1:
-                logger.warning("Redis went away as message %s was taken (%s): it is recorded once Redis is back", delivery_tag, type(error).__name__)
-
-        RETRY.call_with_retry(lambda: original(self, message, delivery_tag), failed, with_failure_count=True)
-
-    append._chatbatch = True  # type: ignore[attr-defined]
-    kombu_redis.QoS.append = append  # type: ignore[method-assign]
-
-
-def _restore_unacked_on_a_closed_connection() -> None:
-    """When Celery drops a lost broker connection, kombu closes its channel and first pushes the
-    messages it holds back onto their queues. Where the connection's transport was already
-    cleared, kombu raised AttributeError there, which Celery treats as unrecoverable: the worker
-    stopped consuming for good (seen once under load in `test_redis_restart_mid_job`). Such a
-    restore is now skipped with a warning: the messages stay in Redis's unacknowledged set and
-    return to their queue after the visibility timeout, the way a dead worker's do."""
-    from kombu.transport import redis as kombu_redis
-
-    original = kombu_redis.QoS.restore_unacked
-    if getattr(original, "_chatbatch", False):
-        return
-
-    def restore_unacked(self: Any, client: Any = None) -> None:
-        try:
-            original(self, client)
-        except AttributeError as error:
-            logger.warning(
-                "could not put %d unacknowledged messages back at once, the broker connection is closed (%r): "
-                "they return to their queue after the visibility timeout", len(self._delivered), error,
-            )
-            self._delivered.clear()
-
-    restore_unacked._chatbatch = True  # type: ignore[attr-defined]
-    kombu_redis.QoS.restore_unacked = restore_unacked  # type: ignore[method-assign]
-
-
-def _survive_redis_restarts() -> None:
-    """Kombu's Redis transport, mended where a Redis restart made it lose a message or stop the
-    worker (docs/reliability.md)."""
-    _tolerate_acks_on_a_lost_connection()
-    _record_deliveries_across_a_redis_restart()
-    _restore_unacked_on_a_closed_connection()
+    def watchdog(self) -> None:
+        """A worker whose engine thread died can no longer answer: leave the registry and exit
+        at once, without acknowledging anything, so its supervisor restarts it and its tasks
+        are delivered again (as after a crash)."""
+        while not self.stop.is_set():
+            if self.state.engine.died.wait(1.0):
+                self.stop.set()
+                try:
+                    registry.leave(self.state.redis, self.state.served_name, self.hostname)
+                except Exception:
+                    logger.warning("could not leave the registry", exc_info=True)
+                logger.critical("worker %s: the engine died (%r); exiting with status %d", self.hostname, self.state.engine.failure, EXIT_ENGINE_DIED)
+                logging.shutdown()
+                os._exit(EXIT_ENGINE_DIED)
 
 
 def run_worker(
@@ -160,27 +143,26 @@ def run_worker(
     hostname: str | None = None,
     loglevel: str = "INFO",
 ) -> None:
-    """Run a worker until it is stopped (SIGTERM: unfinished work is handed back to the queue)."""
-    _survive_redis_restarts()
+    """Run a worker until it is stopped (SIGTERM: unfinished work is handed back to the queue).
+
+    Raises:
+        ConfigurationError: Redis cannot be reached, or kombu is not a tested version.
+    """
+    kombu_mends.install()
     client = connect(settings.redis_url)
     runner = load_runner(model_uri, settings, served_name=served_name)
     engine = build_engine(runner, settings)
     engine.start()
-    state = worker_app.WorkerState(
-        settings=settings,
-        redis=client,
-        store=JobStore(client, job_ttl=settings.job_ttl, upload_retry_seconds=settings.s3_retry_seconds),
-        engine=engine,
-        served_name=runner.served_name,
-    )
-    worker_app.install(state)
-    if not queues:
-        queues = [DEFAULT_QUEUE, model_queue(runner.served_name)]
+    state = WorkerState(settings=settings, redis=client, engine=engine, served_name=runner.served_name)
+    app = create_app(settings, state)
+    queues = list(queues or [DEFAULT_QUEUE, model_queue(runner.served_name)])
+    if CALLBACK_QUEUE not in queues:
+        queues.append(CALLBACK_QUEUE)
     hostname = hostname or f"chatbatch-{runner.served_name.replace('/', '_')}-{os.getpid()}@{socket.gethostname()}"
     # One thread per task that may wait on the engine: enough to fill a batch from single
     # requests, while prefetch (multiplier 1) keeps other workers fed.
     threads = concurrency or min(512, max(4, engine.max_batch_size))
-    stop = threading.Event()
+    background = Background(state, app, hostname, queues)
 
     @signals.worker_shutting_down.connect(weak=False)
     def _draining(**_: Any) -> None:
@@ -192,13 +174,11 @@ def run_worker(
     @signals.worker_ready.connect(weak=False)
     def _ready(**_: Any) -> None:
         # Everything the worker keeps is loaded now (model, engine, Celery's consumer).
-        frozen = heap.settle()
-        threading.Thread(target=_heartbeats, args=(state, hostname, frozen, stop), daemon=True).start()
-        threading.Thread(target=_recover_lost_tasks, args=(state, hostname, stop), daemon=True).start()
+        background.start(heap.settle())
         logger.info("worker %s serves %r on queues %s", hostname, runner.served_name, ",".join(queues))
 
     try:
-        worker_app.app.worker_main(
+        app.worker_main(
             [
                 "worker",
                 "--pool=threads",
@@ -212,9 +192,9 @@ def run_worker(
             ]
         )
     finally:
-        stop.set()
+        background.stop.set()
         try:
             registry.leave(client, runner.served_name, hostname)
         except Exception:
-            pass
+            logger.debug("could not leave the registry", exc_info=True)
         engine.stop()

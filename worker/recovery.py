@@ -3,7 +3,7 @@
 Kombu's Redis transport takes a message off its queue, then records it as unacknowledged in a
 second step. A worker killed between the two (SIGKILL, the OOM killer, a preempted machine)
 loses the message: it is on no queue and in no unacknowledged set, and its job would never end.
-The producer keeps each chunk's lines until they are answered (`JobStore.add_pending`); one
+The producer keeps each chunk's lines until they are answered (`Ledger.add_pending`); one
 worker at a time sweeps the jobs that have stopped moving, and sends again each of their
 pending chunks whose message is nowhere in Redis at two looks a stall period apart (a message
 is briefly in neither place while kombu moves it, which one look could mistake for a loss).
@@ -19,14 +19,16 @@ import json
 import logging
 import re
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 
 from chatbatch import keys
-from chatbatch.jobstore import JobStore
-from chatbatch.redisconn import text
+from chatbatch.redisconn import maybe_text, text
 from schemas.job import JobStatus
+
+if TYPE_CHECKING:
+    from worker.state import WorkerState
 
 logger = logging.getLogger(__name__)
 
@@ -46,10 +48,10 @@ def tasks_with_a_message(client: redis.Redis, queues: Iterable[str]) -> set[tupl
     found: set[tuple[str, ...]] = set()
 
     def scan(raw: object) -> None:
-        if isinstance(raw, bytes):
-            match = _CHUNK_REPR.search(raw) or _REQUEST_REPR.search(raw)
-            if match:
-                found.add(tuple(group.decode() for group in match.groups()))
+        message = text(raw).encode()
+        match = _CHUNK_REPR.search(message) or _REQUEST_REPR.search(message)
+        if match:
+            found.add(tuple(group.decode() for group in match.groups()))
 
     for queue in queues:
         for start in range(0, int(client.llen(queue)), _PAGE):
@@ -72,7 +74,7 @@ def _missing_twice(client: redis.Redis, suspect: str, missing: bool) -> bool:
     return False
 
 
-def sweep(store: JobStore, send: Callable[[str, str, str, str, int], None], *, stall_seconds: float, now: float) -> list[tuple[str, str]]:
+def sweep(state: WorkerState, send: Callable[[str, str, str, str, int], None], *, stall_seconds: float, now: float) -> list[tuple[str, str]]:
     """One pass over the jobs with pending chunks; `send(job, chunk, queue, lines, count)`
     sends a chunk (its lines JSON and how many) again. Returns the (job, chunk) pairs sent
     again.
@@ -81,34 +83,31 @@ def sweep(store: JobStore, send: Callable[[str, str, str, str, int], None], *, s
     `stall_seconds`; its pending chunks with no message anywhere are sent again, and it is
     given another `stall_seconds` before the next look.
     """
-    client = store.redis
+    client = state.redis
     resent: list[tuple[str, str]] = []
-    for member in client.smembers(keys.PENDING_JOBS):
-        job_id = text(member)
-        status, enqueued, completed, failed = client.hmget(keys.job(job_id), ["status", "enqueued", "completed", "failed"])
-        if status is None or JobStatus(text(status)).is_final:
-            store.forget_pending(job_id)
-            for suspect in client.sscan_iter(keys.RECOVERY_SUSPECTS, match=f"{job_id}\t*"):
-                client.srem(keys.RECOVERY_SUSPECTS, suspect)
+    for job_id in state.ledger.pending_jobs():
+        status, enqueued, completed, failed = (maybe_text(v) for v in client.hmget(keys.job(job_id), ["status", "enqueued", "completed", "failed"]))
+        if status is None or JobStatus(status).is_final:
+            _forget(state, job_id)
             continue
-        if enqueued is None or text(enqueued) != "1":
+        if enqueued != "1":
             continue  # its producer is still sending chunks (or was stopped: a resume goes on)
         answered = int(completed or 0) + int(failed or 0)
-        seen = client.hget(keys.RECOVERY_SEEN, job_id)
-        last, since = (int(part) for part in text(seen).split(":")) if seen else (-1, 0)
+        seen = maybe_text(client.hget(keys.RECOVERY_SEEN, job_id))
+        last, since = (int(part) for part in seen.split(":")) if seen else (-1, 0)
         if answered != last:
             client.hset(keys.RECOVERY_SEEN, job_id, f"{answered}:{int(now)}")
             continue
         if now - since < stall_seconds:
             continue
-        pending = store.pending(job_id)
+        pending = state.ledger.pending(job_id)
         alive = tasks_with_a_message(client, {queue for queue, _ in pending.values()}) if pending else set()
         for chunk, (queue, lines) in pending.items():
             if not _missing_twice(client, f"{job_id}\t{chunk}", (job_id, chunk) not in alive):
                 continue
             items = json.loads(lines)
-            if all(store.recorded(job_id, [item["line"] for item in items])):
-                store.forget_pending(job_id, chunk)
+            if all(state.jobs.recorded(job_id, [item["line"] for item in items])):
+                state.ledger.forget_chunk(job_id, chunk)
                 continue
             logger.warning("job %s chunk %s: its message was lost (a worker died as it took it); sending it again", job_id, chunk)
             send(job_id, chunk, queue, lines, len(items))
@@ -117,24 +116,34 @@ def sweep(store: JobStore, send: Callable[[str, str, str, str, int], None], *, s
     return resent
 
 
+def _forget(state: WorkerState, job_id: str) -> None:
+    """An ended job: its ledger and the sweep's notes on it go."""
+    client = state.redis
+    state.ledger.forget_job(job_id)
+    client.hdel(keys.RECOVERY_SEEN, job_id)
+    for suspect in client.sscan_iter(keys.RECOVERY_SUSPECTS, match=f"{job_id}\t*"):
+        client.srem(keys.RECOVERY_SUSPECTS, suspect)
+
+
 def sweep_requests(
-    store: JobStore, send: Callable[[str, str, dict[str, Any]], None], *, stall_seconds: float, now: float
+    state: WorkerState, send: Callable[[str, str, dict[str, Any]], None], *, stall_seconds: float, now: float
 ) -> list[str]:
     """Single requests unanswered for `stall_seconds` with no message anywhere are sent again
     with `send(request id, queue, body)`; returns their ids."""
-    client = store.redis
-    waiting = {rid: entry for rid, entry in store.pending_requests().items() if now - entry[2] >= stall_seconds}
+    client = state.redis
+    requests = state.requests
+    waiting = {rid: entry for rid, entry in requests.pending().items() if now - entry[2] >= stall_seconds}
     if not waiting:
         return []
     alive = tasks_with_a_message(client, {queue for queue, _, _ in waiting.values()})
     resent: list[str] = []
     for request_id, (queue, body, _) in waiting.items():
-        if client.exists(keys.result(request_id)):
-            store.forget_pending_request(request_id)
+        if requests.answered(request_id):
+            requests.forget_pending(request_id)
             client.srem(keys.RECOVERY_SUSPECTS, f"\t{request_id}")
             continue
         # Looked at again only after another `stall_seconds`, lost or not.
-        store.add_pending_request(request_id, queue, body, now)
+        requests.resend(request_id, queue, body, now)
         if _missing_twice(client, f"\t{request_id}", (request_id,) not in alive):
             logger.warning("request %s: its message was lost (a worker died as it took it); sending it again", request_id)
             send(request_id, queue, body)

@@ -194,12 +194,6 @@ class TransformersRunner:
 
     # Hooks called by the engine.
 
-    def prepare(self, item: Pending) -> None:
-        """Prepare one request; raises its RequestError."""
-        error = self.prepare_many([item])[0]
-        if error is not None:
-            raise error
-
     def prepare_many(self, items: list[Pending]) -> list[RequestError | None]:
         errors: list[RequestError | None] = [None] * len(items)
         texts: list[str] = []
@@ -517,12 +511,9 @@ class PyfuncRunner:
     def batch_limits(self, max_batch_size: int | None, max_batch_tokens: int | None) -> tuple[int, int]:
         return max_batch_size or CPU_BATCH_SIZE, max_batch_tokens or CPU_BATCH_TOKENS
 
-    def prepare(self, item: Pending) -> None:
-        item.rows = item.request.n
-
     def prepare_many(self, items: list[Pending]) -> list[RequestError | None]:
         for item in items:
-            self.prepare(item)
+            item.rows = item.request.n
         return [None] * len(items)
 
     def run_batch(self, items: list[Pending]) -> list[ChatCompletion | RequestError]:

@@ -1,11 +1,11 @@
-"""Files uploaded through the HTTP API (`/v1/files`, purpose `batch`): content on disk,
-the file object in Redis. Each file belongs to the API key that uploaded it."""
+"""Files uploaded through the HTTP API (`/v1/files`, purpose `batch`): content on disk under
+CHATBATCH_FILES_DIR (shared by every gateway), the file object in Redis. Each file belongs to
+the API key that uploaded it."""
 
 from __future__ import annotations
 
 import os
 import time
-import uuid
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
@@ -13,10 +13,19 @@ import redis
 
 from chatbatch import keys
 from chatbatch.exceptions import InputTooLargeError
-from chatbatch.redisconn import Fields, text
+from chatbatch.ids import new_id
+from chatbatch.redisconn import Fields, text, texts
 
 
 class FileStore:
+    """Uploaded files. Thread-safe.
+
+    Args:
+        client: the Redis connection.
+        directory: where the content goes (created if missing).
+        max_bytes: the largest upload accepted.
+    """
+
     def __init__(self, client: redis.Redis, directory: Path, *, max_bytes: int) -> None:
         self.redis = client
         self.directory = directory
@@ -32,7 +41,7 @@ class FileStore:
         Raises:
             InputTooLargeError: the upload is over the file size limit (nothing is kept).
         """
-        file_id = f"file-{uuid.uuid4().hex}"
+        file_id = new_id("file-")
         target = self.path(file_id)
         partial = target.with_suffix(".part")
         size = 0
@@ -59,15 +68,16 @@ class FileStore:
             "status": "processed",
             "owner": owner,
         }
-        self.redis.hset(keys.file(file_id), mapping=cast(Fields, record))
-        self.redis.zadd(keys.FILES, {file_id: record["created_at"]})
+        pipe = self.redis.pipeline()
+        pipe.hset(keys.file(file_id), mapping=cast(Fields, record))
+        pipe.zadd(keys.FILES, {file_id: record["created_at"]})
+        pipe.execute()
         return record
 
     def get(self, file_id: str) -> dict[str, Any] | None:
-        raw = self.redis.hgetall(keys.file(file_id))
-        if not raw:
+        record: dict[str, Any] = texts(self.redis.hgetall(keys.file(file_id)))
+        if not record:
             return None
-        record: dict[str, Any] = {text(k): text(v) for k, v in raw.items()}
         record["bytes"] = int(record["bytes"])
         record["created_at"] = int(record["created_at"])
         return record
@@ -81,6 +91,8 @@ class FileStore:
         return files
 
     def delete(self, file_id: str) -> None:
-        self.redis.delete(keys.file(file_id))
-        self.redis.zrem(keys.FILES, file_id)
+        pipe = self.redis.pipeline()
+        pipe.delete(keys.file(file_id))
+        pipe.zrem(keys.FILES, file_id)
+        pipe.execute()
         self.path(file_id).unlink(missing_ok=True)

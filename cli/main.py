@@ -151,10 +151,8 @@ def worker(model_uri: str, queues: tuple[str, ...], served_model_name: str | Non
 def serve(host: str, port: int) -> None:
     """Serve the OpenAI-compatible HTTP API (chat completions, files, batches, callbacks)."""
     _logging("INFO")
-    from producer.client import Client
-    from producer.gateway import serve as run
+    from gateway import serve as run
 
-    Client()  # fail fast, with the usual one-line message, when Redis is not there
     run(get_settings(), host, port)
 
 
@@ -177,7 +175,11 @@ def models() -> None:
 @click.option("--temperature", type=click.FloatRange(0, 2))
 @click.option("--seed", type=int)
 @click.option("--timeout", type=click.FloatRange(min=0), default=600, show_default=True, help="Seconds to wait.")
-def chat(text: str, model_name: str | None, system: str | None, max_tokens: int | None, temperature: float | None, seed: int | None, timeout: float) -> None:
+@click.option("--callback-url", help="Also POST the signed chat.completion here (needs CHATBATCH_CALLBACK_SECRET).")
+def chat(
+    text: str, model_name: str | None, system: str | None, max_tokens: int | None, temperature: float | None,
+    seed: int | None, timeout: float, callback_url: str | None,
+) -> None:
     """Send one chat request, wait, and print the chat.completion JSON."""
     from producer.client import Client
 
@@ -188,8 +190,16 @@ def chat(text: str, model_name: str | None, system: str | None, max_tokens: int 
     for key, value in (("model", model_name), ("max_tokens", max_tokens), ("temperature", temperature), ("seed", seed)):
         if value is not None:
             body[key] = value
-    completion = Client().submit(body).result(timeout=timeout)
+    handle = Client().submit(body, callback_url=callback_url)
+    _notice(handle.waiting_notice())
+    completion = handle.result(timeout=timeout)
     click.echo(completion.model_dump_json(indent=2))
+
+
+def _notice(message: str | None) -> None:
+    """Say on stderr, once, that nothing serves the work yet (it still waits)."""
+    if message:
+        click.echo(f"chatbatch: {message}", err=True)
 
 
 def _metadata(pairs: tuple[str, ...]) -> dict[str, str] | None:
@@ -211,7 +221,11 @@ def _metadata(pairs: tuple[str, ...]) -> dict[str, str] | None:
 @click.option("--metadata", multiple=True, help="key=value kept on the job (repeatable; 16 at most).")
 @click.option("--completion-window", default="24h", show_default=True)
 @click.option("--timeout", type=click.FloatRange(min=0), help="With --wait: give up after this many seconds.")
-def submit(file: str, output: str | None, errors: str | None, wait: bool, job_id: str | None, metadata: tuple[str, ...], completion_window: str, timeout: float | None) -> None:
+@click.option("--callback-url", help="POST the signed batch object here when the job ends (needs CHATBATCH_CALLBACK_SECRET).")
+def submit(
+    file: str, output: str | None, errors: str | None, wait: bool, job_id: str | None, metadata: tuple[str, ...],
+    completion_window: str, timeout: float | None, callback_url: str | None,
+) -> None:
     """Submit a JSONL file in the OpenAI Batch API format; prints the job id."""
     from producer.client import Client
 
@@ -229,6 +243,7 @@ def submit(file: str, output: str | None, errors: str | None, wait: bool, job_id
         output=output,
         errors=errors,
         completion_window=completion_window,
+        callback_url=callback_url,
     )
     click.echo(handle.id)
     if not wait:
@@ -257,7 +272,9 @@ def _watch(client: Any, handle: Any, timeout: float | None) -> Any:
 
     console = Console(stderr=True)
     started = time.monotonic()
-    first_tokens = client.store.generated_tokens(handle.id)
+    first_tokens = client.jobs.generated_tokens(handle.id)
+    if not handle.status().status.is_final:
+        _notice(handle.waiting_notice())
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -270,7 +287,7 @@ def _watch(client: Any, handle: Any, timeout: float | None) -> Any:
 
         def show(job: Any) -> None:
             counts = job.request_counts
-            tokens = client.store.generated_tokens(handle.id) - first_tokens
+            tokens = client.jobs.generated_tokens(handle.id) - first_tokens
             rate = tokens / max(1e-6, time.monotonic() - started)
             bar.update(
                 task,

@@ -1,0 +1,151 @@
+"""Callbacks: a signed POST to the URL a request or a batch named, when it ends.
+
+The workers send them (worker/callbacks.py), as Celery tasks with retry and backoff, whether or
+not a gateway runs. This module owns what both sides share: the signature, and the delivery
+state kept in the job or request record (`callback_status`, `callback_attempts`,
+`callback_last_error`, `callback_delivered_at`), changed only here, each change atomic.
+
+One delivery of an event runs at a time: an attempt first takes the event's lease, held by the
+Celery task (whose retries keep its id) through the attempt and the backoff after a failure.
+A second task for the same event (a notification relayed twice) finds the lease held, or the
+callback delivered, and stops. The only repeat a receiver sees is a retry after a failure or a
+timeout, with the same `X-Chatbatch-Event-Id`.
+
+Signature:
+
+    X-Chatbatch-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(CHATBATCH_CALLBACK_SECRET, "<t>.<body>")>
+
+Receivers recompute the HMAC over the timestamp, a dot and the raw body, compare in constant
+time, and reject old timestamps (replays); `verify` does this.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+from typing import Any
+
+import redis
+
+from chatbatch import keys
+from chatbatch.exceptions import ConfigurationError
+from chatbatch.redisconn import maybe_text
+
+#: The consumer group of the workers' callback relay on the notification stream.
+GROUP = "chatbatch-callbacks"
+SIGNATURE_HEADER = "X-Chatbatch-Signature"
+EVENT_HEADER = "X-Chatbatch-Event"
+OBJECT_HEADER = "X-Chatbatch-Object-Id"
+EVENT_ID_HEADER = "X-Chatbatch-Event-Id"
+ATTEMPT_HEADER = "X-Chatbatch-Attempt"
+#: Event types, by what they notify of.
+BATCH, CHAT_COMPLETION = "batch", "chat.completion"
+
+# KEYS: record, lease. ARGV: holder, lease seconds. The attempt number this delivery may make,
+# or -1 (no callback), -2 (already delivered or failed for good), -3 (another holds the lease).
+_CLAIM = """
+if not redis.call('HGET', KEYS[1], 'callback_url') then return -1 end
+local status = redis.call('HGET', KEYS[1], 'callback_status')
+if status == 'delivered' or status == 'failed' then return -2 end
+local holder = redis.call('GET', KEYS[2])
+if holder and holder ~= ARGV[1] then return -3 end
+redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
+return redis.call('HINCRBY', KEYS[1], 'callback_attempts', 1)
+"""
+
+# KEYS: record, lease. ARGV: holder, status, last error, delivered_at ('' if none), lease
+# seconds to keep ('0' to release).
+_SETTLE = """
+local fields = {'callback_status', ARGV[2], 'callback_last_error', ARGV[3]}
+if ARGV[4] ~= '' then
+  table.insert(fields, 'callback_delivered_at')
+  table.insert(fields, ARGV[4])
+end
+redis.call('HSET', KEYS[1], unpack(fields))
+if redis.call('GET', KEYS[2]) == ARGV[1] then
+  if ARGV[5] == '0' then redis.call('DEL', KEYS[2]) else redis.call('EXPIRE', KEYS[2], ARGV[5]) end
+end
+return 1
+"""
+
+#: What `claim` answers instead of an attempt number.
+NO_CALLBACK, SETTLED, BUSY = -1, -2, -3
+
+
+def sign(secret: str, body: bytes, timestamp: int) -> str:
+    digest = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
+    return f"t={timestamp},v1={digest}"
+
+
+def verify(secret: str, body: bytes, header: str, *, tolerance: float = 300) -> bool:
+    """Check a signature header (for receivers written in Python)."""
+    try:
+        fields = dict(part.split("=", 1) for part in header.split(","))
+        timestamp = int(fields["t"])
+    except (ValueError, KeyError):
+        return False
+    if abs(time.time() - timestamp) > tolerance:
+        return False
+    return hmac.compare_digest(sign(secret, body, timestamp), header)
+
+
+def check_url(url: str | None, secret: str, *, option: str = "callback_url") -> str | None:
+    """A callback URL a producer may record: http(s), with a secret configured to sign it.
+
+    Raises:
+        ConfigurationError: naming `option` and the fix.
+    """
+    if url is None:
+        return None
+    if not url.startswith(("http://", "https://")):
+        raise ConfigurationError(f"{option} must be an http:// or https:// URL, got {url[:60]!r}")
+    if not secret:
+        raise ConfigurationError(
+            f"{option} needs CHATBATCH_CALLBACK_SECRET, which signs callbacks: set it for producers and workers alike"
+        )
+    return url
+
+
+def record_key(kind: str, object_id: str) -> str:
+    if kind == BATCH:
+        return keys.job(object_id)
+    if kind == CHAT_COMPLETION:
+        return keys.request(object_id)
+    raise ValueError(f"unknown event type {kind!r}")
+
+
+class Callbacks:
+    """The delivery state of callbacks. Thread-safe.
+
+    Args:
+        client: the Redis connection (decoded replies or not).
+    """
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.redis = client
+        self._claim = client.register_script(_CLAIM)
+        self._settle = client.register_script(_SETTLE)
+
+    def url(self, kind: str, object_id: str) -> str | None:
+        return maybe_text(self.redis.hget(record_key(kind, object_id), "callback_url"))
+
+    def claim(self, kind: str, object_id: str, holder: str, *, lease_seconds: float) -> int:
+        """Take the event's lease for `holder` and count an attempt: the attempt's number, or
+        NO_CALLBACK, SETTLED or BUSY (then make no attempt)."""
+        lease = max(1, int(lease_seconds))
+        return int(self._claim(keys=[record_key(kind, object_id), keys.callback_lease(kind, object_id)], args=[holder, lease]))
+
+    def delivered(self, kind: str, object_id: str, holder: str) -> None:
+        """The receiver took it: settled for good, lease released."""
+        self._settle_state(kind, object_id, holder, "delivered", "", str(int(time.time())), 0)
+
+    def failed(self, kind: str, object_id: str, holder: str, error: str, *, final: bool, keep_lease: float = 0) -> None:
+        """An attempt failed: `failed` for good when `final`, else still `pending`, the lease
+        kept for `keep_lease` seconds (the backoff before the retry, and its attempt)."""
+        status = "failed" if final else "pending"
+        self._settle_state(kind, object_id, holder, status, error, "", 0 if final else max(1, int(keep_lease)))
+
+    def _settle_state(self, kind: str, object_id: str, holder: str, status: str, error: str, at: str, lease: int) -> None:
+        args: list[Any] = [holder, status, error, at, lease]
+        self._settle(keys=[record_key(kind, object_id), keys.callback_lease(kind, object_id)], args=args)

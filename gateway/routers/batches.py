@@ -1,0 +1,102 @@
+"""`/v1/batches`: jobs, with the lifecycle of `chatbatch submit`.
+
+Creating a batch records the job (`validating`) and answers at once, as OpenAI does; the
+uploaded file's lines are enqueued in the background by a worker thread the app's lifespan
+owns. A gateway that stops meanwhile leaves the job for another gateway to resume.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Header, Query
+from starlette.concurrency import run_in_threadpool
+
+from chatbatch import keys
+from chatbatch.callbacks import check_url
+from chatbatch.ids import new_id
+from chatbatch.jobs import batch_object
+from chatbatch.redisconn import maybe_text, text
+from gateway.bodies import BatchCreate, BatchList
+from gateway.errors import ApiError, not_found
+from gateway.routers.chat import CALLBACK_HEADER
+from gateway.state import Gateway, gateway, owner
+from schemas.batch import CHAT_COMPLETIONS_URL
+from schemas.chat import check_metadata
+from schemas.job import BatchJob
+
+router = APIRouter(prefix="/v1/batches", tags=["batches"])
+
+
+def owned_job(state: Gateway, job_id: str, who: str) -> BatchJob:
+    """The job, if `who` owns it; else 404, as if absent."""
+    if state.client.jobs.field(job_id, "owner") != who:
+        raise not_found("batch", job_id)
+    return state.client.jobs.get(job_id)
+
+
+@router.post("")
+async def create_batch(
+    body: BatchCreate,
+    state: Gateway = Depends(gateway),
+    who: str = Depends(owner),
+    callback: str | None = Header(default=None, alias=CALLBACK_HEADER),
+) -> dict[str, Any]:
+    url = check_url(callback, state.settings.callback_secret, option=CALLBACK_HEADER)
+    if body.endpoint != CHAT_COMPLETIONS_URL:
+        raise ApiError(400, f"'endpoint' must be '{CHAT_COMPLETIONS_URL}'", param="endpoint", code="invalid_url")
+    if body.metadata is not None:
+        try:
+            check_metadata(body.metadata)
+        except ValueError as error:
+            raise ApiError(400, f"'metadata': {error}", param="metadata", code="invalid_request") from None
+    record = state.files.get(body.input_file_id)
+    if record is None or record["owner"] != who:
+        raise not_found("file", body.input_file_id)
+    job_id = new_id("batch_")
+    extra = {"owner": who, "input_file_id": body.input_file_id}
+    if url:
+        extra.update(callback_url=url, callback_status="pending", callback_attempts="0")
+    await run_in_threadpool(
+        state.client.create_job, job_id, source=body.input_file_id, metadata=body.metadata or None,
+        completion_window=body.completion_window, extra=extra,
+    )
+    state.enqueue_in_background(job_id, body.input_file_id)
+    job = await run_in_threadpool(state.client.jobs.get, job_id)
+    return batch_object(job)
+
+
+@router.get("/{job_id}")
+def get_batch(job_id: str, state: Gateway = Depends(gateway), who: str = Depends(owner)) -> dict[str, Any]:
+    return batch_object(owned_job(state, job_id, who))
+
+
+@router.post("/{job_id}/cancel")
+def cancel_batch(job_id: str, state: Gateway = Depends(gateway), who: str = Depends(owner)) -> dict[str, Any]:
+    owned_job(state, job_id, who)
+    return batch_object(state.client.cancel(job_id))
+
+
+@router.get("", response_model=BatchList)
+def list_batches(
+    state: Gateway = Depends(gateway),
+    who: str = Depends(owner),
+    limit: int = Query(default=20, ge=1, le=100),
+    after: str | None = None,
+) -> BatchList:
+    redis = state.client.redis
+    data: list[dict[str, Any]] = []
+    passed = after is None
+    more = False
+    for raw in redis.zrevrange(keys.JOBS, 0, -1):
+        job_id = text(raw)
+        if not passed:
+            passed = job_id == after
+            continue
+        if maybe_text(redis.hget(keys.job(job_id), "owner")) != who:
+            continue
+        if len(data) == limit:
+            more = True
+            break
+        data.append(batch_object(state.client.jobs.get(job_id)))
+    return BatchList(data=data, has_more=more, first_id=data[0]["id"] if data else None, last_id=data[-1]["id"] if data else None)

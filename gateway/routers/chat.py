@@ -1,0 +1,118 @@
+"""`/v1/chat/completions` and chatbatch's request records.
+
+`POST /v1/chat/completions` waits for the answer, as OpenAI does, without holding a thread: the
+wait is an XREAD on an asyncio connection. With `X-Chatbatch-Async: true` it answers 202 at once
+with the request record. When the gateway stops (SIGTERM), a waiting request answers 503 at
+once; its work goes on in the fleet, and its result stays readable by id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter, Depends, Header
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from chatbatch.callbacks import check_url
+from chatbatch.ids import new_id
+from chatbatch.jobs import callback_state
+from chatbatch.requests import COMPLETED, FAILED, QUEUED, wait_async
+from gateway.bodies import RequestRecord
+from gateway.errors import ApiError, from_request_error, not_found
+from gateway.state import Gateway, gateway, owner
+from schemas.errors import ErrorCode, RequestError
+from schemas.job import CallbackState
+
+router = APIRouter(prefix="/v1/chat", tags=["chat"])
+
+ASYNC_HEADER = "X-Chatbatch-Async"
+CALLBACK_HEADER = "X-Chatbatch-Callback-Url"
+#: Names the request in every answer of `POST /v1/chat/completions`, errors included.
+REQUEST_ID_HEADER = "X-Chatbatch-Request-Id"
+
+
+def _record(state: Gateway, request_id: str) -> RequestRecord:
+    requests = state.client.requests
+    fields = requests.get(request_id)
+    result = requests.result(request_id)
+    state_ = callback_state(fields)
+    record = RequestRecord(
+        id=request_id, created_at=int(fields.get("created_at", 0)), status=QUEUED,
+        callback=CallbackState.model_validate(state_) if state_ else None,
+    )
+    if result is None:
+        queue = fields.get("queue")
+        record.waiting = state.client.waiting_notice([queue]) if queue else None
+    elif "error" in result:
+        record.status, record.error = FAILED, result["error"]
+    else:
+        record.status, record.result = COMPLETED, result
+    return record
+
+
+def _owned(state: Gateway, request_id: str, who: str) -> None:
+    if state.client.requests.owner(request_id) != who:
+        raise not_found("chat completion", request_id)
+
+
+@router.post("/completions")
+async def create_completion(
+    body: dict[str, Any],
+    state: Gateway = Depends(gateway),
+    who: str = Depends(owner),
+    asynchronous: str | None = Header(default=None, alias=ASYNC_HEADER),
+    callback: str | None = Header(default=None, alias=CALLBACK_HEADER),
+) -> JSONResponse:
+    request_id = new_id("chatcmpl-")
+    headers = {REQUEST_ID_HEADER: request_id}
+    url = check_url(callback, state.settings.callback_secret, option=CALLBACK_HEADER)
+    await run_in_threadpool(state.client.submit, body, request_id=request_id, callback_url=url, owner=who)
+    if asynchronous and asynchronous.lower() in ("1", "true", "yes"):
+        record = await run_in_threadpool(_record, state, request_id)
+        return JSONResponse(status_code=202, content=record.model_dump(), headers=headers)
+    if state.aredis is None:
+        raise RuntimeError("the gateway's lifespan has not started")
+    waiter = asyncio.ensure_future(wait_async(state.aredis, request_id, state.settings.gateway_timeout))
+    stopper = asyncio.ensure_future(state.stopping.wait())
+    try:
+        done, _ = await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+        if not waiter.done():
+            waiter.cancel()
+    if waiter not in done:
+        raise ApiError(
+            503,
+            f"the gateway is stopping; request {request_id} goes on: read it at /v1/chat/completions/{request_id}",
+            kind="server_error", code="gateway_stopping", headers=headers,
+        )
+    result = waiter.result()
+    if result is None:
+        raise ApiError(
+            504, f"no answer within {state.settings.gateway_timeout:.0f}s; poll /v1/chat/completions/{request_id}",
+            kind="server_error", code="timeout", headers=headers,
+        )
+    if "error" in result:
+        error = from_request_error(RequestError(ErrorCode(result["error"]["code"]), result["error"]["message"]))
+        raise ApiError(error.status, error.message, kind=error.kind, code=error.code, headers=headers)
+    return JSONResponse(content=result, headers=headers)
+
+
+@router.get("/requests/{request_id}", response_model=RequestRecord)
+def get_request(request_id: str, state: Gateway = Depends(gateway), who: str = Depends(owner)) -> RequestRecord:
+    _owned(state, request_id, who)
+    return _record(state, request_id)
+
+
+@router.get("/completions/{request_id}")
+def get_completion(request_id: str, state: Gateway = Depends(gateway), who: str = Depends(owner)) -> Any:
+    _owned(state, request_id, who)
+    record = _record(state, request_id)
+    if record.status == QUEUED:
+        return JSONResponse(status_code=202, content=record.model_dump())
+    if record.status == FAILED and record.error is not None:
+        error = from_request_error(RequestError(ErrorCode(record.error["code"]), record.error["message"]))
+        raise ApiError(error.status, error.message, kind=error.kind, code=error.code)
+    return record.result

@@ -1,0 +1,98 @@
+"""`/v1/files`: uploaded batch input files, and the output and error files of ended batches
+(`file-<batch id>-output`, `file-<batch id>-errors`). Content is streamed, never built whole in
+memory."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from fastapi import APIRouter, Depends, File, Form, UploadFile
+from fastapi.responses import FileResponse, StreamingResponse
+from starlette.responses import Response
+
+from chatbatch.jobs import error_file_id, output_file_id
+from gateway.bodies import FileDeleted, FileList, FileObject
+from gateway.errors import ApiError, not_found
+from gateway.routers.batches import owned_job
+from gateway.state import Gateway, gateway, owner
+
+router = APIRouter(prefix="/v1/files", tags=["files"])
+
+_KINDS = {"output": "output", "errors": "error"}
+
+
+def _batch_file(state: Gateway, file_id: str, who: str) -> tuple[str, str, FileObject] | None:
+    """(job id, line kind, file object) of an ended batch's output or error file; None for an
+    uploaded file's id."""
+    if not file_id.startswith("file-batch_"):
+        return None
+    job_id, _, suffix = file_id.removeprefix("file-").rpartition("-")
+    if suffix not in _KINDS:
+        raise not_found("file", file_id)
+    job = owned_job(state, job_id, who)
+    if file_id not in (output_file_id(job.id), error_file_id(job.id)) or not job.status.is_final:
+        raise not_found("file", file_id)
+    kind = _KINDS[suffix]
+    count = job.request_counts.completed if kind == "output" else job.request_counts.failed
+    found = FileObject(
+        id=file_id, bytes=None, created_at=job.created_at, filename=f"{job_id}_{suffix}.jsonl",
+        purpose="batch_output", lines=count,
+    )
+    return job_id, kind, found
+
+
+def owned_file(state: Gateway, file_id: str, who: str) -> dict[str, Any]:
+    record = state.files.get(file_id)
+    if record is None or record["owner"] != who:
+        raise not_found("file", file_id)
+    return record
+
+
+def _public(record: dict[str, Any]) -> FileObject:
+    return FileObject.model_validate({k: v for k, v in record.items() if k != "owner"})
+
+
+@router.post("", response_model=FileObject)
+def create_file(
+    file: UploadFile = File(...), purpose: str = Form(...), state: Gateway = Depends(gateway), who: str = Depends(owner)
+) -> FileObject:
+    if purpose != "batch":
+        raise ApiError(400, f"purpose '{purpose}' is not supported; use 'batch'", param="purpose", code="invalid_request")
+    record = state.files.create(file.file, filename=file.filename or "upload.jsonl", purpose=purpose, owner=who)
+    return _public(record)
+
+
+@router.get("", response_model=FileList)
+def list_files(state: Gateway = Depends(gateway), who: str = Depends(owner)) -> FileList:
+    return FileList(data=[_public(record) for record in state.files.list(who)])
+
+
+@router.get("/{file_id}", response_model=FileObject)
+def get_file(file_id: str, state: Gateway = Depends(gateway), who: str = Depends(owner)) -> FileObject:
+    batch = _batch_file(state, file_id, who)
+    return batch[2] if batch else _public(owned_file(state, file_id, who))
+
+
+@router.get("/{file_id}/content")
+def file_content(file_id: str, state: Gateway = Depends(gateway), who: str = Depends(owner)) -> Response:
+    batch = _batch_file(state, file_id, who)
+    if batch is None:
+        owned_file(state, file_id, who)
+        return FileResponse(state.files.path(file_id), media_type="application/jsonl")
+    job_id, kind, _ = batch
+
+    def lines() -> Iterator[bytes]:
+        for _, _, line in state.client.jobs.iter_lines(job_id, kind):
+            yield line.encode() + b"\n"
+
+    return StreamingResponse(lines(), media_type="application/jsonl")
+
+
+@router.delete("/{file_id}", response_model=FileDeleted)
+def delete_file(file_id: str, state: Gateway = Depends(gateway), who: str = Depends(owner)) -> FileDeleted:
+    if _batch_file(state, file_id, who) is not None:
+        raise ApiError(400, "batch output files are deleted with their batch's records", param="file_id", code="invalid_request")
+    owned_file(state, file_id, who)
+    state.files.delete(file_id)
+    return FileDeleted(id=file_id)

@@ -1,0 +1,116 @@
+"""Callback delivery by the fleet.
+
+Every worker runs a relay: a consumer of the notification stream's `chatbatch-callbacks` group
+that turns each notification of an object with a callback URL into a `chatbatch.callback` task
+on the callbacks queue, which every worker consumes. The task POSTs the signed body once per
+attempt, and Celery retries it with exponential backoff (1 s, 2 s, 4 s, ... 60 s) after a
+failure or a timeout, up to CHATBATCH_CALLBACK_MAX_ATTEMPTS attempts. The delivery state lives
+in the record (chatbatch/callbacks.py), so a relayed duplicate or a redelivered task never
+delivers twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from typing import Any
+
+from celery.utils.time import get_exponential_backoff_interval
+
+from chatbatch import callbacks
+from chatbatch.events import Consumer
+from chatbatch.jobs import batch_object
+from chatbatch.queues import CALLBACK_QUEUE, TASK_CALLBACK
+from chatbatch.redisconn import text
+from worker.state import WorkerState
+
+logger = logging.getLogger(__name__)
+
+#: Most seconds between two attempts.
+BACKOFF_MAX = 60
+#: Seconds a relay's notification may stay unacknowledged before another worker's relay takes
+#: it over (the relay acknowledges as soon as it has queued the task).
+RELAY_MIN_IDLE = 30.0
+
+
+class AttemptFailed(Exception):
+    """One attempt failed; Celery retries the task after its backoff."""
+
+
+def backoff(retries: int) -> int:
+    """Celery's own backoff for the retry after `retries` earlier retries."""
+    return int(get_exponential_backoff_interval(factor=1, retries=retries, maximum=BACKOFF_MAX, full_jitter=False))
+
+
+def body(state: WorkerState, kind: str, object_id: str) -> bytes | None:
+    """What is sent: the batch object, or the stored chat.completion (or error record) as it
+    is; None when the object is gone from Redis."""
+    if kind == callbacks.BATCH:
+        if not state.jobs.exists(object_id):
+            return None
+        return json.dumps(batch_object(state.jobs.get(object_id), with_callback=False)).encode()
+    record = state.requests.result(object_id)
+    return None if record is None else json.dumps(record).encode()
+
+
+def deliver(task: Any, state: WorkerState, kind: str, object_id: str, event_id: str) -> None:
+    """One attempt at delivering a callback (the body of the `chatbatch.callback` task).
+
+    Raises:
+        AttemptFailed: the attempt failed and another is due (Celery retries the task).
+    """
+    import httpx
+
+    settings = state.settings
+    holder = str(task.request.id)
+    retries = int(task.request.retries or 0)
+    attempt = state.callbacks.claim(kind, object_id, holder, lease_seconds=settings.callback_timeout + 30)
+    if attempt < 0:
+        logger.debug("callback for %s %s: nothing to do (%d)", kind, object_id, attempt)
+        return
+    url = state.callbacks.url(kind, object_id)
+    payload = body(state, kind, object_id)
+    if not settings.callback_secret or url is None or payload is None:
+        reason = "CHATBATCH_CALLBACK_SECRET is not set on the worker" if not settings.callback_secret else "the object expired from Redis"
+        state.callbacks.failed(kind, object_id, holder, reason, final=True)
+        logger.error("callback for %s %s not sent: %s", kind, object_id, reason)
+        return
+    headers = {
+        "Content-Type": "application/json",
+        callbacks.SIGNATURE_HEADER: callbacks.sign(settings.callback_secret, payload, int(time.time())),
+        callbacks.EVENT_HEADER: kind,
+        callbacks.OBJECT_HEADER: object_id,
+        callbacks.EVENT_ID_HEADER: event_id,
+        callbacks.ATTEMPT_HEADER: str(attempt),
+    }
+    try:
+        response = httpx.post(url, content=payload, headers=headers, timeout=settings.callback_timeout)
+        error = "" if 200 <= response.status_code < 300 else f"HTTP {response.status_code}"
+    except httpx.HTTPError as failure:
+        error = type(failure).__name__
+    if not error:
+        state.callbacks.delivered(kind, object_id, holder)
+        logger.info("callback for %s %s delivered (attempt %d)", kind, object_id, attempt)
+        return
+    final = attempt >= settings.callback_max_attempts
+    wait = backoff(retries)
+    state.callbacks.failed(kind, object_id, holder, error, final=final, keep_lease=wait + settings.callback_timeout + 30)
+    if final:
+        logger.error("callback for %s %s failed for good after %d attempts (%s)", kind, object_id, attempt, error)
+        return
+    logger.warning("callback for %s %s: attempt %d failed (%s); retrying in %ds", kind, object_id, attempt, error, wait)
+    raise AttemptFailed(f"callback for {kind} {object_id}: {error}")
+
+
+def relay(state: WorkerState, app: Any, consumer_name: str, stop: threading.Event) -> None:
+    """Turn notifications of objects with a callback into callback tasks, until `stop`."""
+
+    def handle(entry_id: str, event: dict[str, str]) -> None:
+        if event.get("callback") != "1":
+            return
+        app.send_task(TASK_CALLBACK, args=[event["type"], event["id"], text(entry_id)], queue=CALLBACK_QUEUE)
+
+    consumer = Consumer(state.redis, callbacks.GROUP, consumer_name, min_idle=RELAY_MIN_IDLE)
+    consumer.run(handle, stop)
