@@ -50,6 +50,8 @@ EXPIRED: StopReason = (ErrorCode.expired, "the job's completion window ended bef
 
 #: `finalize()`'s answer to the one caller that must write the job's files (see `deliver`).
 DELIVER = "deliver"
+#: Seconds after a cancel at which the sweep closes the job, if its canceller has not.
+CLOSE_GRACE = 30
 
 # Lua: end a job whose final status is in `final` (KEYS[1] job, KEYS[2] open jobs, KEYS[3]
 # events, KEYS[4] lines, KEYS[5] inputs; ARGV[1] now, ARGV[2] job id, ARGV[3] TTL).
@@ -159,8 +161,10 @@ redis.call('DEL', KEYS[6])
 return final
 """
 
-# KEYS: job. ARGV: now, the new status ('cancelling' or 'expiring'). Stops a job that is
-# validating or in progress (an expiry only once its window has passed); 1 if it did.
+# KEYS: job, open jobs. ARGV: now, the new status ('cancelling' or 'expiring'), job id,
+# seconds until the sweep looks at a cancelled job (in case its canceller stops before
+# closing it). Stops a job that is validating or in progress (an expiry only once its window
+# has passed); 1 if it did.
 _STOP = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if status ~= 'validating' and status ~= 'in_progress' then return 0 end
@@ -169,6 +173,7 @@ if ARGV[2] == 'expiring' and tonumber(redis.call('HGET', KEYS[1], 'expires_at'))
 end
 if ARGV[2] == 'cancelling' then
   redis.call('HSET', KEYS[1], 'status', 'cancelling', 'cancelling_at', ARGV[1])
+  redis.call('ZADD', KEYS[2], ARGV[1] + ARGV[4], ARGV[3])
 else
   redis.call('HSET', KEYS[1], 'status', 'expiring')
 end
@@ -323,10 +328,13 @@ class Jobs:
         pipe.sadd(keys.ENQUEUING, job_id)
         pipe.execute()
 
-    def release_enqueuer(self, job_id: str) -> None:
+    def release_enqueuer(self, job_id: str, *, unfinished: bool = False) -> None:
+        """Give the enqueuer's lease up: for good, or, `unfinished`, so that another producer
+        resumes the job at once (a gateway that stops hands its batches to the others)."""
         pipe = self.redis.pipeline(transaction=False)
         pipe.delete(keys.job_enqueuer(job_id))
-        pipe.srem(keys.ENQUEUING, job_id)
+        if not unfinished:
+            pipe.srem(keys.ENQUEUING, job_id)
         pipe.execute()
 
     def start(self, job_id: str) -> None:
@@ -379,12 +387,12 @@ class Jobs:
             parts.append(f"{int(line)}\t{'completed' if kind == 'output' else 'failed'}\t{int(tokens)}\t{value}")
         return int(self._record_lines(keys=[keys.job_lines(job_id), keys.job(job_id)], args=["\n".join(parts)]))
 
-    def close_lines(self, job_id: str, lines: list[tuple[int, str | None]], reason: StopReason) -> int:
+    def close_lines(self, job_id: str, lines: list[tuple[int, str | None]], reason: StopReason, *, now: float | None = None) -> int:
         """Give these lines (number, custom_id) error lines for `reason`, unless answered
         already; an expiry first marks the job `expiring`, so that it ends `expired`. Returns
         how many were stored."""
         if reason == EXPIRED:
-            self.expire(job_id)
+            self.expire(job_id, now=now)
         code, message = reason
         stored = 0
         for start in range(0, len(lines), 1000):
@@ -396,7 +404,7 @@ class Jobs:
             stored += self.record_lines(job_id, entries)
         return stored
 
-    def close(self, job_id: str, reason: StopReason) -> str | None:
+    def close(self, job_id: str, reason: StopReason, *, now: float | None = None) -> str | None:
         """Give every enqueued line without an answer an error line for `reason`, then end the
         job if it can end. Returns the job's status after it (or DELIVER's outcome)."""
         inputs = self.inputs(job_id)
@@ -405,7 +413,7 @@ class Jobs:
         for start in range(0, len(numbers), 1000):
             batch = numbers[start : start + 1000]
             open_lines += [(n, inputs[n]) for n, done in zip(batch, self.recorded(job_id, batch)) if not done]
-        closed = self.close_lines(job_id, open_lines, reason)
+        closed = self.close_lines(job_id, open_lines, reason, now=now)
         if closed:
             logger.info("job %s: %d lines closed (%s)", job_id, closed, reason[0].value)
         keys_ = [keys.job(job_id), keys.job_lines(job_id), keys.job_enqueuer(job_id), keys.ENQUEUING]
@@ -422,14 +430,15 @@ class Jobs:
             JobNotFoundError: no such job.
         """
         self.get(job_id)
-        if self._stop(keys=[keys.job(job_id)], args=[int(time.time()), JobStatus.cancelling.value]):
+        if self._stop(keys=[keys.job(job_id), keys.OPEN_JOBS], args=[int(time.time()), JobStatus.cancelling.value, job_id, CLOSE_GRACE]):
             self.close(job_id, CANCELLED)
         return self.get(job_id)
 
-    def expire(self, job_id: str) -> bool:
+    def expire(self, job_id: str, *, now: float | None = None) -> bool:
         """Mark a job past its completion window `expiring`; True if this call did. The caller
         closes its lines (`close`, `close_lines`)."""
-        return bool(self._stop(keys=[keys.job(job_id)], args=[int(time.time()), JobStatus.expiring.value]))
+        when = int(time.time() if now is None else now)
+        return bool(self._stop(keys=[keys.job(job_id), keys.OPEN_JOBS], args=[when, JobStatus.expiring.value, job_id, CLOSE_GRACE]))
 
     def fail(self, job_id: str, error: JobError) -> JobStatus:
         """End a job that cannot go on (its input cannot be read) as `failed`, with `error`;
@@ -508,7 +517,7 @@ class Jobs:
                 self.close(job_id, CANCELLED)
                 acted.append(job_id)
             elif expires_at is not None and int(text(expires_at)) <= now:
-                self.close(job_id, EXPIRED)
+                self.close(job_id, EXPIRED, now=now)
                 acted.append(job_id)
             else:  # not due yet: looked at again at the end of its window
                 self.redis.zadd(keys.OPEN_JOBS, {job_id: int(text(expires_at or now))})

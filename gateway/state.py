@@ -83,6 +83,7 @@ class Gateway:
             with self.files.path(file_id).open("rb") as stream:
                 self.client.enqueue(stream, job_id=job_id, stop=self.stop_enqueueing, holder=holder)
         except Interrupted:
+            jobs.release_enqueuer(job_id, unfinished=True)
             logger.info("batch %s: enqueueing stopped with the gateway; another gateway resumes it", job_id)
         except FileNotFoundError:
             jobs.fail(job_id, JobError(code="input_file_missing", message=f"the input file {file_id} is gone from CHATBATCH_FILES_DIR"))

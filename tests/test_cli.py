@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
+from chatbatch import keys
 from chatbatch.settings import Settings
 from producer import Client
 from schemas import BatchJob, BatchRequestOutput, ChatCompletion, ErrorCode
-from tests.conftest import RedisServer, Worker, batch_line, run_cli, user, wait_for
+from tests.conftest import CHATBATCH, ROOT, RedisServer, Worker, batch_line, run_cli, user, wait_for
 
 MODEL = "tiny-llama-chat"
 
@@ -194,3 +198,41 @@ def test_redis_password_never_printed(base_env: dict[str, str]) -> None:
     assert done.returncode == 2
     assert "s3cret-pw" not in done.stderr + done.stdout
     assert "***" in done.stderr
+
+
+def test_chat_with_no_live_worker_says_so_then_answers_once_one_starts(aof_redis: RedisServer, base_env: dict[str, str], tiny_model: Path, tmp_path: Path) -> None:
+    env = {**base_env, "CHATBATCH_REDIS_URL": aof_redis.url}
+    chat = subprocess.Popen([*CHATBATCH, "chat", "--max-tokens", "3", "anyone there?"], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    said: list[tuple[float, str]] = []
+
+    def read_stderr() -> None:
+        assert chat.stderr is not None
+        for line in chat.stderr:
+            said.append((time.monotonic(), line))
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
+    r = aof_redis.client()
+    enqueued = wait_for(lambda: r.hlen(keys.PENDING_REQUESTS) == 1 and time.monotonic(), 60, "the request to be enqueued", interval=0.01)
+    wait_for(lambda: said, 5, "the notice on stderr", interval=0.01)
+    at, line = said[0]
+    assert at - enqueued < 1.0, f"the notice came {at - enqueued:.2f}s after the request was enqueued"
+    assert "no live worker consumes 'chatbatch'" in line and "chatbatch worker --model" in line
+    assert chat.poll() is None, "it still waits"
+    worker = Worker(env, tmp_path / "worker.log", "--model", str(tiny_model))
+    try:
+        worker.wait_ready(MODEL, r)
+        out, _ = chat.communicate(timeout=120)
+        assert chat.returncode == 0
+        assert ChatCompletion.model_validate_json(out).model == MODEL
+    finally:
+        worker.stop()
+
+
+def test_submit_wait_with_no_live_worker_says_so(aof_redis: RedisServer, base_env: dict[str, str], tmp_path: Path) -> None:
+    source = tmp_path / "in.jsonl"
+    source.write_text(batch_line("a", user("x", max_tokens=2)) + "\n")
+    done = run_cli({**base_env, "CHATBATCH_REDIS_URL": aof_redis.url}, "submit", str(source), "--wait", "--timeout", "2", timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert "no live worker consumes 'chatbatch'" in done.stderr and "still in_progress" in done.stderr

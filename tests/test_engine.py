@@ -319,3 +319,46 @@ def test_a_chunks_answers_are_freed_as_soon_as_its_task_lets_go(runner) -> None:
     finally:
         gc.enable()
         engine.stop()
+
+
+def test_a_failing_start_hook_fails_its_request_and_the_engine_goes_on(runner) -> None:  # type: ignore[no-untyped-def]
+    """`on_start` runs Redis commands in the engine thread (a suspect's attempt count): when it
+    raises, that request gets internal_error, and the engine keeps serving."""
+    import redis
+
+    def broken() -> RequestError | None:
+        raise redis.ConnectionError("Redis went away")
+
+    engine = Engine(runner, batch_wait=0.0)
+    engine.start()
+    try:
+        failing = engine.submit(_request("suspect", max_tokens=2), "suspect", alone=True, on_start=broken)
+        with pytest.raises(RequestError) as error:
+            failing.result(timeout=60)
+        assert error.value.code is ErrorCode.internal_error and "Redis went away" in error.value.message
+        after = engine.submit(_request("next", max_tokens=2), "next")
+        assert isinstance(after.result(timeout=60), ChatCompletion)
+        assert not engine.died.is_set()
+    finally:
+        engine.stop()
+
+
+def test_an_engine_thread_that_dies_says_so(runner) -> None:  # type: ignore[no-untyped-def]
+    """An error of the engine's own (not a request's) ends the thread with `died` set; later
+    requests fail at once instead of waiting for ever."""
+
+    class Exiting(Held):
+        def run_batch(self, items):  # type: ignore[no-untyped-def]
+            raise SystemExit("the model's library called exit()")
+
+    engine = Engine(Exiting(runner), batch_wait=0.0)
+    engine.start()
+    try:
+        engine.submit(_request("first", max_tokens=2), "first")
+        assert engine.died.wait(60)
+        assert isinstance(engine.failure, SystemExit)
+        late = engine.submit(_request("late", max_tokens=2), "late")
+        with pytest.raises(RequestError, match="engine stopped"):
+            late.result(timeout=5)
+    finally:
+        engine.stop()

@@ -243,3 +243,124 @@ def test_notifications_reach_a_consumer_group(gateway: Gateway, redis_server: Re
     assert any(e["type"] == "chat.completion" and e["status"] == "completed" for e in seen.values())
     assert r.xpending(keys.EVENTS, group)["pending"] == 0
     assert completion.id  # answered through the same queue
+
+
+def test_every_error_has_openais_body_and_the_auth_scheme_is_any_case(gateway: Gateway) -> None:
+    auth = {"Authorization": f"Bearer {KEY_A}"}
+
+    def openai_error(answer: httpx.Response, status: int) -> dict[str, Any]:
+        assert answer.status_code == status, answer.text
+        error = answer.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["message"]
+        return dict(error)
+
+    broken = httpx.post(f"{gateway.url}/v1/chat/completions", content=b"{not json", headers={**auth, "Content-Type": "application/json"})
+    assert openai_error(broken, 400)["code"] == "invalid_json"
+    not_an_object = httpx.post(f"{gateway.url}/v1/chat/completions", content=b"[1, 2]", headers={**auth, "Content-Type": "application/json"})
+    assert openai_error(not_an_object, 400)["type"] == "invalid_request_error"
+    plain_text = httpx.post(f"{gateway.url}/v1/chat/completions", content=b"hello", headers={**auth, "Content-Type": "text/plain"})
+    assert openai_error(plain_text, 400)["type"] == "invalid_request_error"
+    unknown = httpx.get(f"{gateway.url}/v1/no/such/route", headers=auth)
+    assert "/v1/no/such/route" in openai_error(unknown, 404)["message"]
+    wrong_method = httpx.delete(f"{gateway.url}/v1/batches", headers=auth)
+    assert openai_error(wrong_method, 405)["code"] == "method_not_allowed"
+    unknown_field = httpx.post(f"{gateway.url}/v1/batches", json={"input_file_id": "file-x", "endpoint": "/v1/chat/completions", "extra": 1}, headers=auth)
+    assert openai_error(unknown_field, 400)["param"] == "extra"
+    assert openai_error(httpx.get(f"{gateway.url}/v1/models", headers={"Authorization": "Bearer sk-wrong"}), 401)["type"] == "authentication_error"
+    for scheme in ("bearer", "BEARER", "Bearer"):
+        assert httpx.get(f"{gateway.url}/v1/models", headers={"Authorization": f"{scheme} {KEY_A}"}).status_code == 200, scheme
+    assert httpx.get(f"{gateway.url}/v1/models/{MODEL}", headers=auth).json()["id"] == MODEL
+
+
+def _serve(env: dict[str, str], log: Path) -> tuple[str, subprocess.Popen[bytes]]:
+    port = free_port()
+    with log.open("wb") as out:
+        process = subprocess.Popen([*CHATBATCH, "serve", "--port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        if process.poll() is not None:
+            raise RuntimeError(f"the gateway exited:\n{log.read_text()}")
+        try:
+            return httpx.get(f"{url}/v1/models").status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(up, 60, "the gateway")
+    return url, process
+
+
+def test_sigterm_answers_a_waiting_request_503_and_its_result_stays_readable(
+    aof_redis: RedisServer, base_env: dict[str, str], tiny_model: Path, tmp_path: Path
+) -> None:
+    """No worker at first: a synchronous request waits; SIGTERM stops the gateway within 10 s
+    with a 503, and once a worker starts the answer is readable by the request's id."""
+    env = {**base_env, "CHATBATCH_REDIS_URL": aof_redis.url}
+    url, process = _serve(env, tmp_path / "gateway.log")
+    answers: list[httpx.Response] = []
+    waiting = threading.Thread(target=lambda: answers.append(httpx.post(f"{url}/v1/chat/completions", json=user("wait for me", max_tokens=3), timeout=60)))
+    waiting.start()
+    r = aof_redis.client()
+    wait_for(lambda: r.hlen(keys.PENDING_REQUESTS) == 1, 30, "the request to be enqueued")
+    stopped = time.monotonic()
+    process.terminate()
+    process.wait(10)
+    assert time.monotonic() - stopped < 10, "the gateway stopped within 10 s"
+    waiting.join(10)
+    (answer,) = answers
+    assert answer.status_code == 503
+    error = answer.json()["error"]
+    assert error["type"] == "server_error" and error["code"] == "gateway_stopping"
+    request_id = answer.headers["X-Chatbatch-Request-Id"]
+    assert request_id in error["message"]
+    worker = Worker(env, tmp_path / "worker.log", "--model", str(tiny_model))
+    try:
+        worker.wait_ready(MODEL, r)
+        from chatbatch.settings import Settings
+        from producer import Client
+
+        completion = Client(Settings(redis_url=aof_redis.url)).request(request_id).result(timeout=60)
+        assert completion.id == request_id and completion.choices[0].message.content is not None
+    finally:
+        worker.stop()
+
+
+def test_an_async_request_with_no_worker_says_so_in_its_record(aof_redis: RedisServer, base_env: dict[str, str], tmp_path: Path) -> None:
+    url, process = _serve({**base_env, "CHATBATCH_REDIS_URL": aof_redis.url}, tmp_path / "gateway.log")
+    try:
+        answer = httpx.post(f"{url}/v1/chat/completions", json=user("anyone?", max_tokens=2), headers={"X-Chatbatch-Async": "true"})
+        assert answer.status_code == 202
+        record = answer.json()
+        assert record["status"] == "queued" and "no live worker consumes 'chatbatch'" in record["waiting"]
+        assert "chatbatch worker" in record["waiting"]
+        again = httpx.get(f"{url}/v1/chat/requests/{record['id']}").json()
+        assert again["waiting"] == record["waiting"]
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def test_a_batch_whose_gateway_stopped_mid_enqueue_is_resumed_by_another(
+    tiny_worker: Worker, redis_server: RedisServer, base_env: dict[str, str], tmp_path: Path
+) -> None:
+    env = {**base_env, "CHATBATCH_HEARTBEAT_INTERVAL": "1", "CHATBATCH_CHUNK_SIZE": "1"}
+    url, first = _serve(env, tmp_path / "first.log")
+    ids = [f"g{i}" for i in range(3000)]
+    content = _batch_file([batch_line(cid, user("x", max_tokens=1)) for cid in ids])
+    uploaded = httpx.post(f"{url}/v1/files", files={"file": ("big.jsonl", content)}, data={"purpose": "batch"}).json()
+    batch = httpx.post(f"{url}/v1/batches", json={"input_file_id": uploaded["id"], "endpoint": "/v1/chat/completions"}).json()
+    r = redis_server.client()
+    wait_for(lambda: r.hlen(keys.job_inputs(batch["id"])) > 20, 60, "enqueueing to be under way", interval=0.01)
+    first.terminate()
+    first.wait(10)
+    assert r.hget(keys.job(batch["id"]), "enqueued") == b"0", "stopped before it enqueued everything"
+    url, second = _serve(env, tmp_path / "second.log")
+    try:
+        wait_for(lambda: httpx.get(f"{url}/v1/batches/{batch['id']}").json()["status"] == "completed", 180, "the resumed batch")
+        final = httpx.get(f"{url}/v1/batches/{batch['id']}").json()
+        assert final["request_counts"] == {"total": 3000, "completed": 3000, "failed": 0}
+        lines = [BatchRequestOutput.model_validate_json(x) for x in httpx.get(f"{url}/v1/files/{final['output_file_id']}/content").text.splitlines()]
+        assert [line.custom_id for line in lines] == ids
+    finally:
+        second.terminate()
+        second.wait(10)

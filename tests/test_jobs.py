@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
+import threading
 import time
+import uuid
 from pathlib import Path
 
+import pytest
+import redis
+
 from chatbatch import keys
+from chatbatch.jobs import Jobs
+from chatbatch.redisconn import text
 from chatbatch.settings import Settings
 from producer import Client
-from schemas import BatchJob, BatchRequestOutput, ErrorCode
-from tests.conftest import CHATBATCH, ROOT, RedisServer, Worker, batch_line, run_cli, user, wait_for
+from schemas import BatchJob, BatchRequestOutput, ErrorCode, JobStatus
+from tests.conftest import CHATBATCH, ROOT, RedisServer, S3Server, Worker, batch_line, run_cli, user, wait_for
 
 # The OpenAI Batch object's fields (input/output/error files named as in chatbatch's contract).
 BATCH_FIELDS = {
@@ -157,3 +165,153 @@ def test_lines_with_crlf_spaces_and_harmless_fields_are_answered_as_sent(tiny_wo
     assert all(kind == "output" for kind, _ in lines), lines
     texts = {line.custom_id: line.response.body["choices"][0]["message"]["content"] for _, line in lines if line.response}
     assert texts["reordered"] == texts["tabbed"] == texts["plain"], texts
+
+
+# The job module on its own, on a real redis-server of the test's own.
+
+
+@pytest.fixture(params=[False, True], ids=["bytes", "decoded"])
+def jobs(request: pytest.FixtureRequest, aof_redis: RedisServer) -> Jobs:
+    """The job store on a client that decodes replies, and on one that does not."""
+    return Jobs(redis.Redis.from_url(aof_redis.url, decode_responses=request.param), job_ttl=600)
+
+
+def _output(line: int, custom_id: str) -> dict[str, object]:
+    return {"id": f"batch_req_{line}", "custom_id": custom_id, "response": {"status_code": 200, "request_id": "r", "body": {}}, "error": None}
+
+
+def test_a_job_moves_through_its_statuses_and_counts_each_line_once(jobs: Jobs) -> None:
+    assert jobs.create("batch_a", input_file="in.jsonl", metadata={"k": "v"})
+    assert not jobs.create("batch_a", input_file="other.jsonl"), "an id is taken once"
+    assert jobs.get("batch_a").status is JobStatus.validating
+    jobs.add_inputs("batch_a", {1: "a", 2: "b", 3: "c"}, queues={"chatbatch"})
+    jobs.start("batch_a")
+    assert jobs.get("batch_a").status is JobStatus.in_progress and jobs.queues("batch_a") == ["chatbatch"]
+    assert jobs.record_line("batch_a", 1, "output", _output(1, "a"), tokens=5)
+    assert not jobs.record_line("batch_a", 1, "error", _output(1, "a")), "a line is stored once"
+    assert jobs.record_lines("batch_a", [(2, "output", json.dumps(_output(2, "b")), 7), (3, "error", _output(3, "c"), 0)]) == 2
+    assert jobs.recorded("batch_a", [1, 2, 3, 4]) == [True, True, True, False]
+    assert jobs.finish_enqueueing("batch_a", 3) == "completed"
+    job = jobs.get("batch_a")
+    assert job.status is JobStatus.completed and job.request_counts.model_dump() == {"total": 3, "completed": 2, "failed": 1}
+    assert jobs.generated_tokens("batch_a") == 12
+    assert [(n, kind) for n, kind, _ in jobs.iter_lines("batch_a")] == [(1, "output"), (2, "output"), (3, "error")]
+    assert [n for n, _, _ in jobs.iter_lines("batch_a", "error")] == [3]
+    assert 0 < jobs.redis.ttl(keys.job_lines("batch_a")) <= 600
+    assert not jobs.redis.zscore(keys.OPEN_JOBS, "batch_a"), "an ended job leaves the sweep's set"
+    event = jobs.redis.xrange(keys.EVENTS)[-1][1]
+    assert {text(k): text(v) for k, v in event.items()} == {"type": "batch", "id": "batch_a", "status": "completed"}
+
+
+def test_cancel_closes_every_unanswered_line_and_ends_the_job(jobs: Jobs) -> None:
+    jobs.create("batch_c", input_file="in.jsonl", extra={"callback_url": "http://127.0.0.1:9/hook"})
+    jobs.add_inputs("batch_c", {1: "a", 2: "b"})
+    jobs.record_line("batch_c", 1, "output", _output(1, "a"))
+    jobs.finish_enqueueing("batch_c", 2)
+    job = jobs.cancel("batch_c")
+    assert job.status is JobStatus.cancelled and job.cancelling_at and job.cancelled_at
+    kinds = {n: json.loads(line) for n, _, line in jobs.iter_lines("batch_c")}
+    assert kinds[2]["error"]["code"] == "cancelled" and kinds[1]["error"] is None
+    assert jobs.cancel("batch_c").status is JobStatus.cancelled, "cancelling an ended job returns it as it is"
+    event = {text(k): text(v) for k, v in jobs.redis.xrange(keys.EVENTS)[-1][1].items()}
+    assert event == {"type": "batch", "id": "batch_c", "status": "cancelled", "callback": "1"}
+
+
+def test_a_job_past_its_window_reads_as_expiring_until_the_sweep_expires_it(jobs: Jobs) -> None:
+    jobs.create("batch_e", input_file="in.jsonl", expires_in=1)
+    jobs.add_inputs("batch_e", {1: "a", 2: "b"})
+    jobs.record_line("batch_e", 1, "output", _output(1, "a"))
+    jobs.finish_enqueueing("batch_e", 2)
+    later = time.time() + 5
+    assert jobs.get("batch_e").status is JobStatus.in_progress
+    assert jobs.get("batch_e", now=later).status is JobStatus.expiring
+    assert jobs.stop_reason("batch_e", now=later) is not None
+    assert jobs.redis.hget(keys.job("batch_e"), "status") in (b"in_progress", "in_progress"), "reading changed nothing"
+    assert jobs.sweep(later) == ["batch_e"]
+    job = jobs.get("batch_e")
+    assert job.status is JobStatus.expired and job.request_counts.model_dump() == {"total": 2, "completed": 1, "failed": 1}
+    assert jobs.sweep(later) == [], "an ended job is swept once"
+
+
+def test_a_stopped_job_whose_producer_died_ends_with_the_lines_it_has(jobs: Jobs) -> None:
+    jobs.create("batch_p", input_file="in.jsonl")
+    jobs.hold_enqueuer("batch_p", "producer-1", seconds=60)
+    jobs.add_inputs("batch_p", {1: "a"})
+    jobs.cancel("batch_p")
+    assert jobs.get("batch_p").status is JobStatus.cancelling, "its producer may still enqueue: it waits"
+    jobs.redis.delete(keys.job_enqueuer("batch_p"))  # the producer's lease ran out
+    assert jobs.sweep(time.time() + 60) == ["batch_p"]
+    job = jobs.get("batch_p")
+    assert job.status is JobStatus.cancelled and job.request_counts.model_dump() == {"total": 1, "completed": 0, "failed": 1}
+
+
+def test_the_sweep_writes_the_files_of_a_job_whose_writer_died(jobs: Jobs, s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in (("AWS_ENDPOINT_URL", s3_server.endpoint), ("AWS_ACCESS_KEY_ID", "testing"),
+                        ("AWS_SECRET_ACCESS_KEY", "testing"), ("AWS_DEFAULT_REGION", "us-east-1")):
+        monkeypatch.setenv(name, value)
+    bucket = f"b-{uuid.uuid4().hex[:8]}"
+    s3_server.client().create_bucket(Bucket=bucket)
+    jobs.create("batch_w", input_file="in.jsonl", output_file=f"s3://{bucket}/out.jsonl")
+    jobs.add_inputs("batch_w", {1: "a"})
+    jobs.record_line("batch_w", 1, "output", _output(1, "a"))
+    jobs.redis.hset(keys.job("batch_w"), mapping={"total": 1, "enqueued": 1})
+    # A writer takes the job (its lease) and dies before writing anything.
+    assert jobs._finalize(keys=jobs._end_keys("batch_w"), args=[int(time.time()), "batch_w", 600, 60]) in (b"deliver", "deliver")
+    assert jobs.get("batch_w").status is JobStatus.finalizing
+    assert jobs.sweep(time.time() + 120) == [], "not while its lease runs"
+    jobs.redis.delete(keys.job_writer("batch_w"))  # the lease ran out
+    assert jobs.sweep(time.time() + 300) == ["batch_w"]
+    assert jobs.get("batch_w").status is JobStatus.completed
+    assert s3_server.client().get_object(Bucket=bucket, Key="out.jsonl")["Body"].read().decode().count("\n") == 1
+
+
+WRITES = {
+    "SET", "SETEX", "SETNX", "GETDEL", "DEL", "UNLINK", "EXPIRE", "PEXPIRE", "PERSIST", "HSET", "HSETNX", "HMSET", "HDEL",
+    "HINCRBY", "INCR", "DECR", "INCRBY", "ZADD", "ZREM", "ZINCRBY", "SADD", "SREM", "LPUSH", "RPUSH", "LPOP", "RPOP",
+    "BLPOP", "BRPOP", "LMOVE", "BLMOVE", "XADD", "XACK", "XCLAIM", "XAUTOCLAIM", "XGROUP", "XREADGROUP", "XDEL", "XTRIM",
+    "EVAL", "EVALSHA", "EVAL_RO", "FCALL", "PUBLISH", "RENAME", "COPY", "FLUSHDB", "FLUSHALL",
+}
+
+
+def test_reading_a_job_past_its_window_writes_nothing(aof_redis: RedisServer, base_env: dict[str, str], tmp_path: Path) -> None:
+    """`chatbatch status`, `JobHandle.status()` and `GET /v1/batches/{id}` under MONITOR: no
+    write command, and the job reads as expiring."""
+    from fastapi.testclient import TestClient
+
+    from gateway import create_app
+
+    settings = Settings(redis_url=aof_redis.url, home=tmp_path / "home")
+    client = Client(settings)
+    source = tmp_path / "in.jsonl"
+    source.write_text(batch_line("a", user("x", max_tokens=2)) + "\n")
+    handle = client.submit_file(str(source), completion_window="1s")  # no worker: it stays unanswered
+    aof_redis.client().hset(keys.job(handle.id), "owner", "public")  # as a job made over HTTP
+    wait_for(lambda: handle.status().status is JobStatus.expiring, 10, "the window to pass")
+    api = TestClient(create_app(settings, sweeps=False))  # no lifespan: nothing runs in the background
+    commands: list[str] = []
+    monitor = threading.Thread(target=_monitor, args=(aof_redis, commands), daemon=True)
+    monitor.start()
+    wait_for(lambda: commands, 10, "MONITOR to start", interval=0.05)
+
+    done = run_cli({**base_env, "CHATBATCH_REDIS_URL": aof_redis.url}, "status", handle.id)
+    assert done.returncode == 0, done.stderr
+    assert BatchJob.model_validate_json(done.stdout).status is JobStatus.expiring
+    assert handle.status().status is JobStatus.expiring
+    answer = api.get(f"/v1/batches/{handle.id}")
+    assert answer.status_code == 200 and answer.json()["status"] == "expiring"
+    aof_redis.client().echo("done")
+    monitor.join(10)
+    assert "ECHO" in commands
+    written = sorted(set(commands) & WRITES)
+    assert written == [], f"reads wrote: {written}"
+
+
+def _monitor(server: RedisServer, commands: list[str]) -> None:
+    with server.client().monitor() as listening:
+        aof_redis_client = server.client()
+        aof_redis_client.ping()
+        for item in listening.listen():
+            name = str(item["command"]).split(" ", 1)[0].upper()
+            commands.append(name)
+            if name == "ECHO":
+                return

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from chatbatch.settings import Settings
 from producer import Client
-from tests.conftest import RedisServer, Worker, batch_line, user, wait_for
+from tests.conftest import ROOT, RedisServer, Worker, batch_line, user, wait_for
 
 MODEL = "tiny-llama-chat"
 
@@ -32,3 +32,35 @@ def test_two_workers_share_a_queue_and_both_work(tiny_worker: Worker, tiny_model
         assert sum(served.values()) == 80
     finally:
         second.stop()
+
+
+def test_a_worker_whose_engine_dies_exits_and_its_request_is_answered_elsewhere(aof_redis: RedisServer, base_env: dict[str, str], tiny_model: Path, tmp_path: Path) -> None:
+    """The engine thread ends on an error no request handling catches: the worker leaves the
+    registry and exits non-zero at once (it never hangs looking alive), without acknowledging
+    its task, which another worker answers after the visibility timeout."""
+    import mlflow
+
+    from chatbatch.registry import live_models
+    from worker.main import EXIT_ENGINE_DIED
+
+    model = tmp_path / "exiting"
+    mlflow.pyfunc.save_model(str(model), python_model=str(ROOT / "tests" / "data" / "exiting_chat_model.py"), pip_requirements=["mlflow"])
+    env = {**base_env, "CHATBATCH_REDIS_URL": aof_redis.url, "CHATBATCH_VISIBILITY_TIMEOUT": "3", "CHATBATCH_HEARTBEAT_INTERVAL": "1"}
+    r = aof_redis.client()
+    doomed = Worker(env, tmp_path / "doomed.log", "--model", str(model), "--served-model-name", "exiting")
+    doomed.wait_ready("exiting", r)
+    client = Client(Settings(redis_url=aof_redis.url))
+    handle = client.submit(user("EXIT now", max_tokens=2))
+    try:
+        assert doomed.process.wait(60) == EXIT_ENGINE_DIED, doomed.output()[-3000:]
+    finally:
+        doomed.stop()
+    assert "the engine thread stopped on an error" in doomed.output()
+    assert not any(w["pid"] == doomed.process.pid for w in live_models(r).get("exiting", [])), "its heartbeat is gone"
+    assert not handle.done(), "nothing was answered for it"
+    rescuer = Worker(env, tmp_path / "rescuer.log", "--model", str(tiny_model))
+    try:
+        rescuer.wait_ready(MODEL, r)
+        assert handle.result(timeout=120).model == MODEL
+    finally:
+        rescuer.stop()

@@ -90,7 +90,8 @@ def answer_request(task: Any, state: WorkerState, request_id: str, body: dict[st
             requests.uncount_delivery(request_id)
             send_back(task, [request_id, body], request_argsrepr(request_id))
             return
-        record: dict[str, Any] = future.result().model_dump()
+        # The completion carries the request's id, the one its caller polls and is called back with.
+        record: dict[str, Any] = future.result().model_dump() | {"id": request_id}
     except RequestError as error:
         record = {"error": error.to_dict()}
     requests.store_result(request_id, record)
