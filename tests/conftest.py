@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -263,6 +264,15 @@ def tiny_worker(tiny_model: Path, base_env: dict[str, str], redis_server: RedisS
         yield worker
     finally:
         worker.stop()
+
+
+def last_event(client: redis.Redis) -> dict[str, str]:
+    """The newest entry of the notification stream, as text."""
+    from chatbatch import keys
+    from chatbatch.redisconn import texts
+
+    entries: Any = client.xrange(keys.EVENTS)
+    return texts(entries[-1][1])
 
 
 def batch_line(custom_id: str, body: dict[str, object], url: str = "/v1/chat/completions") -> str:

@@ -16,11 +16,21 @@ import redis
 
 from chatbatch import keys
 from chatbatch.jobs import Jobs
-from chatbatch.redisconn import text
 from chatbatch.settings import Settings
 from producer import Client
 from schemas import BatchJob, BatchRequestOutput, ErrorCode, JobStatus
-from tests.conftest import CHATBATCH, ROOT, RedisServer, S3Server, Worker, batch_line, run_cli, user, wait_for
+from tests.conftest import (
+    CHATBATCH,
+    ROOT,
+    RedisServer,
+    S3Server,
+    Worker,
+    batch_line,
+    last_event,
+    run_cli,
+    user,
+    wait_for,
+)
 
 # The OpenAI Batch object's fields (input/output/error files named as in chatbatch's contract).
 BATCH_FIELDS = {
@@ -199,8 +209,7 @@ def test_a_job_moves_through_its_statuses_and_counts_each_line_once(jobs: Jobs) 
     assert [n for n, _, _ in jobs.iter_lines("batch_a", "error")] == [3]
     assert 0 < jobs.redis.ttl(keys.job_lines("batch_a")) <= 600
     assert not jobs.redis.zscore(keys.OPEN_JOBS, "batch_a"), "an ended job leaves the sweep's set"
-    event = jobs.redis.xrange(keys.EVENTS)[-1][1]
-    assert {text(k): text(v) for k, v in event.items()} == {"type": "batch", "id": "batch_a", "status": "completed"}
+    assert last_event(jobs.redis) == {"type": "batch", "id": "batch_a", "status": "completed"}
 
 
 def test_cancel_closes_every_unanswered_line_and_ends_the_job(jobs: Jobs) -> None:
@@ -213,8 +222,7 @@ def test_cancel_closes_every_unanswered_line_and_ends_the_job(jobs: Jobs) -> Non
     kinds = {n: json.loads(line) for n, _, line in jobs.iter_lines("batch_c")}
     assert kinds[2]["error"]["code"] == "cancelled" and kinds[1]["error"] is None
     assert jobs.cancel("batch_c").status is JobStatus.cancelled, "cancelling an ended job returns it as it is"
-    event = {text(k): text(v) for k, v in jobs.redis.xrange(keys.EVENTS)[-1][1].items()}
-    assert event == {"type": "batch", "id": "batch_c", "status": "cancelled", "callback": "1"}
+    assert last_event(jobs.redis) == {"type": "batch", "id": "batch_c", "status": "cancelled", "callback": "1"}
 
 
 def test_a_job_past_its_window_reads_as_expiring_until_the_sweep_expires_it(jobs: Jobs) -> None:

@@ -9,9 +9,9 @@ import pytest
 import redis
 
 from chatbatch import keys
-from chatbatch.redisconn import text, texts
+from chatbatch.redisconn import text
 from chatbatch.requests import Requests
-from tests.conftest import RedisServer
+from tests.conftest import RedisServer, last_event
 
 
 @pytest.fixture(params=[False, True], ids=["bytes", "decoded"])
@@ -32,8 +32,7 @@ def test_a_result_is_stored_once_and_drops_the_pending_entry(requests: Requests)
     assert requests.result("chatcmpl-1") == {"id": "chatcmpl-1", "first": True}
     assert requests.pending() == {}
     assert 0 < requests.redis.ttl(keys.result("chatcmpl-1")) <= 600
-    event = texts(requests.redis.xrange(keys.EVENTS)[-1][1])
-    assert event == {"type": "chat.completion", "id": "chatcmpl-1", "status": "completed"}
+    assert last_event(requests.redis) == {"type": "chat.completion", "id": "chatcmpl-1", "status": "completed"}
 
 
 def test_an_error_record_and_a_callback_show_in_the_notification(requests: Requests) -> None:
@@ -41,8 +40,7 @@ def test_an_error_record_and_a_callback_show_in_the_notification(requests: Reque
     fields = requests.get("chatcmpl-2")
     assert fields["callback_url"] == "http://127.0.0.1:9/hook" and fields["callback_status"] == "pending"
     requests.store_result("chatcmpl-2", {"error": {"code": "internal_error", "message": "x"}})
-    event = texts(requests.redis.xrange(keys.EVENTS)[-1][1])
-    assert event == {"type": "chat.completion", "id": "chatcmpl-2", "status": "failed", "callback": "1"}
+    assert last_event(requests.redis) == {"type": "chat.completion", "id": "chatcmpl-2", "status": "failed", "callback": "1"}
 
 
 def test_every_waiter_wakes_when_the_result_is_stored(requests: Requests) -> None:
