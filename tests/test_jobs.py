@@ -100,8 +100,10 @@ def test_cancel_a_running_job(tiny_worker: Worker, redis_server: RedisServer, ba
     cancelled = [line for kind, line in lines if kind == "error"]
     assert cancelled and all(line.error and line.error.code is ErrorCode.cancelled for line in cancelled)
     assert any(kind == "output" for kind, _ in lines)
-    # Chunks still queued when the job was cancelled are closed without running.
-    time.sleep(1)
+    # Chunks still queued when the job was cancelled are closed without running: once the
+    # worker has taken every one of them, the counts are still those of the cancel.
+    r = redis_server.client()
+    wait_for(lambda: not r.llen("chatbatch") and not r.hlen(keys.job_pending(job.id)), 60, "the job's queued chunks to be taken")
     assert handle.status().request_counts == job.request_counts
     status = run_cli(base_env, "submit", str(tmp_path / "in.jsonl"), "--job-id", job.id, "--wait")
     assert status.returncode == 1 and "cancelled" in status.stderr
