@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from schemas.errors import ErrorCode, RequestError
 
-#: Upper bounds that keep one request from occupying a worker; documented in docs/limits.md.
+#: Upper bounds that keep one request from occupying a worker; documented in docs/formats.md.
 MAX_N = 16
 MAX_MESSAGES = 2048
 MAX_STOP = 4

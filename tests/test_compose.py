@@ -41,3 +41,12 @@ def test_volumes_are_declared() -> None:
         for volume in service.get("volumes", []):
             name = volume.split(":")[0]
             assert name in compose["volumes"], name
+
+
+def test_the_gateway_shares_its_files_and_the_callback_secret_with_the_workers() -> None:
+    services = _compose()["services"]
+    gateway = services["gateway"]
+    assert gateway["command"][:2] == ["chatbatch", "serve"]
+    assert gateway["environment"]["CHATBATCH_FILES_DIR"] in " ".join(gateway["volumes"])
+    for name in ("gateway", "worker"):
+        assert "CHATBATCH_CALLBACK_SECRET" in services[name]["environment"], name
