@@ -47,10 +47,6 @@ def live_models(client: redis.Redis, *, now: float | None = None) -> dict[str, l
     return models
 
 
-def is_served(client: redis.Redis, model: str) -> bool:
-    return model in live_models(client)
-
-
 def consumers(client: redis.Redis, queue: str) -> list[str]:
     """The live workers that consume `queue`."""
     return [
