@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -70,6 +71,11 @@ class Consumer:
         self.name = name or new_id("consumer-")
         self.min_idle_ms = int(min_idle * 1000)
         self._claim_from = "0-0"
+        # The entry a handler works on now; one keeper thread renews its claim.
+        self._current: str | None = None
+        self._keeper: threading.Thread | None = None
+        self._keeper_lock = threading.Lock()
+        self._next_tidy = 0.0
 
     def ensure_group(self) -> None:
         try:
@@ -113,24 +119,43 @@ class Consumer:
         claimed while the handler runs. A handler that raises leaves the entry pending: it is
         claimed again after `min_idle`."""
         entry_id, fields = event
-        done = threading.Event()
-        interval = self.min_idle_ms / 3000
-
-        def keep_alive() -> None:
-            while not done.wait(interval):
-                try:
-                    self.keep(entry_id)
-                except redis.RedisError:
-                    logger.warning("could not keep notification %s claimed", entry_id)
-
-        keeper = threading.Thread(target=keep_alive, name=f"{self.name}-keep", daemon=True)
-        keeper.start()
+        self._start_keeper()
+        self._current = entry_id
         try:
             handler(entry_id, fields)
         finally:
-            done.set()
-            keeper.join()
+            self._current = None
         self.ack(entry_id)
+
+    def _start_keeper(self) -> None:
+        with self._keeper_lock:
+            if self._keeper is None:
+                self._keeper = threading.Thread(target=self._keep_current, name=f"{self.name}-keeper", daemon=True)
+                self._keeper.start()
+
+    def _keep_current(self) -> None:
+        """Renew the claim on the entry being handled, three times per `min_idle`."""
+        interval = self.min_idle_ms / 3000
+        while True:
+            time.sleep(interval)
+            current = self._current
+            if current is None:
+                continue
+            try:
+                self.keep(current)
+            except redis.RedisError:
+                logger.warning("could not keep notification %s claimed", current)
+
+    def tidy(self, *, idle: float = 3600.0) -> list[str]:
+        """Remove the group's consumers that hold nothing and have not read for `idle`
+        seconds (consumers of stopped processes: every process names its own); their names."""
+        removed: list[str] = []
+        for info in self.redis.xinfo_consumers(keys.EVENTS, self.group):
+            name = text(info["name"])
+            if name != self.name and int(info["pending"]) == 0 and int(info["idle"]) > idle * 1000:
+                self.redis.xgroup_delconsumer(keys.EVENTS, self.group, name)
+                removed.append(name)
+        return removed
 
     def run(self, handler: Callable[[str, dict[str, str]], None], stop: threading.Event, *, block: float = 1.0) -> None:
         """Handle entries one at a time until `stop` is set; Redis errors are logged and
@@ -138,6 +163,9 @@ class Consumer:
         self.ensure_group()
         while not stop.is_set():
             try:
+                if time.monotonic() >= self._next_tidy:
+                    self._next_tidy = time.monotonic() + 600
+                    self.tidy()
                 events = self.read(block=block)
             except redis.RedisError as error:
                 logger.warning("reading notifications failed (%s); trying again", type(error).__name__)

@@ -13,6 +13,7 @@ import time
 import redis
 
 from chatbatch.events import Consumer
+from chatbatch.redisconn import text
 from chatbatch.requests import Requests
 from tests.conftest import ROOT, RedisServer, wait_for
 
@@ -98,3 +99,17 @@ def test_an_entry_being_handled_is_not_claimed_by_another_consumer(aof_redis: Re
     handling.join(10)
     assert handled == [request_id]
     assert aof_redis.client().xpending("chatbatch:events", GROUP)["pending"] == 0
+
+
+def test_consumers_of_stopped_processes_that_hold_nothing_are_removed(aof_redis: RedisServer) -> None:
+    _notify(aof_redis, 3)
+    done, holding = (Consumer(aof_redis.client(), GROUP, name, min_idle=1.0) for name in ("done", "holding"))
+    done.ensure_group()
+    for event in done.read(count=2, block=1):
+        done.handle(event, lambda *_: None)
+    assert len(holding.read(count=1, block=1)) == 1  # taken, never acknowledged
+    live = Consumer(aof_redis.client(), GROUP, "live", min_idle=1.0)
+    assert live.tidy(idle=3600) == [], "not idle long enough yet"
+    assert live.tidy(idle=0) == ["done"], "a consumer holding an entry stays, for its entry to be claimed"
+    names = [text(info["name"]) for info in aof_redis.client().xinfo_consumers("chatbatch:events", GROUP)]
+    assert names == ["holding"]
