@@ -341,26 +341,31 @@ def test_an_async_request_with_no_worker_says_so_in_its_record(aof_redis: RedisS
 
 
 def test_a_batch_whose_gateway_stopped_mid_enqueue_is_resumed_by_another(
-    tiny_worker: Worker, redis_server: RedisServer, base_env: dict[str, str], tmp_path: Path
+    aof_redis: RedisServer, base_env: dict[str, str], tiny_model: Path, tmp_path: Path
 ) -> None:
-    env = {**base_env, "CHATBATCH_HEARTBEAT_INTERVAL": "1", "CHATBATCH_CHUNK_SIZE": "1"}
-    url, first = _serve(env, tmp_path / "first.log")
-    ids = [f"g{i}" for i in range(3000)]
-    content = _batch_file([batch_line(cid, user("x", max_tokens=1)) for cid in ids])
-    uploaded = httpx.post(f"{url}/v1/files", files={"file": ("big.jsonl", content)}, data={"purpose": "batch"}).json()
-    batch = httpx.post(f"{url}/v1/batches", json={"input_file_id": uploaded["id"], "endpoint": "/v1/chat/completions"}).json()
-    r = redis_server.client()
-    wait_for(lambda: r.hlen(keys.job_inputs(batch["id"])) > 20, 60, "enqueueing to be under way", interval=0.01)
-    first.terminate()
-    first.wait(10)
-    assert r.hget(keys.job(batch["id"]), "enqueued") == b"0", "stopped before it enqueued everything"
-    url, second = _serve(env, tmp_path / "second.log")
+    env = {**base_env, "CHATBATCH_REDIS_URL": aof_redis.url, "CHATBATCH_HEARTBEAT_INTERVAL": "1", "CHATBATCH_CHUNK_SIZE": "1"}
+    r = aof_redis.client()
+    worker = Worker(env, tmp_path / "worker.log", "--model", str(tiny_model))
     try:
-        wait_for(lambda: httpx.get(f"{url}/v1/batches/{batch['id']}").json()["status"] == "completed", 180, "the resumed batch")
-        final = httpx.get(f"{url}/v1/batches/{batch['id']}").json()
-        assert final["request_counts"] == {"total": 3000, "completed": 3000, "failed": 0}
-        lines = [BatchRequestOutput.model_validate_json(x) for x in httpx.get(f"{url}/v1/files/{final['output_file_id']}/content").text.splitlines()]
-        assert [line.custom_id for line in lines] == ids
+        worker.wait_ready(MODEL, r)
+        url, first = _serve(env, tmp_path / "first.log")
+        ids = [f"g{i}" for i in range(3000)]
+        content = _batch_file([batch_line(cid, user("x", max_tokens=1)) for cid in ids])
+        uploaded = httpx.post(f"{url}/v1/files", files={"file": ("big.jsonl", content)}, data={"purpose": "batch"}).json()
+        batch = httpx.post(f"{url}/v1/batches", json={"input_file_id": uploaded["id"], "endpoint": "/v1/chat/completions"}).json()
+        wait_for(lambda: r.hlen(keys.job_inputs(batch["id"])) > 20, 60, "enqueueing to be under way", interval=0.01)
+        first.terminate()
+        first.wait(10)
+        assert r.hget(keys.job(batch["id"]), "enqueued") == b"0", "stopped before it enqueued everything"
+        url, second = _serve(env, tmp_path / "second.log")
+        try:
+            wait_for(lambda: httpx.get(f"{url}/v1/batches/{batch['id']}").json()["status"] == "completed", 180, "the resumed batch")
+            final = httpx.get(f"{url}/v1/batches/{batch['id']}").json()
+            assert final["request_counts"] == {"total": 3000, "completed": 3000, "failed": 0}
+            lines = [BatchRequestOutput.model_validate_json(x) for x in httpx.get(f"{url}/v1/files/{final['output_file_id']}/content").text.splitlines()]
+            assert [line.custom_id for line in lines] == ids
+        finally:
+            second.terminate()
+            second.wait(10)
     finally:
-        second.terminate()
-        second.wait(10)
+        worker.stop()
