@@ -32,6 +32,7 @@ import redis
 from tenacity import Retrying, retry_if_exception, stop_before_delay, wait_exponential
 
 from chatbatch import keys
+from chatbatch.callbacks import callback_state
 from chatbatch.events import LUA_PUBLISH
 from chatbatch.exceptions import JobNotFoundError
 from chatbatch.ids import new_id
@@ -54,11 +55,11 @@ DELIVER = "deliver"
 CLOSE_GRACE = 30
 
 # Lua: end a job whose final status is in `final` (KEYS[1] job, KEYS[2] open jobs, KEYS[3]
-# events, KEYS[4] lines, KEYS[5] inputs; ARGV[1] now, ARGV[2] job id, ARGV[3] TTL).
+# events, KEYS[4] lines, KEYS[5] inputs, KEYS[7] callbacks' outbox; ARGV[1] now, ARGV[2] job
+# id, ARGV[3] TTL).
 _LUA_END = """
 redis.call('ZREM', KEYS[2], ARGV[2])
-local events, kind, object_id, status = KEYS[3], 'batch', ARGV[2], final
-local callback = redis.call('HGET', KEYS[1], 'callback_url')
+local events, record, due, kind, object_id, status, now = KEYS[3], KEYS[1], KEYS[7], 'batch', ARGV[2], final, tonumber(ARGV[1])
 """ + LUA_PUBLISH + """
 for i = 1, 5 do
   if i ~= 2 and i ~= 3 then redis.call('EXPIRE', KEYS[i], ARGV[3]) end
@@ -110,8 +111,8 @@ end
 return found
 """
 
-# KEYS: job, open jobs, events, lines, inputs, writer lease. ARGV: now, job id, TTL, lease
-# seconds. Ends a job once every line is answered and every line enqueued. Returns the status,
+# KEYS: job, open jobs, events, lines, inputs, writer lease, callbacks' outbox. ARGV: now, job
+# id, TTL, lease seconds. Ends a job once every line is answered and every line enqueued. Returns the status,
 # or "deliver" to the one caller that must write the job's files first (the job waits in
 # "finalizing", its final status kept in "final_status", the caller holding the lease).
 _FINALIZE = """
@@ -142,8 +143,8 @@ end
 return final
 """
 
-# KEYS: job, open jobs, events, lines, inputs, writer lease. ARGV: now, job id, TTL, the job's
-# errors as JSON ('' when the files were written). Ends a job left in `finalizing`, once.
+# KEYS: job, open jobs, events, lines, inputs, writer lease, callbacks' outbox. ARGV: now, job
+# id, TTL, the job's errors as JSON ('' when the files were written). Ends a job left in `finalizing`, once.
 _END = """
 if redis.call('HGET', KEYS[1], 'status') ~= 'finalizing' then
   return redis.call('HGET', KEYS[1], 'status')
@@ -190,8 +191,8 @@ redis.call('SREM', KEYS[4], ARGV[1])
 return 1
 """
 
-# KEYS: job, open jobs, events, lines, inputs. ARGV: now, job id, TTL, the job's errors as
-# JSON. Fails a job that has not ended; its status, after.
+# KEYS: as `_END`'s. ARGV: now, job id, TTL, the job's errors as JSON. Fails a job that has not
+# ended; its status, after.
 _FAIL = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if status == false or status == 'completed' or status == 'failed' or status == 'cancelled' or status == 'expired' then
@@ -214,20 +215,6 @@ _INT_FIELDS = (
     "cancelling_at",
     "cancelled_at",
 )
-
-
-def callback_state(fields: dict[str, str]) -> dict[str, Any] | None:
-    """The delivery state of a callback, from the `callback_*` fields of a job or request
-    record; None when the record names no callback."""
-    if not fields.get("callback_url"):
-        return None
-    return {
-        "url": fields["callback_url"],
-        "status": fields.get("callback_status", "pending"),
-        "attempts": int(fields.get("callback_attempts", 0)),
-        "last_error": fields.get("callback_last_error") or None,
-        "delivered_at": int(fields["callback_delivered_at"]) if fields.get("callback_delivered_at") else None,
-    }
 
 
 def output_file_id(job_id: str) -> str:
@@ -277,7 +264,10 @@ class Jobs:
         self._fail = client.register_script(_FAIL)
 
     def _end_keys(self, job_id: str) -> list[str]:
-        return [keys.job(job_id), keys.OPEN_JOBS, keys.EVENTS, keys.job_lines(job_id), keys.job_inputs(job_id), keys.job_writer(job_id)]
+        return [
+            keys.job(job_id), keys.OPEN_JOBS, keys.EVENTS, keys.job_lines(job_id), keys.job_inputs(job_id),
+            keys.job_writer(job_id), keys.CALLBACKS_DUE,
+        ]
 
     # Writes.
 
@@ -404,9 +394,9 @@ class Jobs:
             stored += self.record_lines(job_id, entries)
         return stored
 
-    def close(self, job_id: str, reason: StopReason, *, now: float | None = None) -> str | None:
+    def close(self, job_id: str, reason: StopReason, *, now: float | None = None, write_files: bool = True) -> str | None:
         """Give every enqueued line without an answer an error line for `reason`, then end the
-        job if it can end. Returns the job's status after it (or DELIVER's outcome)."""
+        job if it can end (see `finalize` for `write_files`). Returns the job's status after it."""
         inputs = self.inputs(job_id)
         numbers = sorted(inputs)
         open_lines: list[tuple[int, str | None]] = []
@@ -419,7 +409,7 @@ class Jobs:
         keys_ = [keys.job(job_id), keys.job_lines(job_id), keys.job_enqueuer(job_id), keys.ENQUEUING]
         if self._abandon(keys=keys_, args=[job_id]):
             logger.warning("job %s: its producer stopped before enqueueing every line; it ends with the lines it has", job_id)
-        return self.finalize(job_id)
+        return self.finalize(job_id, write_files=write_files)
 
     def cancel(self, job_id: str) -> BatchJob:
         """Stop the job: no new line starts, unanswered lines become `cancelled` error lines.
@@ -444,7 +434,7 @@ class Jobs:
         """End a job that cannot go on (its input cannot be read) as `failed`, with `error`;
         an ended job keeps its status. Lines answered meanwhile are kept."""
         errors = JobErrors(data=[error]).model_dump_json()
-        status = self._fail(keys=self._end_keys(job_id)[:5], args=[int(time.time()), job_id, self.job_ttl, errors])
+        status = self._fail(keys=self._end_keys(job_id), args=[int(time.time()), job_id, self.job_ttl, errors])
         self.release_enqueuer(job_id)
         return JobStatus(text(status))
 
@@ -453,14 +443,21 @@ class Jobs:
         another holds it."""
         return bool(self.redis.set(keys.job_enqueuer(job_id), holder, nx=True, ex=seconds))
 
-    def finalize(self, job_id: str) -> str | None:
+    def finalize(self, job_id: str, *, write_files: bool = True) -> str | None:
         """End the job if every line is answered; the caller that ends a job whose files go to
-        S3 writes them (with retries) before the job ends. Returns the job's status."""
+        S3 writes them (with retries) before the job ends, unless `write_files` is False: then
+        it leaves the job `finalizing` for the next sweep of a worker. Returns the job's status."""
         outcome = maybe_text(
             self._finalize(keys=self._end_keys(job_id), args=[int(time.time()), job_id, self.job_ttl, self.writer_lease])
         )
         if outcome != DELIVER:
             return outcome
+        if not write_files:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.delete(keys.job_writer(job_id))
+            pipe.zadd(keys.OPEN_JOBS, {job_id: int(time.time())})
+            pipe.execute()
+            return JobStatus.finalizing.value
         return self.deliver(job_id).value
 
     def deliver(self, job_id: str) -> JobStatus:
@@ -493,35 +490,61 @@ class Jobs:
             logger.info("job %s %s: %d output and %d error lines", job_id, status.value, *written)
         return status
 
-    def sweep(self, now: float | None = None, *, limit: int = 100) -> list[str]:
+    def sweep(self, now: float | None = None, *, limit: int = 100, write_files: bool = True) -> list[str]:
         """Act on the jobs whose time has come: expire those past their completion window,
-        close a cancelled one whose closer stopped, and take over writing the files of one whose
-        writer's lease ended. Returns the ids it acted on."""
+        close a cancelled one whose canceller stopped, and take over writing the files of one
+        whose writer's lease ended. A process without the store's credentials (a gateway)
+        sweeps with `write_files=False`: a job it ends that has files to write is left in
+        `finalizing` for a worker's sweep. Returns the ids it acted on."""
         now = time.time() if now is None else now
         acted: list[str] = []
         for member in self.redis.zrangebyscore(keys.OPEN_JOBS, "-inf", now, start=0, num=limit):
             job_id = text(member)
-            status, expires_at = self.redis.hmget(keys.job(job_id), ["status", "expires_at"])
-            state = maybe_text(status)
-            if state is None or JobStatus(state).is_final:
-                self.redis.zrem(keys.OPEN_JOBS, job_id)
-            elif state == JobStatus.finalizing.value:
-                if self.redis.set(keys.job_writer(job_id), int(now), nx=True, ex=self.writer_lease):
-                    logger.warning("job %s: its files were not written in time; writing them here", job_id)
-                    self.redis.zadd(keys.OPEN_JOBS, {job_id: now + self.writer_lease})
-                    self.deliver(job_id)
+            try:
+                if self._sweep_job(job_id, now, write_files):
                     acted.append(job_id)
-                else:  # its writer is still at work
-                    self.redis.zadd(keys.OPEN_JOBS, {job_id: now + 30})
-            elif state == JobStatus.cancelling.value:
-                self.close(job_id, CANCELLED)
-                acted.append(job_id)
-            elif expires_at is not None and int(text(expires_at)) <= now:
-                self.close(job_id, EXPIRED, now=now)
-                acted.append(job_id)
-            else:  # not due yet: looked at again at the end of its window
-                self.redis.zadd(keys.OPEN_JOBS, {job_id: int(text(expires_at or now))})
+            except Exception:  # one job that cannot be handled must not stop the others
+                logger.exception("job %s: the sweep could not act on it; it looks again in %ds", job_id, CLOSE_GRACE)
+                self.redis.zadd(keys.OPEN_JOBS, {job_id: now + CLOSE_GRACE})
+        self._forget_gone(limit)
         return acted
+
+    def _sweep_job(self, job_id: str, now: float, write_files: bool) -> bool:
+        status, expires_at = (maybe_text(v) for v in self.redis.hmget(keys.job(job_id), ["status", "expires_at"]))
+        if status is None or JobStatus(status).is_final:
+            self.redis.zrem(keys.OPEN_JOBS, job_id)
+            return False
+        if status == JobStatus.finalizing.value:
+            if not write_files:
+                return False
+            if not self.redis.set(keys.job_writer(job_id), int(now), nx=True, ex=self.writer_lease):
+                self.redis.zadd(keys.OPEN_JOBS, {job_id: now + 30})  # its writer is still at work
+                return False
+            logger.warning("job %s: its files were not written in time; writing them here", job_id)
+            self.redis.zadd(keys.OPEN_JOBS, {job_id: now + self.writer_lease})
+            self.deliver(job_id)
+            return True
+        if status == JobStatus.cancelling.value:
+            outcome = self.close(job_id, CANCELLED, now=now, write_files=write_files)
+        elif expires_at is not None and int(expires_at) <= now:
+            outcome = self.close(job_id, EXPIRED, now=now, write_files=write_files)
+        else:  # not due yet: looked at again at the end of its window
+            self.redis.zadd(keys.OPEN_JOBS, {job_id: int(expires_at or now)})
+            return False
+        if outcome in (JobStatus.cancelling.value, JobStatus.expiring.value):
+            # It cannot end yet (its producer still enqueues): looked at again in a while.
+            self.redis.zadd(keys.OPEN_JOBS, {job_id: now + CLOSE_GRACE})
+        return True
+
+    def _forget_gone(self, count: int) -> None:
+        """Drop the oldest ids of the job list whose records expired from Redis."""
+        oldest = [text(member) for member in self.redis.zrange(keys.JOBS, 0, count - 1)]
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in oldest:
+            pipe.exists(keys.job(job_id))
+        gone = [job_id for job_id, exists in zip(oldest, pipe.execute()) if not exists]
+        if gone:
+            self.redis.zrem(keys.JOBS, *gone)
 
     # Reads.
 

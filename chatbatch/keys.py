@@ -113,6 +113,11 @@ def callback_lease(kind: str, object_id: str) -> str:
     return f"{PREFIX}callback:{kind}:{object_id}:lease"
 
 
+#: Sorted set: "kind TAB object id" of every callback not settled yet -> unix seconds at which
+#: the callback sweep sends its delivery again unless an attempt is under way (the outbox).
+CALLBACKS_DUE = PREFIX + "callbacks:due"
+
+
 # Notifications (chatbatch/events.py).
 
 #: Stream of notifications: one entry per answered single request and per ended job.

@@ -20,18 +20,19 @@ import redis
 import redis.asyncio
 
 from chatbatch import keys
+from chatbatch.callbacks import initial_fields
 from chatbatch.events import LUA_PUBLISH
 from chatbatch.redisconn import Fields, maybe_text, text, texts
 
-# KEYS: result, ready stream, record, pending hash, events. ARGV: result JSON, TTL, status
-# ("completed" or "failed"), request id. Stores the result once; 1 if this call stored it.
+# KEYS: result, ready stream, record, pending hash, events, callbacks' outbox. ARGV: result
+# JSON, TTL, status ("completed" or "failed"), request id, now. Stores the result once; 1 if
+# this call stored it.
 _STORE = """
 redis.call('HDEL', KEYS[4], ARGV[4])
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return 0 end
 redis.call('XADD', KEYS[2], '*', 'status', ARGV[3])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
-local events, kind, object_id, status = KEYS[5], 'chat.completion', ARGV[4], ARGV[3]
-local callback = redis.call('HGET', KEYS[3], 'callback_url')
+local events, record, due, kind, object_id, status, now = KEYS[5], KEYS[3], KEYS[6], 'chat.completion', ARGV[4], ARGV[3], tonumber(ARGV[5])
 """ + LUA_PUBLISH + """
 return 1
 """
@@ -72,7 +73,7 @@ class Requests:
         if owner is not None:
             fields["owner"] = owner
         if callback_url:
-            fields.update(callback_url=callback_url, callback_status="pending", callback_attempts=0)
+            fields.update(initial_fields(callback_url))
         pipe = self.redis.pipeline(transaction=False)
         pipe.hset(keys.request(request_id), mapping=cast(Fields, fields))
         pipe.expire(keys.request(request_id), self.result_ttl)
@@ -95,8 +96,9 @@ class Requests:
         Returns whether this call stored it."""
         status = FAILED if "error" in record else COMPLETED
         stored = self._store(
-            keys=[keys.result(request_id), keys.result_ready(request_id), keys.request(request_id), keys.PENDING_REQUESTS, keys.EVENTS],
-            args=[json.dumps(record), self.result_ttl, status, request_id],
+            keys=[keys.result(request_id), keys.result_ready(request_id), keys.request(request_id), keys.PENDING_REQUESTS,
+                  keys.EVENTS, keys.CALLBACKS_DUE],
+            args=[json.dumps(record), self.result_ttl, status, request_id, int(time.time())],
         )
         return bool(stored)
 

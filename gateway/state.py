@@ -7,7 +7,7 @@ import asyncio
 import hashlib
 import logging
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import redis.asyncio
@@ -44,6 +44,8 @@ class Gateway:
     aredis: redis.asyncio.Redis | None = None
     executor: ThreadPoolExecutor | None = None
     name: str = field(default_factory=lambda: new_id("gateway-"))
+    #: Enqueueing under way or queued here, by job id.
+    enqueues: dict[str, Future[None]] = field(default_factory=dict)
 
     @classmethod
     def create(cls, settings: Settings) -> Gateway:
@@ -67,17 +69,25 @@ class Gateway:
         self.begin_stopping()
         if self.executor is not None:
             await asyncio.to_thread(self.executor.shutdown, wait=True, cancel_futures=True)
+            for job_id, enqueue in list(self.enqueues.items()):
+                if enqueue.cancelled():  # never started: another gateway resumes it at once
+                    self.client.jobs.release_enqueuer(job_id, unfinished=True)
         if self.aredis is not None:
             await self.aredis.aclose()
 
     # Enqueueing uploaded files, in the background.
 
-    def enqueue_in_background(self, job_id: str, file_id: str, holder: str | None = None) -> None:
+    def enqueue_in_background(self, job_id: str, file_id: str, holder: str) -> None:
+        """Enqueue a batch's file in a thread the lifespan owns. The caller holds the job's
+        enqueuer lease under `holder` already, so that a gateway that dies before the thread
+        starts leaves the batch for another to resume."""
         if self.executor is None:
             raise RuntimeError("the gateway's lifespan has not started")
-        self.executor.submit(self._enqueue, job_id, file_id, holder)
+        enqueue = self.executor.submit(self._enqueue, job_id, file_id, holder)
+        self.enqueues[job_id] = enqueue
+        enqueue.add_done_callback(lambda _: self.enqueues.pop(job_id, None))
 
-    def _enqueue(self, job_id: str, file_id: str, holder: str | None) -> None:
+    def _enqueue(self, job_id: str, file_id: str, holder: str) -> None:
         jobs = self.client.jobs
         try:
             with self.files.path(file_id).open("rb") as stream:
@@ -114,7 +124,8 @@ class Gateway:
         redis_client = self.client.redis
         interval = self.settings.heartbeat_interval
         if redis_client.set(keys.SWEEP_LOCK, self.name, nx=True, ex=max(1, int(interval))):
-            self.client.jobs.sweep()
+            # S3 files are the workers' to write: a gateway has no credentials for them.
+            self.client.jobs.sweep(write_files=False)
         self.resume_stalled()
 
 

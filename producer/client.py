@@ -10,7 +10,7 @@ from typing import IO, Any
 import redis
 
 from chatbatch import registry
-from chatbatch.callbacks import check_url
+from chatbatch.callbacks import check_url, initial_fields
 from chatbatch.exceptions import ConfigurationError, JobNotFoundError
 from chatbatch.ids import new_id
 from chatbatch.jobs import Jobs
@@ -186,7 +186,7 @@ class Client:
             except ValueError as error:
                 raise ConfigurationError(f"--metadata: {error}") from None
         callback_url = check_url(callback_url, settings.callback_secret, option="--callback-url")
-        extra = {"callback_url": callback_url, "callback_status": "pending", "callback_attempts": "0"} if callback_url else None
+        extra = initial_fields(callback_url) if callback_url else None
         with open_input(source) as (stream, size, name):
             check_size(source, size, settings.max_file_bytes)
             lines = count_lines(stream)

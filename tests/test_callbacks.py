@@ -58,23 +58,46 @@ def test_one_delivery_holds_an_event_at_a_time_and_a_settled_one_is_never_sent_a
     state, requests = states
     kind = callbacks.CHAT_COMPLETION
     requests.record("chatcmpl-none", queue="q", body={})
-    assert state.claim(kind, "chatcmpl-none", "task-1", lease_seconds=30) == NO_CALLBACK
+    assert state.claim(kind, "chatcmpl-none", "task-1", 0, lease_seconds=30) == NO_CALLBACK
     requests.record("chatcmpl-cb", queue="q", body={}, callback_url="http://127.0.0.1:9/hook")
-    assert state.claim(kind, "chatcmpl-cb", "task-1", lease_seconds=30) == 1
-    assert state.claim(kind, "chatcmpl-cb", "task-2", lease_seconds=30) == BUSY, "a second delivery of the event waits"
-    state.failed(kind, "chatcmpl-cb", "task-1", "HTTP 500", final=False, keep_lease=30)
+    assert state.claim(kind, "chatcmpl-cb", "task-1", 0, lease_seconds=30) == 1
+    assert state.claim(kind, "chatcmpl-cb", "task-2", 0, lease_seconds=30) == BUSY, "another task waits"
+    assert state.claim(kind, "chatcmpl-cb", "task-1", 0, lease_seconds=30) == BUSY, "a second copy of the same attempt waits"
+    state.failed(kind, "chatcmpl-cb", "task-1:0", "HTTP 500", final=False, keep_lease=30)
     assert requests.get("chatcmpl-cb")["callback_status"] == "pending"
-    assert state.claim(kind, "chatcmpl-cb", "task-2", lease_seconds=30) == BUSY, "the lease is kept through the backoff"
-    assert state.claim(kind, "chatcmpl-cb", "task-1", lease_seconds=30) == 2, "the retry of the same task goes on"
-    state.delivered(kind, "chatcmpl-cb", "task-1")
+    assert state.claim(kind, "chatcmpl-cb", "task-2", 0, lease_seconds=30) == BUSY, "the lease is kept through the backoff"
+    assert state.claim(kind, "chatcmpl-cb", "task-1", 1, lease_seconds=30) == 2, "the task's retry goes on"
+    state.delivered(kind, "chatcmpl-cb", "task-1:1")
     fields = requests.get("chatcmpl-cb")
     assert fields["callback_status"] == "delivered" and fields["callback_attempts"] == "2" and fields["callback_delivered_at"]
-    assert state.claim(kind, "chatcmpl-cb", "task-2", lease_seconds=30) == SETTLED
+    assert state.claim(kind, "chatcmpl-cb", "task-2", 0, lease_seconds=30) == SETTLED
     requests.record("chatcmpl-gone", queue="q", body={}, callback_url="http://127.0.0.1:9/hook")
-    assert state.claim(kind, "chatcmpl-gone", "task-3", lease_seconds=30) == 1
-    state.failed(kind, "chatcmpl-gone", "task-3", "ConnectError", final=True)
+    assert state.claim(kind, "chatcmpl-gone", "task-3", 0, lease_seconds=30) == 1
+    state.failed(kind, "chatcmpl-gone", "task-3:0", "ConnectError", final=True)
     assert requests.get("chatcmpl-gone")["callback_status"] == "failed"
-    assert state.claim(kind, "chatcmpl-gone", "task-3", lease_seconds=30) == SETTLED
+    assert state.claim(kind, "chatcmpl-gone", "task-3", 1, lease_seconds=30) == SETTLED
+
+
+def test_the_outbox_sends_again_only_what_is_neither_settled_nor_under_way(states: tuple[Callbacks, Requests]) -> None:
+    state, requests = states
+    kind = callbacks.CHAT_COMPLETION
+    for request_id in ("chatcmpl-lost", "chatcmpl-busy", "chatcmpl-done"):
+        requests.record(request_id, queue="q", body={}, callback_url="http://127.0.0.1:9/hook")
+        requests.store_result(request_id, {"id": request_id})
+    event = requests.get("chatcmpl-lost")["callback_event"]
+    assert event and "-" in event, "the notification's id is kept as the event id"
+    later = time.time() + 3600
+    assert state.due(time.time()) == [], "the relay has its grace period first"
+    state.claim(kind, "chatcmpl-busy", "task-b", 0, lease_seconds=30)
+    state.claim(kind, "chatcmpl-done", "task-d", 0, lease_seconds=30)
+    state.delivered(kind, "chatcmpl-done", "task-d:0")
+    assert state.due(later) == [(kind, "chatcmpl-lost", event)]
+    assert state.due(later) == [], "looked at again only after another grace period"
+    requests.redis.delete("chatbatch:request:chatcmpl-lost")  # its record expired
+    assert state.due(later + 3600) == [], "the busy one's attempt is under way, the lost one's record is gone"
+    assert requests.redis.zcard("chatbatch:callbacks:due") == 1, "only the busy one is left to watch"
+    state.failed(kind, "chatcmpl-lost", "task-x:0", "HTTP 500", final=True)
+    assert requests.get("chatcmpl-lost") == {}, "settling never brings back an expired record"
 
 
 @dataclass

@@ -50,3 +50,11 @@ def test_the_gateway_shares_its_files_and_the_callback_secret_with_the_workers()
     assert gateway["environment"]["CHATBATCH_FILES_DIR"] in " ".join(gateway["volumes"])
     for name in ("gateway", "worker"):
         assert "CHATBATCH_CALLBACK_SECRET" in services[name]["environment"], name
+
+
+def test_the_image_copies_every_package_it_installs() -> None:
+    import tomllib
+
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    copied = {line.split()[1] for line in (ROOT / "Dockerfile").read_text().splitlines() if line.startswith("COPY ")}
+    assert {package.split(".")[0] for package in packages} <= copied

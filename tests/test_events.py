@@ -113,3 +113,23 @@ def test_consumers_of_stopped_processes_that_hold_nothing_are_removed(aof_redis:
     assert live.tidy(idle=0) == ["done"], "a consumer holding an entry stays, for its entry to be claimed"
     names = [text(info["name"]) for info in aof_redis.client().xinfo_consumers("chatbatch:events", GROUP)]
     assert names == ["holding"]
+
+
+def test_an_entry_whose_handler_always_fails_is_dropped_after_its_deliveries(aof_redis: RedisServer) -> None:
+    _notify(aof_redis, 1)
+    attempts: list[str] = []
+
+    def failing(entry_id: str, _: dict[str, str]) -> None:
+        attempts.append(entry_id)
+        raise RuntimeError("the receiving side is broken")
+
+    stop = threading.Event()
+    consumer = Consumer(aof_redis.client(), GROUP, "stubborn", min_idle=0.2, max_deliveries=3)
+    runner = threading.Thread(target=consumer.run, args=(failing, stop), kwargs={"block": 0.1})
+    runner.start()
+    try:
+        wait_for(lambda: aof_redis.client().xpending("chatbatch:events", GROUP)["pending"] == 0 and attempts, 30, "the entry to be dropped")
+    finally:
+        stop.set()
+        runner.join(10)
+    assert len(attempts) == 3 and len(set(attempts)) == 1, attempts

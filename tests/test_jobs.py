@@ -275,6 +275,36 @@ def test_the_sweep_writes_the_files_of_a_job_whose_writer_died(jobs: Jobs, s3_se
     assert s3_server.client().get_object(Bucket=bucket, Key="out.jsonl")["Body"].read().decode().count("\n") == 1
 
 
+def test_a_sweep_without_store_credentials_leaves_the_files_to_a_worker(jobs: Jobs, s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in (("AWS_ENDPOINT_URL", s3_server.endpoint), ("AWS_ACCESS_KEY_ID", "testing"),
+                        ("AWS_SECRET_ACCESS_KEY", "testing"), ("AWS_DEFAULT_REGION", "us-east-1")):
+        monkeypatch.setenv(name, value)
+    bucket = f"b-{uuid.uuid4().hex[:8]}"
+    s3_server.client().create_bucket(Bucket=bucket)
+    jobs.create("batch_g", input_file="in.jsonl", expires_in=1, error_file=f"s3://{bucket}/errors.jsonl")
+    jobs.add_inputs("batch_g", {1: "a"})
+    jobs.redis.hset(keys.job("batch_g"), mapping={"total": 1, "enqueued": 1})
+    later = time.time() + 5
+    assert jobs.sweep(later, write_files=False) == ["batch_g"]  # a gateway's sweep
+    assert jobs.get("batch_g").status is JobStatus.finalizing
+    assert s3_server.client().list_objects_v2(Bucket=bucket).get("KeyCount", 0) == 0
+    assert jobs.sweep(later) == ["batch_g"]  # a worker's, next
+    assert jobs.get("batch_g").status is JobStatus.expired
+    body = s3_server.client().get_object(Bucket=bucket, Key="errors.jsonl")["Body"].read().decode()
+    assert json.loads(body)["error"]["code"] == "expired"
+
+
+def test_one_job_the_sweep_cannot_handle_does_not_stop_the_others(jobs: Jobs) -> None:
+    for job_id in ("batch_x1", "batch_x2"):
+        jobs.create(job_id, input_file="in.jsonl", expires_in=1)
+        jobs.redis.hset(keys.job(job_id), mapping={"total": 0, "enqueued": 1})
+    jobs.redis.hset(keys.job("batch_x1"), "status", "no-such-status")  # a record the sweep cannot read
+    later = time.time() + 5
+    assert jobs.sweep(later) == ["batch_x2"]
+    assert jobs.get("batch_x2").status is JobStatus.expired
+    assert (jobs.redis.zscore(keys.OPEN_JOBS, "batch_x1") or 0) > later, "looked at again later"
+
+
 WRITES = {
     "SET", "SETEX", "SETNX", "GETDEL", "DEL", "UNLINK", "EXPIRE", "PEXPIRE", "PERSIST", "HSET", "HSETNX", "HMSET", "HDEL",
     "HINCRBY", "INCR", "DECR", "INCRBY", "ZADD", "ZREM", "ZINCRBY", "SADD", "SREM", "LPUSH", "RPUSH", "LPOP", "RPOP",

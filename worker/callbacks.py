@@ -61,40 +61,23 @@ def deliver(task: Any, state: WorkerState, kind: str, object_id: str, event_id: 
     Raises:
         AttemptFailed: the attempt failed and another is due (Celery retries the task).
     """
-    import httpx
-
     settings = state.settings
-    holder = str(task.request.id)
-    retries = int(task.request.retries or 0)
-    attempt = state.callbacks.claim(kind, object_id, holder, lease_seconds=settings.callback_timeout + 30)
+    task_id, retries = str(task.request.id), int(task.request.retries or 0)
+    attempt = state.callbacks.claim(kind, object_id, task_id, retries, lease_seconds=settings.callback_timeout + 30)
     if attempt < 0:
         logger.debug("callback for %s %s: nothing to do (%d)", kind, object_id, attempt)
         return
-    url = state.callbacks.url(kind, object_id)
-    payload = body(state, kind, object_id)
-    if not settings.callback_secret or url is None or payload is None:
-        reason = "CHATBATCH_CALLBACK_SECRET is not set on the worker" if not settings.callback_secret else "the object expired from Redis"
-        state.callbacks.failed(kind, object_id, holder, reason, final=True)
-        logger.error("callback for %s %s not sent: %s", kind, object_id, reason)
-        return
-    headers = {
-        "Content-Type": "application/json",
-        callbacks.SIGNATURE_HEADER: callbacks.sign(settings.callback_secret, payload, int(time.time())),
-        callbacks.EVENT_HEADER: kind,
-        callbacks.OBJECT_HEADER: object_id,
-        callbacks.EVENT_ID_HEADER: event_id,
-        callbacks.ATTEMPT_HEADER: str(attempt),
-    }
+    holder = f"{task_id}:{retries}"
+    event_id = state.callbacks.event_id(kind, object_id) or event_id
     try:
-        response = httpx.post(url, content=payload, headers=headers, timeout=settings.callback_timeout)
-        error = "" if 200 <= response.status_code < 300 else f"HTTP {response.status_code}"
-    except httpx.HTTPError as failure:
-        error = type(failure).__name__
+        error, final = _attempt(state, kind, object_id, event_id, attempt)
+    except Exception as failure:  # whatever it is, the attempt failed and is counted so
+        logger.exception("callback for %s %s: attempt %d failed", kind, object_id, attempt)
+        error, final = type(failure).__name__, attempt >= settings.callback_max_attempts
     if not error:
         state.callbacks.delivered(kind, object_id, holder)
         logger.info("callback for %s %s delivered (attempt %d)", kind, object_id, attempt)
         return
-    final = attempt >= settings.callback_max_attempts
     wait = backoff(retries)
     state.callbacks.failed(kind, object_id, holder, error, final=final, keep_lease=wait + settings.callback_timeout + 30)
     if final:
@@ -104,8 +87,49 @@ def deliver(task: Any, state: WorkerState, kind: str, object_id: str, event_id: 
     raise AttemptFailed(f"callback for {kind} {object_id}: {error}")
 
 
+def _attempt(state: WorkerState, kind: str, object_id: str, event_id: str, attempt: int) -> tuple[str, bool]:
+    """POST the signed body once: ("", _) when the receiver took it, else (the error, whether
+    it is final)."""
+    import httpx
+
+    settings = state.settings
+    url = state.callbacks.url(kind, object_id)
+    payload = body(state, kind, object_id)
+    if not settings.callback_secret:
+        return "CHATBATCH_CALLBACK_SECRET is not set on the worker", True
+    if url is None or payload is None:
+        return "the object expired from Redis", True
+    headers = {
+        "Content-Type": "application/json",
+        callbacks.SIGNATURE_HEADER: callbacks.sign(settings.callback_secret, payload, int(time.time())),
+        callbacks.EVENT_HEADER: kind,
+        callbacks.OBJECT_HEADER: object_id,
+        callbacks.EVENT_ID_HEADER: event_id,
+        callbacks.ATTEMPT_HEADER: str(attempt),
+    }
+    final = attempt >= settings.callback_max_attempts
+    try:
+        response = httpx.post(url, content=payload, headers=headers, timeout=settings.callback_timeout)
+    except (httpx.InvalidURL, httpx.UnsupportedProtocol) as failure:
+        return f"{type(failure).__name__}: {failure}", True
+    except httpx.HTTPError as failure:
+        return type(failure).__name__, final
+    return ("" if 200 <= response.status_code < 300 else f"HTTP {response.status_code}"), final
+
+
+def send_due(state: WorkerState, app: Any) -> int:
+    """Send again the deliveries of callbacks the outbox says are due (the callback sweep);
+    returns how many."""
+    due = state.callbacks.due()
+    for kind, object_id, event_id in due:
+        logger.warning("callback for %s %s was not under way; sending it again", kind, object_id)
+        app.send_task(TASK_CALLBACK, args=[kind, object_id, event_id], queue=CALLBACK_QUEUE)
+    return len(due)
+
+
 def relay(state: WorkerState, app: Any, consumer_name: str, stop: threading.Event) -> None:
-    """Turn notifications of objects with a callback into callback tasks, until `stop`."""
+    """Turn notifications of objects with a callback into callback tasks, until `stop`: the
+    fast path (the callback sweep is the sure one)."""
 
     def handle(entry_id: str, event: dict[str, str]) -> None:
         if event.get("callback") != "1":

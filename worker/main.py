@@ -80,18 +80,22 @@ class Background:
             self.stop.wait(state.settings.heartbeat_interval)
 
     def sweeps(self) -> None:
-        """The job sweep (expiry, stalled file writes) every heartbeat interval, and the lost
-        task sweep (worker/recovery.py) every half visibility timeout (1..60 s); each on one
+        """The job sweep (expiry, stalled file writes) and the callback sweep every heartbeat
+        interval, and the lost task sweep (worker/recovery.py) every half visibility timeout (1..60 s); each on one
         worker at a time, under a Redis lock."""
         settings = self.state.settings
         job_interval = settings.heartbeat_interval
         recovery_interval = min(60.0, max(1.0, settings.visibility_timeout / 2))
         next_recovery = time.monotonic() + recovery_interval
         while not self.stop.wait(job_interval):
-            self._locked(keys.SWEEP_LOCK, job_interval, self.state.jobs.sweep)
+            self._locked(keys.SWEEP_LOCK, job_interval, self._sweep_jobs)
             if time.monotonic() >= next_recovery:
                 next_recovery = time.monotonic() + recovery_interval
                 self._locked(keys.RECOVERY_LOCK, recovery_interval, self._recover)
+
+    def _sweep_jobs(self) -> None:
+        self.state.jobs.sweep()
+        callbacks.send_due(self.state, self.app)
 
     def _locked(self, lock: str, seconds: float, work: Any) -> None:
         try:

@@ -10,10 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Depends, Header, Query
-from starlette.concurrency import run_in_threadpool
 
 from chatbatch import keys
-from chatbatch.callbacks import check_url
+from chatbatch.callbacks import check_url, initial_fields
 from chatbatch.ids import new_id
 from chatbatch.jobs import batch_object
 from chatbatch.redisconn import maybe_text, text
@@ -35,8 +34,8 @@ def owned_job(state: Gateway, job_id: str, who: str) -> BatchJob:
     return state.client.jobs.get(job_id)
 
 
-@router.post("")
-async def create_batch(
+@router.post("", response_model=BatchJob)
+def create_batch(
     body: BatchCreate,
     state: Gateway = Depends(gateway),
     who: str = Depends(owner),
@@ -56,22 +55,22 @@ async def create_batch(
     job_id = new_id("batch_")
     extra = {"owner": who, "input_file_id": body.input_file_id}
     if url:
-        extra.update(callback_url=url, callback_status="pending", callback_attempts="0")
-    await run_in_threadpool(
-        state.client.create_job, job_id, source=body.input_file_id, metadata=body.metadata or None,
-        completion_window=body.completion_window, extra=extra,
+        extra.update(initial_fields(url))
+    state.client.create_job(
+        job_id, source=body.input_file_id, metadata=body.metadata or None, completion_window=body.completion_window, extra=extra,
     )
-    state.enqueue_in_background(job_id, body.input_file_id)
-    job = await run_in_threadpool(state.client.jobs.get, job_id)
-    return batch_object(job)
+    holder = new_id(f"{state.name}-")
+    state.client.jobs.hold_enqueuer(job_id, holder)
+    state.enqueue_in_background(job_id, body.input_file_id, holder)
+    return batch_object(state.client.jobs.get(job_id))
 
 
-@router.get("/{job_id}")
+@router.get("/{job_id}", response_model=BatchJob)
 def get_batch(job_id: str, state: Gateway = Depends(gateway), who: str = Depends(owner)) -> dict[str, Any]:
     return batch_object(owned_job(state, job_id, who))
 
 
-@router.post("/{job_id}/cancel")
+@router.post("/{job_id}/cancel", response_model=BatchJob)
 def cancel_batch(job_id: str, state: Gateway = Depends(gateway), who: str = Depends(owner)) -> dict[str, Any]:
     owned_job(state, job_id, who)
     return batch_object(state.client.cancel(job_id))

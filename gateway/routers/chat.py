@@ -15,9 +15,8 @@ from fastapi import APIRouter, Depends, Header
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from chatbatch.callbacks import check_url
+from chatbatch.callbacks import callback_state, check_url
 from chatbatch.ids import new_id
-from chatbatch.jobs import callback_state
 from chatbatch.requests import COMPLETED, FAILED, QUEUED, wait_async
 from gateway.bodies import RequestRecord
 from gateway.errors import ApiError, from_request_error, not_found
