@@ -104,6 +104,9 @@ def request_deliveries(request_id: str) -> str:
 #: Hash: request id -> JSON [queue, body, unix seconds sent] of each single request not yet
 #: answered, so that one whose message the broker lost can be sent again.
 PENDING_REQUESTS = PREFIX + "requests:pending"
+#: Pub/Sub channel (not a key): each answered request's id, for gateways that wait on many
+#: requests over one subscription.
+ANSWERED = PREFIX + "answered"
 
 # Callbacks (chatbatch/callbacks.py); their state lives in the job or request record.
 

@@ -5,7 +5,9 @@ A request is recorded when it is enqueued: its record (queue, created_at, the HT
 a callback URL) and its pending entry (queue and body, kept until answered, so that a request
 whose message the broker lost can be sent again). Its result is stored once, whichever delivery
 comes first; the same step adds an entry to the request's ready stream (waiters block on it
-with XREAD, which reads without consuming), adds the notification, and drops the pending entry.
+with XREAD, which reads without consuming), publishes the request's id on the
+`chatbatch:answered` channel (a gateway waits on many requests over one subscription), adds
+the notification, and drops the pending entry.
 
 Reads (`result`, `wait`, `get`) never write.
 """
@@ -17,7 +19,6 @@ import time
 from typing import Any, Final, cast
 
 import redis
-import redis.asyncio
 
 from chatbatch import keys
 from chatbatch.callbacks import initial_fields
@@ -25,13 +26,14 @@ from chatbatch.events import LUA_PUBLISH
 from chatbatch.redisconn import Fields, maybe_text, text, texts
 
 # KEYS: result, ready stream, record, pending hash, events, callbacks' outbox. ARGV: result
-# JSON, TTL, status ("completed" or "failed"), request id, now. Stores the result once; 1 if
-# this call stored it.
+# JSON, TTL, status ("completed" or "failed"), request id, now, the answered channel. Stores
+# the result once; 1 if this call stored it.
 _STORE = """
 redis.call('HDEL', KEYS[4], ARGV[4])
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return 0 end
 redis.call('XADD', KEYS[2], '*', 'status', ARGV[3])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
+redis.call('PUBLISH', ARGV[6], ARGV[4])
 local events, record, due, kind, object_id, status, now = KEYS[5], KEYS[3], KEYS[6], 'chat.completion', ARGV[4], ARGV[3], tonumber(ARGV[5])
 """ + LUA_PUBLISH + """
 return 1
@@ -98,7 +100,7 @@ class Requests:
         stored = self._store(
             keys=[keys.result(request_id), keys.result_ready(request_id), keys.request(request_id), keys.PENDING_REQUESTS,
                   keys.EVENTS, keys.CALLBACKS_DUE],
-            args=[json.dumps(record), self.result_ttl, status, request_id, int(time.time())],
+            args=[json.dumps(record), self.result_ttl, status, request_id, int(time.time()), keys.ANSWERED],
         )
         return bool(stored)
 
@@ -149,17 +151,3 @@ class Requests:
             queue, body, sent = json.loads(value)
             requests[text(request_id)] = (queue, body, sent)
         return requests
-
-
-async def wait_async(client: redis.asyncio.Redis, request_id: str, timeout: float) -> dict[str, Any] | None:
-    """`Requests.wait` on an asyncio connection: the result, or None after `timeout` seconds.
-    Holds no thread while it waits."""
-    deadline = time.monotonic() + timeout
-    while True:
-        raw = await client.get(keys.result(request_id))
-        if raw is not None:
-            return cast(dict[str, Any], json.loads(raw))
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return None
-        await client.xread({keys.result_ready(request_id): "0-0"}, count=1, block=max(1, min(1000, int(left * 1000))))

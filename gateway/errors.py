@@ -57,7 +57,7 @@ def _http_error(request: Request, error: HTTPException) -> JSONResponse:
     if error.status_code == 405:
         return error_response(405, f"Method {request.method} is not allowed on {request.url.path}", "invalid_request_error", "method_not_allowed")
     if error.status_code == 400:
-        message = "the request body could not be parsed: send one JSON object (Content-Type: application/json)"
+        message = f"the request body could not be parsed ({error.detail}): check its format and Content-Type"
         return error_response(400, message, "invalid_request_error", "invalid_request")
     kind = "server_error" if error.status_code >= 500 else "invalid_request_error"
     return error_response(error.status_code, str(error.detail), kind)

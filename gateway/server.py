@@ -30,9 +30,8 @@ class _Server(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         loop: Any = getattr(self, "_loop", None)
-        self.gateway.stop_enqueueing.set()
         if loop is not None:
-            loop.call_soon_threadsafe(self.gateway.stopping.set)
+            loop.call_soon_threadsafe(self.gateway.begin_stopping)
         super().handle_exit(sig, frame)
 
     async def serve(self, sockets: Any = None) -> None:

@@ -1,5 +1,5 @@
-"""What a gateway process holds: the producer client, an asyncio Redis connection for waits,
-the file store, and the background work its lifespan owns."""
+"""What a gateway process holds: the producer client, the waiters of requests, the file
+store, and the background work its lifespan owns."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import redis.asyncio
 from fastapi import Header, Request
 
 from chatbatch import keys
@@ -19,6 +18,7 @@ from chatbatch.jobs import JobError
 from chatbatch.settings import Settings
 from gateway.errors import ApiError
 from gateway.files import FileStore
+from gateway.waiters import Waiters
 from producer.client import Client
 from producer.enqueue import Interrupted
 
@@ -41,7 +41,7 @@ class Gateway:
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     #: Set with `stopping`, for enqueueing threads: they stop at the next line.
     stop_enqueueing: threading.Event = field(default_factory=threading.Event)
-    aredis: redis.asyncio.Redis | None = None
+    waiters: Waiters | None = None
     executor: ThreadPoolExecutor | None = None
     name: str = field(default_factory=lambda: new_id("gateway-"))
     #: Enqueueing under way or queued here, by job id.
@@ -57,7 +57,8 @@ class Gateway:
     def begin(self) -> None:
         """Start what the lifespan owns (called in the app's event loop)."""
         self.stopping = asyncio.Event()
-        self.aredis = redis.asyncio.Redis.from_url(self.settings.redis_url, socket_connect_timeout=5)
+        self.waiters = Waiters(self.settings.redis_url)
+        self.waiters.start()
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="chatbatch-enqueue")
 
     def begin_stopping(self) -> None:
@@ -72,8 +73,8 @@ class Gateway:
             for job_id, enqueue in list(self.enqueues.items()):
                 if enqueue.cancelled():  # never started: another gateway resumes it at once
                     self.client.jobs.release_enqueuer(job_id, unfinished=True)
-        if self.aredis is not None:
-            await self.aredis.aclose()
+        if self.waiters is not None:
+            await self.waiters.close()
 
     # Enqueueing uploaded files, in the background.
 

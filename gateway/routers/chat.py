@@ -1,7 +1,7 @@
 """`/v1/chat/completions` and chatbatch's request records.
 
-`POST /v1/chat/completions` waits for the answer, as OpenAI does, without holding a thread: the
-wait is an XREAD on an asyncio connection. With `X-Chatbatch-Async: true` it answers 202 at once
+`POST /v1/chat/completions` waits for the answer, as OpenAI does, without holding a thread or a
+Redis connection: the gateway's waiters share one subscription (gateway/waiters.py). With `X-Chatbatch-Async: true` it answers 202 at once
 with the request record. When the gateway stops (SIGTERM), a waiting request answers 503 at
 once; its work goes on in the fleet, and its result stays readable by id.
 """
@@ -16,8 +16,9 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from chatbatch.callbacks import callback_state, check_url
+from chatbatch.exceptions import ChatbatchError
 from chatbatch.ids import new_id
-from chatbatch.requests import COMPLETED, FAILED, QUEUED, wait_async
+from chatbatch.requests import COMPLETED, FAILED, QUEUED
 from gateway.bodies import RequestRecord
 from gateway.errors import ApiError, from_request_error, not_found
 from gateway.state import Gateway, gateway, owner
@@ -66,14 +67,20 @@ async def create_completion(
 ) -> JSONResponse:
     request_id = new_id("chatcmpl-")
     headers = {REQUEST_ID_HEADER: request_id}
-    url = check_url(callback, state.settings.callback_secret, option=CALLBACK_HEADER)
-    await run_in_threadpool(state.client.submit, body, request_id=request_id, callback_url=url, owner=who)
+    try:
+        url = check_url(callback, state.settings.callback_secret, option=CALLBACK_HEADER)
+        await run_in_threadpool(state.client.submit, body, request_id=request_id, callback_url=url, owner=who)
+    except RequestError as error:
+        refused = from_request_error(error)
+        raise ApiError(refused.status, refused.message, kind=refused.kind, code=refused.code, param=refused.param, headers=headers) from None
+    except ChatbatchError as error:
+        raise ApiError(400, str(error), code="invalid_request", headers=headers) from None
     if asynchronous and asynchronous.lower() in ("1", "true", "yes"):
         record = await run_in_threadpool(_record, state, request_id)
         return JSONResponse(status_code=202, content=record.model_dump(), headers=headers)
-    if state.aredis is None:
+    if state.waiters is None:
         raise RuntimeError("the gateway's lifespan has not started")
-    waiter = asyncio.ensure_future(wait_async(state.aredis, request_id, state.settings.gateway_timeout))
+    waiter = asyncio.ensure_future(state.waiters.wait(request_id, state.settings.gateway_timeout))
     stopper = asyncio.ensure_future(state.stopping.wait())
     try:
         done, _ = await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -94,8 +101,8 @@ async def create_completion(
             kind="server_error", code="timeout", headers=headers,
         )
     if "error" in result:
-        error = from_request_error(RequestError(ErrorCode(result["error"]["code"]), result["error"]["message"]))
-        raise ApiError(error.status, error.message, kind=error.kind, code=error.code, headers=headers)
+        failed = from_request_error(RequestError(ErrorCode(result["error"]["code"]), result["error"]["message"]))
+        raise ApiError(failed.status, failed.message, kind=failed.kind, code=failed.code, headers=headers)
     return JSONResponse(content=result, headers=headers)
 
 
