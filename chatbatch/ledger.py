@@ -80,9 +80,6 @@ class Ledger:
         """Take back the count of a delivery that ended cleanly by handing its chunk back."""
         self.redis.hincrby(keys.job_deliveries(job_id), chunk, -1)
 
-    def deliveries(self, job_id: str, chunk: str) -> int:
-        return int(self.redis.hget(keys.job_deliveries(job_id), chunk) or 0)
-
     def count_attempt(self, job_id: str, line: int) -> int:
         """Count one more solo attempt at a line; returns the count including this one."""
         key = keys.job_attempts(job_id)

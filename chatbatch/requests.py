@@ -135,7 +135,10 @@ class Requests:
             # XREAD from the stream's start returns at once once the entry is there; the cap
             # makes a lost wake-up (the key expired and came back) cost at most a second.
             block = 1000 if left is None else max(1, min(1000, int(left * 1000)))
-            self.redis.xread({keys.result_ready(request_id): "0-0"}, count=1, block=block)
+            try:
+                self.redis.xread({keys.result_ready(request_id): "0-0"}, count=1, block=block)
+            except redis.ResponseError:  # a list, from a worker older than the ready stream
+                time.sleep(block / 1000)
 
     def get(self, request_id: str) -> dict[str, str]:
         """The request's record fields (empty when unknown or expired)."""

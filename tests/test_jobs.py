@@ -355,3 +355,24 @@ def _monitor(server: RedisServer, commands: list[str]) -> None:
             commands.append(name)
             if name == "ECHO":
                 return
+
+
+def test_jobs_from_before_the_sweeps_set_are_backfilled_once(jobs: Jobs) -> None:
+    for job_id in ("batch_old1", "batch_old2"):
+        jobs.create(job_id, input_file="in.jsonl", expires_in=1)
+    jobs.create("batch_done", input_file="in.jsonl")
+    jobs.redis.hset(keys.job("batch_done"), mapping={"total": 0, "enqueued": 1})
+    jobs.finalize("batch_done")
+    jobs.redis.delete(keys.OPEN_JOBS)  # as a Redis that held jobs before the set existed
+    assert jobs.backfill_open() == 2 and jobs.backfill_open() == 0
+    assert jobs.sweep(time.time() + 5) == ["batch_old1", "batch_old2"]
+
+
+def test_a_page_of_an_owners_jobs_newest_first(jobs: Jobs) -> None:
+    for i in range(5):
+        jobs.create(f"batch_pg{i}", input_file="in.jsonl", extra={"owner": "a" if i != 2 else "b"})
+        jobs.redis.zadd(keys.JOBS, {f"batch_pg{i}": i})  # distinct creation times
+    first, more = jobs.page("a", limit=2)
+    assert [job.id for job in first] == ["batch_pg4", "batch_pg3"] and more
+    rest, more = jobs.page("a", limit=2, after="batch_pg3")
+    assert [job.id for job in rest] == ["batch_pg1", "batch_pg0"] and not more

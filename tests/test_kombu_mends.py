@@ -9,9 +9,25 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
+import pytest
+
 from tests.conftest import ROOT, RedisServer, pings, restart_redis, wait_for
+
+
+@pytest.fixture(autouse=True)
+def unmended() -> Iterator[None]:
+    """Each test installs what it tests; kombu is put back as it was after it."""
+    from kombu.message import Message
+    from kombu.transport import redis as kombu_redis
+
+    saved = [(owner, name, owner.__dict__[name]) for owner, name in (
+        (Message, "ack_log_error"), (kombu_redis.QoS, "append"), (kombu_redis.QoS, "restore_unacked"))]
+    yield
+    for owner, name, original in saved:
+        setattr(owner, name, original)
 
 
 def _message(channel: Any, tag: str) -> Any:

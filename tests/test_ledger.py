@@ -30,7 +30,7 @@ def test_pending_chunks_are_kept_until_forgotten(ledger: Ledger) -> None:
 def test_deliveries_and_attempts_are_counted_per_chunk_and_line(ledger: Ledger) -> None:
     assert [ledger.count_delivery("batch_2", "s-1") for _ in range(3)] == [1, 2, 3]
     ledger.uncount_delivery("batch_2", "s-1")
-    assert ledger.deliveries("batch_2", "s-1") == 2 and ledger.deliveries("batch_2", "s-9") == 0
+    assert ledger.count_delivery("batch_2", "s-1") == 3, "a delivery handed back is not counted"
     assert [ledger.count_attempt("batch_2", 7) for _ in range(2)] == [1, 2]
     assert ledger.count_attempt("batch_2", 8) == 1
     for key in (keys.job_deliveries("batch_2"), keys.job_attempts("batch_2")):

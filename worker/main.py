@@ -158,6 +158,8 @@ def run_worker(
     engine = build_engine(runner, settings)
     engine.start()
     state = WorkerState(settings=settings, redis=client, engine=engine, served_name=runner.served_name)
+    if added := state.jobs.backfill_open():
+        logger.info("%d jobs created before the job sweep's set existed were added to it", added)
     app = create_app(settings, state)
     queues = list(queues or [DEFAULT_QUEUE, model_queue(runner.served_name)])
     if CALLBACK_QUEUE not in queues:

@@ -25,7 +25,6 @@ import redis
 
 from chatbatch import keys
 from chatbatch.redisconn import maybe_text, text
-from schemas.job import JobStatus
 
 if TYPE_CHECKING:
     from worker.state import WorkerState
@@ -86,13 +85,12 @@ def sweep(state: WorkerState, send: Callable[[str, str, str, str, int], None], *
     client = state.redis
     resent: list[tuple[str, str]] = []
     for job_id in state.ledger.pending_jobs():
-        status, enqueued, completed, failed = (maybe_text(v) for v in client.hmget(keys.job(job_id), ["status", "enqueued", "completed", "failed"]))
-        if status is None or JobStatus(status).is_final:
+        status, enqueued, answered = state.jobs.progress(job_id)
+        if status is None or status.is_final:
             _forget(state, job_id)
             continue
-        if enqueued != "1":
+        if not enqueued:
             continue  # its producer is still sending chunks (or was stopped: a resume goes on)
-        answered = int(completed or 0) + int(failed or 0)
         seen = maybe_text(client.hget(keys.RECOVERY_SEEN, job_id))
         last, since = (int(part) for part in seen.split(":")) if seen else (-1, 0)
         if answered != last:

@@ -11,11 +11,9 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Header, Query
 
-from chatbatch import keys
 from chatbatch.callbacks import check_url, initial_fields
 from chatbatch.ids import new_id
 from chatbatch.jobs import batch_object
-from chatbatch.redisconn import maybe_text, text
 from gateway.bodies import BatchCreate, BatchList
 from gateway.errors import ApiError, not_found
 from gateway.routers.chat import CALLBACK_HEADER
@@ -83,19 +81,6 @@ def list_batches(
     limit: int = Query(default=20, ge=1, le=100),
     after: str | None = None,
 ) -> BatchList:
-    redis = state.client.redis
-    data: list[dict[str, Any]] = []
-    passed = after is None
-    more = False
-    for raw in redis.zrevrange(keys.JOBS, 0, -1):
-        job_id = text(raw)
-        if not passed:
-            passed = job_id == after
-            continue
-        if maybe_text(redis.hget(keys.job(job_id), "owner")) != who:
-            continue
-        if len(data) == limit:
-            more = True
-            break
-        data.append(batch_object(state.client.jobs.get(job_id)))
+    jobs, more = state.client.jobs.page(who, limit=limit, after=after)
+    data = [batch_object(job) for job in jobs]
     return BatchList(data=data, has_more=more, first_id=data[0]["id"] if data else None, last_id=data[-1]["id"] if data else None)
