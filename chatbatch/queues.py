@@ -46,6 +46,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # visibility timeout (kombu's default sweep runs only every ~100 s).
         "unacked_restore_interval": max(1, min(30, settings.visibility_timeout // 4)),
         "unacked_restore_throttle": 1,
+        # The lock a worker holds while it restores: a worker killed holding it would stop
+        # every restore for kombu's default of 300 s (restores take milliseconds).
+        "unacked_mutex_expire": max(5, min(30, settings.visibility_timeout)),
     }
     return {
         "broker_url": settings.redis_url,
