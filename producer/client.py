@@ -20,6 +20,7 @@ from chatbatch.redisconn import connect
 from chatbatch.requests import Requests
 from chatbatch.settings import Settings, get_settings
 from chatbatch.storage import open_input
+from chatbatch.structured import check_schema
 from producer.enqueue import Enqueuer, chunk_lines
 from producer.handles import JobHandle, RequestHandle
 from producer.reader import check_lines, check_size, count_lines
@@ -121,6 +122,7 @@ class Client:
         """
         callback_url = check_url(callback_url, self.settings.callback_secret)
         request = parse_chat_request(body)
+        check_schema(request)
         size = len(request.model_dump_json())
         if size > self.settings.max_line_bytes:
             raise RequestError(

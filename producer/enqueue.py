@@ -15,6 +15,7 @@ from chatbatch.jobs import Jobs, StopReason
 from chatbatch.ledger import Ledger
 from chatbatch.queues import TASK_CHUNK, chunk_argsrepr
 from chatbatch.settings import Settings
+from chatbatch.structured import check_schema
 from producer.reader import iter_lines
 from schemas.batch import LineError, error_line, line_too_large, parse_batch_line
 from schemas.errors import ErrorCode, RequestError
@@ -161,6 +162,7 @@ class Enqueuer:
             )
         self._seen[parsed.custom_id] = number
         try:
+            check_schema(parsed.body, prefix="body.")
             return parsed.custom_id, self.queue_for(parsed.body.model), raw
         except RequestError as error:
             raise LineError(number, RequestError(error.code, f"line {number}: {error.message}"), parsed.custom_id) from None

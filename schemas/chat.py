@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -14,23 +14,20 @@ MAX_N = 16
 MAX_MESSAGES = 2048
 MAX_STOP = 4
 
-# Known OpenAI request fields that the engine cannot honour. Each maps to the value that means
-# "not used": a request that sends exactly that value is accepted, anything else is rejected
-# with `unsupported_parameter` rather than silently ignored.
+#: Most token-id entries in `logit_bias`, and the most tools in `tools`.
+MAX_LOGIT_BIAS = 1024
+MAX_TOOLS = 128
+#: Most alternatives per token in `top_logprobs` (OpenAI's limit).
+MAX_TOP_LOGPROBS = 20
+
+# Known OpenAI request fields that chatbatch does not honour. Each maps to the value that
+# means "not used": a request that sends exactly that value is accepted, anything else is
+# rejected with `unsupported_parameter` rather than silently ignored.
 UNSUPPORTED_FIELDS: dict[str, Any] = {
     "stream": False,
     "stream_options": None,
-    "tools": None,
-    "tool_choice": None,
-    "parallel_tool_calls": None,
     "functions": None,
     "function_call": None,
-    "logprobs": False,
-    "top_logprobs": None,
-    "response_format": None,
-    "logit_bias": None,
-    "frequency_penalty": 0,
-    "presence_penalty": 0,
     "modalities": None,
     "audio": None,
     "prediction": None,
@@ -39,6 +36,18 @@ UNSUPPORTED_FIELDS: dict[str, Any] = {
     "service_tier": None,
     "store": None,
 }
+#: Why a known field is refused, for the error message.
+UNSUPPORTED_WHY: dict[str, str] = {
+    "stream": "batch lines and queued requests are answered whole",
+    "stream_options": "batch lines and queued requests are answered whole",
+    "functions": "it is the legacy form of 'tools': send 'tools' and 'tool_choice'",
+    "function_call": "it is the legacy form of 'tool_choice': send 'tools' and 'tool_choice'",
+    "modalities": "the models chatbatch serves answer in text only",
+    "audio": "the models chatbatch serves answer in text only",
+}
+
+#: A function or schema name, as OpenAI allows them.
+NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
 
 
 class _Strict(BaseModel):
@@ -46,31 +55,155 @@ class _Strict(BaseModel):
 
 
 class TextContentPart(_Strict):
-    """One part of a multi-part message content; only text parts are supported."""
+    """A text part of a message's content."""
 
     type: Literal["text"]
     text: str
 
 
+class MediaContentPart(BaseModel):
+    """An image, audio or file part: recognised, so that it is refused with a clear message
+    (the models chatbatch serves read text only)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["image_url", "input_audio", "file"]
+
+
+ContentPart = Annotated[TextContentPart | MediaContentPart, Field(discriminator="type")]
+
+
+class FunctionCall(_Strict):
+    """The function a tool call invokes."""
+
+    # The function's name.
+    name: str
+    # Its arguments, as a JSON object in a string.
+    arguments: str
+
+
+class ToolCall(_Strict):
+    """A tool call of an assistant message."""
+
+    # The call's id, which the tool message answering it names in `tool_call_id`.
+    id: str
+    # Always "function".
+    type: Literal["function"] = "function"
+    # The function and its arguments.
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
     """One message of the conversation."""
 
-    # Who wrote the message: system, user or assistant.
-    role: Literal["system", "user", "assistant"]
-    # The text, or a list of text parts that are joined in order.
-    content: str | list[TextContentPart]
-    # Optional participant name; passed to nothing, kept for compatibility.
+    # Who wrote the message. `developer` is the newer name of `system`; `tool` answers a tool call.
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    # The text, or a list of text parts that are joined in order; null (or left out) only on an
+    # assistant message that carries tool calls.
+    content: str | list[ContentPart] | None
+    # An optional participant name, passed to the chat template.
     name: str | None = None
+    # Assistant messages: the tool calls it made.
+    tool_calls: list[ToolCall] | None = None
+    # Tool messages: the id of the call this message answers.
+    tool_call_id: str | None = None
+    # Assistant messages: a refusal the model gave (accepted as sent back, not used).
+    refusal: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _content_of_a_call(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "content" not in data and data.get("role") == "assistant" and data.get("tool_calls"):
+            return {**data, "content": None}
+        return data
+
+    @model_validator(mode="after")
+    def _fields_of_its_role(self) -> ChatMessage:
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only assistant messages carry 'tool_calls'")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs 'tool_call_id', the id of the call it answers")
+        if self.tool_call_id is not None and self.role != "tool":
+            raise ValueError("only tool messages carry 'tool_call_id'")
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("'content' is required (only an assistant message with 'tool_calls' may leave it null)")
+        return self
 
     def text(self) -> str:
         """The message content as one string."""
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        return "".join(part.text for part in self.content if isinstance(part, TextContentPart))
+
+
+class FunctionDefinition(_Strict):
+    """A function the model may call."""
+
+    # Its name: letters, digits, _ and -, up to 64.
+    name: str = Field(pattern=NAME_PATTERN)
+    # What it does, for the model.
+    description: str | None = None
+    # Its arguments, as a JSON Schema object (none: an empty object).
+    parameters: dict[str, Any] | None = None
+    # OpenAI's strict mode; chatbatch always enforces the parameters when it forces a call.
+    strict: bool | None = None
+
+
+class ToolDefinition(_Strict):
+    """A tool: a function."""
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class ChosenFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    """`tool_choice` naming the one function the model must call."""
+
+    type: Literal["function"]
+    function: ChosenFunction
+
+
+class JsonSchemaFormat(_Strict):
+    """The schema of a `json_schema` response format."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, serialize_by_alias=True)
+
+    # The schema's name: letters, digits, _ and -, up to 64.
+    name: str = Field(pattern=NAME_PATTERN)
+    # What the answer is for, for the model.
+    description: str | None = None
+    # The JSON Schema every answer must validate against (none: any JSON object).
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    # OpenAI's strict mode; chatbatch enforces the schema in either case.
+    strict: bool | None = None
+
+
+class TextFormat(_Strict):
+    type: Literal["text"]
+
+
+class JsonObjectFormat(_Strict):
+    type: Literal["json_object"]
+
+
+class JsonSchemaResponseFormat(_Strict):
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaFormat
+
+
+ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaResponseFormat, Field(discriminator="type")]
 
 
 class ChatCompletionRequest(_Strict):
     """The body of an OpenAI chat completion request, as far as chatbatch honours it."""
+
+    model_config = ConfigDict(extra="forbid", serialize_by_alias=True)
 
     # ID of the model to use; omitted means "whichever model serves the default queue".
     model: str | None = None
@@ -94,8 +227,27 @@ class ChatCompletionRequest(_Strict):
     user: str | None = None
     # Key-value pairs kept with the request (up to 16; keys 64, values 512 characters).
     metadata: dict[str, str] | None = None
+    # The answer's format: text, any JSON object, or JSON that validates against a schema;
+    # JSON formats are enforced by constraining every token to the grammar.
+    response_format: ResponseFormat | None = None
+    # Return the log probability of each output token.
+    logprobs: bool = False
+    # With logprobs: how many most likely alternatives to return per token (0 to 20).
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    # -2 to 2: lower (positive) or raise (negative) the odds of tokens already generated at all.
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    # -2 to 2: lower (positive) or raise the odds of tokens by how often they were generated.
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    # Token id (as a string) -> -100 to 100 added to its logit; -100 bans it, 100 forces it.
+    logit_bias: dict[str, float] | None = None
+    # Functions the model may call.
+    tools: list[ToolDefinition] | None = Field(default=None, max_length=MAX_TOOLS)
+    # "none", "auto" (the default with tools), "required", or a named function.
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    # Whether the model may call several tools in one answer (default true).
+    parallel_tool_calls: bool | None = None
 
-    @field_validator("temperature", "top_p")
+    @field_validator("temperature", "top_p", "presence_penalty", "frequency_penalty")
     @classmethod
     def _finite(cls, value: float) -> float:
         if not math.isfinite(value):
@@ -119,16 +271,34 @@ class ChatCompletionRequest(_Strict):
             check_metadata(value)
         return value
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_biases(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is None:
+            return None
+        if len(value) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} token ids may be biased, got {len(value)}")
+        for token, bias in value.items():
+            if not token.isdigit():
+                raise ValueError(f"keys are token ids (as strings of digits), got {token[:20]!r}")
+            if not (math.isfinite(bias) and -100 <= bias <= 100):
+                raise ValueError(f"the bias of token {token} must be between -100 and 100, got {bias}")
+        return value
+
     @model_validator(mode="after")
-    def _one_max_tokens(self) -> ChatCompletionRequest:
-        if (
-            self.max_tokens is not None
-            and self.max_completion_tokens is not None
-            and self.max_tokens != self.max_completion_tokens
-        ):
-            raise ValueError(
-                "max_tokens and max_completion_tokens disagree; send only one of them"
-            )
+    def _consistent(self) -> ChatCompletionRequest:
+        if self.max_tokens is not None and self.max_completion_tokens is not None and self.max_tokens != self.max_completion_tokens:
+            raise ValueError("max_tokens and max_completion_tokens disagree; send only one of them")
+        if self.top_logprobs is not None and self.top_logprobs > 0 and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        if self.tool_choice is not None and not self.tools and self.tool_choice != "none":
+            raise ValueError("tool_choice needs 'tools'")
+        if isinstance(self.tool_choice, NamedToolChoice):
+            names = [tool.function.name for tool in self.tools or []]
+            if self.tool_choice.function.name not in names:
+                raise ValueError(f"tool_choice names function {self.tool_choice.function.name!r}, which is not in 'tools' ({', '.join(names)})")
+        if self.calls_tools and self.response_format is not None and not isinstance(self.response_format, TextFormat):
+            raise ValueError("a forced tool call and a JSON response_format cannot go together: the answer is the call")
         return self
 
     @property
@@ -142,6 +312,19 @@ class ChatCompletionRequest(_Strict):
         if self.stop is None:
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    @property
+    def effective_tool_choice(self) -> str | NamedToolChoice:
+        """`tool_choice`, with OpenAI's default: "auto" with tools, else "none"."""
+        if self.tool_choice is not None:
+            return self.tool_choice
+        return "auto" if self.tools else "none"
+
+    @property
+    def calls_tools(self) -> bool:
+        """Whether the answer must be a tool call ("required" or a named function)."""
+        choice = self.effective_tool_choice
+        return choice == "required" or isinstance(choice, NamedToolChoice)
 
 
 def check_metadata(value: dict[str, str]) -> None:
@@ -159,7 +342,33 @@ class ChatCompletionMessage(BaseModel):
     """The assistant's answer in one choice."""
 
     role: Literal["assistant"] = "assistant"
-    content: str
+    # The text; null when the answer is tool calls.
+    content: str | None
+    # The tool calls the model made (then `content` is null and `finish_reason` "tool_calls").
+    tool_calls: list[ToolCall] | None = None
+
+
+class TopLogprob(BaseModel):
+    """One of the most likely tokens at a position."""
+
+    token: str
+    # Its log probability under the model (before temperature, top_p and penalties).
+    logprob: float
+    # The token's UTF-8 bytes (a token may hold part of a character).
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    """One output token, with the alternatives asked for."""
+
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    """`choices[].logprobs`: one entry per token of the answer."""
+
+    content: list[TokenLogprob] | None
+    refusal: list[TokenLogprob] | None = None
 
 
 class ChatCompletionChoice(BaseModel):
@@ -167,8 +376,11 @@ class ChatCompletionChoice(BaseModel):
 
     index: int
     message: ChatCompletionMessage
-    # "stop": EOS or a stop sequence ended it; "length": max_tokens did.
-    finish_reason: Literal["stop", "length"]
+    # With `logprobs`: the log probabilities of the answer's tokens.
+    logprobs: ChoiceLogprobs | None = None
+    # "stop": EOS, a stop sequence or the end of the JSON ended it; "length": max_tokens did;
+    # "tool_calls": the answer is tool calls.
+    finish_reason: Literal["stop", "length", "tool_calls"]
 
 
 class Usage(BaseModel):
@@ -193,9 +405,26 @@ class ChatCompletion(BaseModel):
 _UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 
 
+#: Discriminated unions: the field (or list) holding them -> their tags, which pydantic puts in
+#: the location after it.
+_TAGGED = {"response_format": {"text", "json_object", "json_schema"}, "content": {"text", "image_url", "input_audio", "file"}}
+
+
 def _is_union_tag(part: int | str) -> bool:
     # pydantic names the union member it tried ("str", "list[TextContentPart]") in the location.
     return isinstance(part, str) and (part in _UNION_TAGS or "[" in part or "(" in part)
+
+
+def _without_tags(loc: tuple[int | str, ...]) -> tuple[int | str, ...]:
+    """The location without the union members and tags pydantic adds to it."""
+    parts = [part for part in loc if not _is_union_tag(part)]
+    kept: list[int | str] = []
+    for i, part in enumerate(parts):
+        holder = parts[i - 2] if i > 1 and isinstance(parts[i - 1], int) else (parts[i - 1] if i else None)
+        if isinstance(part, str) and isinstance(holder, str) and part in _TAGGED.get(holder, ()):
+            continue
+        kept.append(part)
+    return tuple(kept)
 
 
 def _field_path(loc: tuple[int | str, ...]) -> str:
@@ -209,11 +438,14 @@ def _field_path(loc: tuple[int | str, ...]) -> str:
 
 
 def describe_validation_error(error: ValidationError, *, prefix: str = "") -> RequestError:
-    """Turn pydantic's first complaint into a RequestError that names the field and the fix."""
-    first = error.errors(include_url=False)[0]
-    # pydantic adds the union member or tagged type to the location; drop those parts.
-    loc = tuple(p for p in first["loc"] if not _is_union_tag(p))
-    field = prefix + _field_path(loc)
+    """Turn pydantic's complaint into a RequestError that names the field and the fix. Of the
+    complaints about one field's union members, the deepest is the telling one (a list of parts
+    with a bad part, rather than "not a string")."""
+    errors = error.errors(include_url=False)
+    top = errors[0]["loc"][:1]
+    first = max((e for e in errors if e["loc"][:1] == top), key=lambda e: len(e["loc"]))
+    loc = _without_tags(tuple(first["loc"]))
+    field = prefix + _field_path(loc) if loc else ""
     kind = first["type"]
     if kind == "extra_forbidden":
         return RequestError(
@@ -232,6 +464,41 @@ def describe_validation_error(error: ValidationError, *, prefix: str = "") -> Re
     return RequestError(ErrorCode.invalid_request, f"{where}: {message}", param=field or None)
 
 
+def _refuse_unsupported(data: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """`data` without the known fields sent at their "unused" value; raises
+    `unsupported_parameter` for one sent with another value."""
+    if not data.keys() & UNSUPPORTED_FIELDS.keys():  # one set operation for the common case: none
+        return data
+    for name, harmless in UNSUPPORTED_FIELDS.items():
+        if name in data and data[name] != harmless and data[name] is not None:
+            why = UNSUPPORTED_WHY.get(name)
+            raise RequestError(
+                ErrorCode.unsupported_parameter,
+                f"'{prefix}{name}' is not supported by chatbatch"
+                + (f" ({why})" if why else "")
+                + (f"; only {name}={harmless!r} is accepted" if harmless is not None else "")
+                + f": remove '{name}' from the request",
+                param=prefix + name,
+            )
+    return {k: v for k, v in data.items() if k not in UNSUPPORTED_FIELDS}
+
+
+def _refuse_media(request: ChatCompletionRequest, prefix: str) -> None:
+    """Image, audio and file parts are recognised and refused: the models read text only."""
+    for m, message in enumerate(request.messages):
+        if not isinstance(message.content, list):
+            continue
+        for p, part in enumerate(message.content):
+            if isinstance(part, MediaContentPart):
+                kind = {"image_url": "images", "input_audio": "audio", "file": "files"}[part.type]
+                raise RequestError(
+                    ErrorCode.invalid_request,
+                    f"'{prefix}messages[{m}].content[{p}]': {kind} are not supported by this model, which "
+                    "reads text only: send text parts",
+                    param=f"{prefix}messages[{m}].content[{p}]",
+                )
+
+
 def parse_chat_request(data: Any, *, prefix: str = "") -> ChatCompletionRequest:
     """Validate a decoded request body.
 
@@ -240,7 +507,7 @@ def parse_chat_request(data: Any, *, prefix: str = "") -> ChatCompletionRequest:
         prefix: prepended to field names in messages, e.g. ``"body."`` for batch lines.
 
     Raises:
-        RequestError: with `unsupported_parameter` for a known OpenAI field the engine cannot
+        RequestError: with `unsupported_parameter` for a known OpenAI field chatbatch does not
             honour, else `invalid_request` naming the offending field.
     """
     if not isinstance(data, dict):
@@ -248,19 +515,10 @@ def parse_chat_request(data: Any, *, prefix: str = "") -> ChatCompletionRequest:
             ErrorCode.invalid_request,
             f"'{prefix.rstrip('.') or 'body'}' must be a JSON object, got {type(data).__name__}",
         )
-    body = data
-    if data.keys() & UNSUPPORTED_FIELDS.keys():  # one set operation for the common case: none
-        for name, harmless in UNSUPPORTED_FIELDS.items():
-            if name in data and data[name] != harmless and data[name] is not None:
-                raise RequestError(
-                    ErrorCode.unsupported_parameter,
-                    f"'{prefix}{name}' is not supported by chatbatch"
-                    + (f" (only {name}={harmless!r} is accepted)" if harmless is not None else "")
-                    + f": remove '{name}' from the request",
-                    param=prefix + name,
-                )
-        body = {k: v for k, v in data.items() if k not in UNSUPPORTED_FIELDS}
+    body = _refuse_unsupported(data, prefix)
     try:
-        return ChatCompletionRequest.model_validate(body)
+        request = ChatCompletionRequest.model_validate(body)
     except ValidationError as error:
         raise describe_validation_error(error, prefix=prefix) from None
+    _refuse_media(request, prefix)
+    return request

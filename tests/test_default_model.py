@@ -35,7 +35,7 @@ def test_default_model_writes_hello_world_through_a_worker(default_model: Path, 
         assert done.returncode == 0, done.stderr
         completion = ChatCompletion.model_validate_json(done.stdout)
         assert completion.model == NAME
-        assert "print(" in completion.choices[0].message.content
+        assert "print(" in (completion.choices[0].message.content or "")
     finally:
         worker.stop()
 

@@ -362,3 +362,35 @@ def test_an_engine_thread_that_dies_says_so(runner) -> None:  # type: ignore[no-
             late.result(timeout=5)
     finally:
         engine.stop()
+
+
+def test_every_request_feature_in_one_batch_in_each_decode_mode(runner, tiny_model: Path) -> None:  # type: ignore[no-untyped-def]
+    """Structured output, tools, log probabilities, bias and penalties beside plain requests,
+    in one batch: the static decode (the CUDA default) answers exactly as the dynamic one."""
+    import json
+
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}, "c": {"enum": ["a", "b"]}},
+              "required": ["n", "c"], "additionalProperties": False}
+    tool = {"type": "function", "function": {"name": "f", "parameters": schema}}
+    requests = [
+        _request("json", response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}, max_tokens=40, temperature=0),
+        _request("call", tools=[tool], tool_choice={"type": "function", "function": {"name": "f"}}, max_tokens=40, temperature=0),
+        _request("scored", logprobs=True, top_logprobs=2, max_tokens=6, temperature=0),
+        _request("biased", logit_bias={"40": 100}, presence_penalty=1.0, frequency_penalty=0.5, max_tokens=6, temperature=0),
+        _request("plain", max_tokens=6, temperature=0),
+    ]
+    outcomes, stats = _run_together(runner, requests)
+    assert stats["batches"] == 1
+    json_answer, call, scored, biased, plain = (o.choices[0] for o in outcomes)
+    assert json_answer.finish_reason == "stop" and set(json.loads(json_answer.message.content)) == {"n", "c"}
+    assert call.finish_reason == "tool_calls" and set(json.loads(call.message.tool_calls[0].function.arguments)) == {"n", "c"}
+    assert scored.logprobs is not None and len(scored.logprobs.content) == outcomes[2].usage.completion_tokens
+    assert biased.message.content.startswith(runner.tokenizer.decode([40]))
+    (alone,), _ = _run_together(runner, [requests[4]])
+    assert alone.choices[0].message.content == plain.message.content
+    if runner.decode != "dynamic":
+        dynamic = load_runner(str(tiny_model), Settings(redis_url="redis://127.0.0.1:1/0", decode="dynamic"))
+        reference, _ = _run_together(dynamic, requests)
+        for mine, theirs in zip(outcomes, reference):
+            assert mine.choices[0].message.content == theirs.choices[0].message.content
+            assert mine.choices[0].finish_reason == theirs.choices[0].finish_reason

@@ -12,11 +12,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import httpx
 import openai
 import pytest
+from pydantic import BaseModel, Field
 
 from chatbatch import keys
 from schemas import BatchRequestOutput, ChatCompletion
@@ -112,11 +113,47 @@ def test_openai_sdk_end_to_end(gateway: Gateway) -> None:
     with pytest.raises(openai.AuthenticationError):
         _sdk(gateway, "sk-wrong").models.list()
     with pytest.raises(openai.BadRequestError) as caught:
-        sdk.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], stream=False, logprobs=True)
+        sdk.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], stream=False, modalities=["text", "audio"])
     assert caught.value.code == "unsupported_parameter"
     with pytest.raises(openai.NotFoundError) as missing:
         sdk.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
     assert missing.value.code == "model_not_found"
+
+
+class Point(BaseModel):
+    x: Annotated[int, Field(ge=-9, le=9)]
+    ok: bool
+
+
+WEATHER_TOOL: Any = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"], "additionalProperties": False}}}
+
+
+def test_the_openai_package_drives_every_request_feature(gateway: Gateway) -> None:
+    sdk = _sdk(gateway)
+    messages: Any = [{"role": "developer", "content": "answer briefly"}, {"role": "user", "content": "a point"}]
+    parsed = sdk.chat.completions.parse(model=MODEL, messages=messages, response_format=Point, max_tokens=60, temperature=0)
+    assert isinstance(parsed.choices[0].message.parsed, Point)
+
+    scored = sdk.chat.completions.create(model=MODEL, messages=messages, max_tokens=5, temperature=0, logprobs=True, top_logprobs=2,
+                                         presence_penalty=0.5, frequency_penalty=0.5, logit_bias={"7": -100})
+    logprobs = scored.choices[0].logprobs
+    assert logprobs is not None and logprobs.content
+    assert all(entry.logprob <= 0 and len(entry.top_logprobs) == 2 for entry in logprobs.content)
+
+    required = sdk.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER_TOOL], tool_choice="required",
+                                           parallel_tool_calls=False, max_tokens=60)
+    call = (required.choices[0].message.tool_calls or [])[0]
+    assert required.choices[0].finish_reason == "tool_calls" and call.type == "function"
+    assert call.function.name == "get_weather" and "city" in json.loads(call.function.arguments)  # type: ignore[union-attr]
+    named = sdk.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER_TOOL], max_tokens=60,
+                                        tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    assert (named.choices[0].message.tool_calls or [])[0].function.name == "get_weather"  # type: ignore[union-attr]
+
+    with pytest.raises(openai.BadRequestError) as refused:
+        sdk.chat.completions.create(model=MODEL, max_tokens=5, messages=[{"role": "user", "content": [
+            {"type": "text", "text": "what is this?"}, {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}])
+    assert refused.value.code == "invalid_request" and "images are not supported by this model" in str(refused.value)
 
 
 def test_one_key_cannot_see_another_keys_objects(gateway: Gateway) -> None:

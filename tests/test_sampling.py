@@ -38,3 +38,53 @@ def test_greedy_rows_and_seeded_rows_do_not_depend_on_their_neighbours() -> None
     assert len(set(alone)) > 1, "a seeded row draws anew at each step"
     assert _draw([SamplingParams(0.0, 1.0, 5)] * 3).tolist() == [0, 0, 0]
     assert row_seed(42, 0) != row_seed(42, 1), "the n choices of one request differ"
+
+
+def test_penalties_lower_the_odds_of_what_a_row_generated() -> None:
+    """presence: minus p once a token appeared; frequency: minus f per time it appeared."""
+    flat = torch.zeros((1, 4))
+    sampler = BatchSampler([SamplingParams(0.0, 1.0, 0, presence_penalty=0.5, frequency_penalty=0.25)], CPU, vocab_size=4)
+    first = flat.clone()
+    first[0, 2] = 1.0
+    assert sampler.choose(first, 0).tolist() == [2]
+    again = flat.clone()
+    again[0, 2] = 1.0
+    sampler.choose(again, 1)  # token 2 once more: its count is 2 now
+    assert torch.allclose(again, torch.tensor([[0.0, 0.0, 1.0 - 0.5 - 0.25, 0.0]]))
+    third = flat.clone()
+    third[0, 2] = 1.0
+    sampler.choose(third, 2)
+    assert torch.allclose(third, torch.tensor([[0.0, 0.0, 1.0 - 0.5 - 2 * 0.25, 0.0]]))
+    plain = BatchSampler([SamplingParams(0.0, 1.0, 0), SamplingParams(0.0, 1.0, 0, presence_penalty=2.0)], CPU, vocab_size=4)
+    both = torch.tensor([[0.0, 0.0, 1.0, 0.0]] * 2)
+    plain.choose(both, 0)
+    both = torch.tensor([[0.0, 0.0, 1.0, 0.9]] * 2)
+    assert plain.choose(both, 1).tolist() == [2, 3], "only the penalized row turns away from token 2"
+
+
+def test_logit_bias_bans_and_forces_per_row() -> None:
+    params = [SamplingParams(1.0, 1.0, seed, logit_bias={0: -100.0}) for seed in range(200)]
+    params += [SamplingParams(1.0, 1.0, seed, logit_bias={3: 100.0}) for seed in range(200)]
+    tokens = BatchSampler(params, CPU, vocab_size=4).choose(torch.log(torch.tensor([0.97, 0.01, 0.01, 0.01])).repeat(400, 1), 0)
+    assert 0 not in tokens[:200].tolist(), "a banned token never comes"
+    assert set(tokens[200:].tolist()) == {3}, "a forced token always does"
+
+
+def test_logprobs_come_from_the_models_own_distribution() -> None:
+    """Before temperature, penalties and bias; the chosen token's, and the top alternatives
+    sorted, for the rows that ask."""
+    logits = torch.log(PROBS + 1e-9).repeat(3, 1)
+    params = [
+        SamplingParams(1.7, 1.0, 3, logprobs=2, logit_bias={3: 100.0}),
+        SamplingParams(0.0, 1.0, 0),
+        SamplingParams(0.0, 1.0, 0, logprobs=0),
+    ]
+    sampler = BatchSampler(params, CPU, vocab_size=4)
+    tokens = sampler.choose(logits.clone(), 0).tolist()
+    found = sampler.logprobs_of()
+    assert set(found) == {0, 2}
+    chosen, top = found[0][0]
+    assert tokens[0] == 3 and chosen < -15, "the forced token's own log probability is reported, not the biased one"
+    assert [token for token, _ in top] == [0, 1]
+    assert [round(value, 4) for _, value in top] == [round(float(torch.log(PROBS[0])), 4), round(float(torch.log(PROBS[1])), 4)]
+    assert found[2] == [(found[2][0][0], [])] and abs(found[2][0][0] - float(torch.log(PROBS[0]))) < 1e-4

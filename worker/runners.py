@@ -9,15 +9,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from chatbatch.ids import new_id
+from chatbatch.structured import schema_for
 from schemas.chat import (
     ChatCompletion,
     ChatCompletionChoice,
     ChatCompletionMessage,
     ChatCompletionRequest,
+    ChoiceLogprobs,
+    FunctionCall,
+    TokenLogprob,
+    ToolCall,
+    TopLogprob,
     Usage,
 )
 from schemas.errors import ErrorCode, RequestError
+from worker.chat_format import ChatFormat, parse_hermes
 from worker.engine import Pending
+from worker.grammar import Grammars, forced_calls
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +57,8 @@ class Prepared:
     prompt_ids: list[int]
     max_new: int
     stops: list[str]
+    #: The JSON Schema the answer must follow, and the field it comes from.
+    schema: tuple[dict[str, Any], str] | None = None
 
 
 @dataclass
@@ -61,6 +71,8 @@ class _Row:
     generated: int = 0
     finish: str | None = None
     text: str | None = None
+    #: Per returned token: (its log probability, [(alternative, log probability)]).
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
 
 
 class TransformersRunner:
@@ -99,7 +111,6 @@ class TransformersRunner:
             raise ValueError(f"decode must be one of auto, {', '.join(DECODE_MODES)}; got {decode!r}")
         self.decode = decode
         self._static_caches: dict[tuple[int, int], Any] = {}
-        self._compiled_template: Any = False
         self._compiled_step: Any = None
         if self.device.type == "cuda" and model.dtype == torch.float32:
             model = model.to(torch.bfloat16)
@@ -123,6 +134,18 @@ class TransformersRunner:
         # transformers renamed `past_key_values` to `cache`; use whichever this version takes.
         params = inspect.signature(self.model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        text_config = getattr(config, "get_text_config", lambda: config)()
+        #: The width of the model's logits (the tokenizer's vocabulary may be smaller).
+        self.vocab_size = int(getattr(text_config, "vocab_size", None) or len(tokenizer))
+        self.format = ChatFormat(tokenizer, served_name)
+        self._grammars: Grammars | None = None
+
+    @property
+    def grammars(self) -> Grammars:
+        """The model's grammar compiler and token bytes (built on first use)."""
+        if self._grammars is None:
+            self._grammars = Grammars(self.tokenizer, self.vocab_size, self.eos_ids)
+        return self._grammars
 
     def batch_limits(self, max_batch_size: int | None, max_batch_tokens: int | None) -> tuple[int, int]:
         """Most sequences and most padded tokens per batch: what was configured, else defaults;
@@ -163,35 +186,6 @@ class TransformersRunner:
             return [list(encoding.ids) for encoding in backend.encode_batch(texts, add_special_tokens=False)]
         return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
-    def _template(self) -> Any:
-        """The chat template, compiled once, when rendering it directly gives what
-        `apply_chat_template` gives (checked on a probe conversation); else None. Rendering
-        directly skips per-call work that costs more than the rendering itself."""
-        if self._compiled_template is not False:
-            return self._compiled_template
-        self._compiled_template = None
-        try:
-            from transformers.utils.chat_template_utils import _compile_jinja_template
-
-            compiled = _compile_jinja_template(self.tokenizer.chat_template)
-            extra = {k: v for k, v in self.tokenizer.special_tokens_map.items() if isinstance(v, str)}
-            probe = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
-                     {"role": "assistant", "content": "a"}, {"role": "user", "content": "v"}]
-            direct = compiled.render(messages=probe, tools=None, documents=None, add_generation_prompt=True, **extra)
-            if direct == self.tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True):
-                self._compiled_template = (compiled, extra)
-        except Exception:  # a newer transformers, or a template that needs more: the slow path
-            logger.debug("rendering the chat template directly is not possible", exc_info=True)
-        return self._compiled_template
-
-    def _render(self, request: ChatCompletionRequest) -> str:
-        messages = [{"role": m.role, "content": m.text()} for m in request.messages]
-        template = self._template()
-        if template is not None:
-            compiled, extra = template
-            return str(compiled.render(messages=messages, tools=None, documents=None, add_generation_prompt=True, **extra))
-        return str(self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
-
     # Hooks called by the engine.
 
     def prepare_many(self, items: list[Pending]) -> list[RequestError | None]:
@@ -199,46 +193,66 @@ class TransformersRunner:
         texts: list[str] = []
         rendered: list[int] = []
         for index, item in enumerate(items):
+            errors[index] = self._check(item.request)
+            if errors[index] is not None:
+                continue
             try:
-                texts.append(self._render(item.request))
+                texts.append(self.format.render(item.request))
                 rendered.append(index)
             except Exception as error:  # a template that raises (e.g. on a role it refuses)
                 errors[index] = RequestError(
                     ErrorCode.invalid_request, f"the model's chat template refused the messages: {error}", param="messages"
                 )
         for index, prompt_ids in zip(rendered, self._encode_many(texts)):
-            item = items[index]
-            request = item.request
-            room = self.context_length - len(prompt_ids)
-            wanted = request.max_new_tokens
-            if wanted is None:
-                wanted = min(self.default_max_tokens, room)
-            if room < 1 or len(prompt_ids) + wanted > self.context_length:
-                errors[index] = RequestError(
-                    ErrorCode.context_length_exceeded,
-                    f"the prompt is {len(prompt_ids)} tokens and max_tokens is {wanted}, over the "
-                    f"model's context of {self.context_length} tokens: shorten the messages or "
-                    "lower max_tokens",
-                    param="messages",
-                )
-                continue
-            item.prepared = Prepared(prompt_ids=prompt_ids, max_new=wanted, stops=request.stop_sequences)
-            item.rows = request.n
-            item.cost = len(prompt_ids) + wanted
+            errors[index] = self._fit(items[index], prompt_ids)
         return errors
+
+    def _check(self, request: ChatCompletionRequest) -> RequestError | None:
+        """What this model cannot do of a request: a tool-call format it does not write, a
+        biased token outside its vocabulary, a schema the grammar library cannot compile."""
+        refusal = self.format.check(request)
+        if refusal is not None:
+            return refusal
+        for token in request.logit_bias or {}:
+            if int(token) >= self.vocab_size:
+                return RequestError(
+                    ErrorCode.invalid_request,
+                    f"'logit_bias': token id {token} is not in the vocabulary of {self.served_name!r} ({self.vocab_size} tokens)",
+                    param="logit_bias",
+                )
+        schema = schema_for(request)
+        if schema is not None:
+            try:
+                self.grammars.matcher(*schema)  # compiled once here, cached for the rows
+            except RequestError as error:
+                return error
+        return None
+
+    def _fit(self, item: Pending, prompt_ids: list[int]) -> RequestError | None:
+        """Size a rendered request against the context; its error, or None once prepared."""
+        request = item.request
+        room = self.context_length - len(prompt_ids)
+        wanted = request.max_new_tokens
+        if wanted is None:
+            wanted = min(self.default_max_tokens, room)
+        if room < 1 or len(prompt_ids) + wanted > self.context_length:
+            return RequestError(
+                ErrorCode.context_length_exceeded,
+                f"the prompt is {len(prompt_ids)} tokens and max_tokens is {wanted}, over the "
+                f"model's context of {self.context_length} tokens: shorten the messages or "
+                "lower max_tokens",
+                param="messages",
+            )
+        item.prepared = Prepared(prompt_ids=prompt_ids, max_new=wanted, stops=request.stop_sequences, schema=schema_for(request))
+        item.rows = request.n
+        item.cost = len(prompt_ids) + wanted
+        return None
 
     def run_batch(self, items: list[Pending]) -> list[ChatCompletion | RequestError]:
         import torch
 
-        from worker.sampling import SamplingParams, row_seed
-
-        rows: list[_Row] = []
-        for index, item in enumerate(items):
-            request: ChatCompletionRequest = item.request
-            for choice in range(request.n):
-                seed = row_seed(request.seed, choice) if request.temperature > 0 else 0
-                params = SamplingParams(request.temperature, request.top_p, seed)
-                rows.append(_Row(item=index, choice=choice, prepared=item.prepared, params=params))
+        rows = [_Row(item=index, choice=choice, prepared=item.prepared, params=self._params(item, choice))
+                for index, item in enumerate(items) for choice in range(item.request.n)]
         with torch.inference_mode():
             if self.decode == "dynamic":
                 self._decode(rows)
@@ -260,14 +274,7 @@ class TransformersRunner:
                     object="chat.completion",
                     created=created,
                     model=self.served_name,
-                    choices=[
-                        ChatCompletionChoice.model_construct(
-                            index=row.choice,
-                            message=ChatCompletionMessage.model_construct(role="assistant", content=row.text or ""),
-                            finish_reason=row.finish or "length",
-                        )
-                        for row in mine
-                    ],
+                    choices=[self._choice(row, item.request) for row in mine],
                     usage=Usage.model_construct(
                         prompt_tokens=prompt_tokens,
                         completion_tokens=completion_tokens,
@@ -277,10 +284,82 @@ class TransformersRunner:
             )
         return results
 
+    def _params(self, item: Pending, choice: int) -> Any:
+        """The sampling settings of one row (one choice of a request)."""
+        from worker.sampling import SamplingParams, row_seed
+
+        request: ChatCompletionRequest = item.request
+        schema = item.prepared.schema
+        return SamplingParams(
+            temperature=request.temperature,
+            top_p=request.top_p,
+            seed=row_seed(request.seed, choice) if request.temperature > 0 else 0,
+            presence_penalty=request.presence_penalty,
+            frequency_penalty=request.frequency_penalty,
+            logit_bias={int(token): bias for token, bias in request.logit_bias.items()} if request.logit_bias else None,
+            logprobs=(request.top_logprobs or 0) if request.logprobs else None,
+            matcher=self.grammars.matcher(*schema) if schema is not None else None,
+        )
+
+    def _sampler(self, params: list[Any]) -> Any:
+        from worker.sampling import BatchSampler
+
+        grammars = self._grammars if any(p.matcher is not None for p in params) else None
+        return BatchSampler(params, self.device, vocab_size=self.vocab_size, grammars=grammars)
+
+    @staticmethod
+    def _keep_logprobs(rows: list[_Row], sampler: Any) -> None:
+        if not sampler.logprob_rows:
+            return
+        found = sampler.logprobs_of()
+        for index, row in enumerate(rows):
+            if row.params.logprobs is not None:
+                row.logprobs = found.get(index, [])
+
+    def _choice(self, row: _Row, request: ChatCompletionRequest) -> ChatCompletionChoice:
+        """One choice of the answer: its text or tool calls, finish reason and log probabilities."""
+        text = row.text or ""
+        content: str | None = text
+        finish = row.finish or "length"
+        calls: list[tuple[str, str]] = []
+        if request.calls_tools and finish == "stop":
+            calls, content = forced_calls(text, request), None
+        elif request.tools and request.effective_tool_choice == "auto" and self.format.hermes:
+            content, calls = parse_hermes(text)
+        tool_calls = [
+            ToolCall.model_construct(id=new_id("call_"), type="function", function=FunctionCall.model_construct(name=name, arguments=arguments))
+            for name, arguments in calls
+        ]
+        logprobs = None
+        if row.logprobs is not None:
+            logprobs = ChoiceLogprobs.model_construct(content=self._token_logprobs(row), refusal=None)
+        return ChatCompletionChoice.model_construct(
+            index=row.choice,
+            message=ChatCompletionMessage.model_construct(role="assistant", content=content, tool_calls=tool_calls or None),
+            logprobs=logprobs,
+            finish_reason="tool_calls" if tool_calls else finish,
+        )
+
+    def _token_logprobs(self, row: _Row) -> list[TokenLogprob]:
+        """The log probabilities of the tokens the answer returns (a stop string's tokens and
+        the EOS token are not returned)."""
+        kept = len(row.tokens)
+        if row.text is not None and row.finish == "stop" and row.prepared.stops:
+            while kept and len(self.tokenizer.decode(row.tokens[: kept - 1], skip_special_tokens=True)) >= len(row.text):
+                kept -= 1
+        entries: list[TokenLogprob] = []
+        for token, (logprob, alternatives) in zip(row.tokens[:kept], row.logprobs or []):
+            top = [TopLogprob.model_construct(**self._token(alt), logprob=value) for alt, value in alternatives]
+            entries.append(TokenLogprob.model_construct(**self._token(token), logprob=logprob, top_logprobs=top))
+        return entries
+
+    def _token(self, token: int) -> dict[str, Any]:
+        """A token as `logprobs` shows it: its text and UTF-8 bytes (a special token as its name)."""
+        raw = self.grammars.token_bytes(token) or str(self.tokenizer.convert_ids_to_tokens(token)).encode()
+        return {"token": raw.decode("utf-8", errors="replace"), "bytes": list(raw)}
+
     def _decode(self, rows: list[_Row]) -> None:
         import torch
-
-        from worker.sampling import BatchSampler
 
         device = self.device
         width = max(len(row.prepared.prompt_ids) for row in rows)
@@ -299,7 +378,7 @@ class TransformersRunner:
         logits = out.logits[:, -1, :].float()
         next_pos = positions[:, -1] + 1
         active = list(range(len(rows)))
-        sampler = BatchSampler([row.params for row in rows], device)
+        sampler = self._sampler([row.params for row in rows])
         step = 0
         while active:
             tokens = sampler.choose(logits, step)
@@ -329,6 +408,7 @@ class TransformersRunner:
         for row in rows:
             if row.text is None:
                 row.text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
+        self._keep_logprobs(rows, sampler)
 
     # The static decode: fixed shapes, checks on the device.
 
@@ -388,7 +468,7 @@ class TransformersRunner:
     def _decode_static(self, rows: list[_Row]) -> None:
         import torch
 
-        from worker.sampling import BatchSampler, SamplingParams
+        from worker.sampling import SamplingParams
 
         device = self.device
         count = len(rows)
@@ -414,7 +494,7 @@ class TransformersRunner:
         )
         logits = out.logits[:, -1, :].float()
         params = [row.params for row in rows] + [SamplingParams(0.0, 1.0, 0)] * (size - count)
-        sampler = BatchSampler(params, device)
+        sampler = self._sampler(params)
         limits = torch.tensor([row.prepared.max_new for row in rows] + [1] * (size - count), device=device)
         eos = torch.tensor(sorted(self.eos_ids) or [-1], device=device)
         produced = torch.full((size, max_new), self.pad_id, dtype=torch.long, device=device)
@@ -446,6 +526,7 @@ class TransformersRunner:
             self._finish(row, tokens)
             if row.text is None:
                 row.text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
+        self._keep_logprobs(rows, sampler)
 
     def _has_stop(self, row: _Row, tokens: list[int]) -> bool:
         """Whether a row's text so far (up to its first EOS) holds one of its stop strings."""
@@ -512,14 +593,40 @@ class PyfuncRunner:
         return max_batch_size or CPU_BATCH_SIZE, max_batch_tokens or CPU_BATCH_TOKENS
 
     def prepare_many(self, items: list[Pending]) -> list[RequestError | None]:
+        errors: list[RequestError | None] = []
         for item in items:
             item.rows = item.request.n
-        return [None] * len(items)
+            errors.append(self._refuse(item.request))
+        return errors
+
+    def _refuse(self, request: ChatCompletionRequest) -> RequestError | None:
+        """`predict` takes messages and sampling settings only: a request that needs the
+        decode loop (a grammar, log probabilities, penalties, bias, tools) is refused."""
+        used = {
+            "response_format": request.response_format is not None and request.response_format.type != "text",
+            "logprobs": request.logprobs,
+            "presence_penalty": bool(request.presence_penalty),
+            "frequency_penalty": bool(request.frequency_penalty),
+            "logit_bias": bool(request.logit_bias),
+            "tools": bool(request.tools),
+        }
+        for name, wanted in used.items():
+            if wanted:
+                return RequestError(
+                    ErrorCode.unsupported_parameter,
+                    f"'{name}' is not supported by {self.served_name!r}, which is served through MLflow's pyfunc "
+                    "predict (only transformers models run in chatbatch's own decode loop): remove it",
+                    param=name,
+                )
+        return None
 
     def run_batch(self, items: list[Pending]) -> list[ChatCompletion | RequestError]:
         results: list[ChatCompletion | RequestError] = []
         for item in items:
-            body = item.request.model_dump(exclude_none=True, exclude={"model", "metadata", "user", "seed", "max_completion_tokens"})
+            body = item.request.model_dump(
+                exclude_none=True,
+                exclude={"model", "metadata", "user", "seed", "max_completion_tokens", "logprobs", "presence_penalty", "frequency_penalty", "response_format"},
+            )
             if item.request.max_new_tokens is not None:
                 body["max_tokens"] = item.request.max_new_tokens
             if "stop" in body and isinstance(body["stop"], str):

@@ -1,15 +1,28 @@
-"""Per-row token choice, so requests with different sampling settings share one batch.
+"""The sampler stage: every per-row step from a batch's logits to its next tokens, so that
+requests with different settings share one batch.
 
-Every row of a batch is sampled at once, on the device, with no host round trip: each row draws
-one uniform number per step from a counter-based hash of (its seed, the step) and picks its
-token by inverse CDF. A seeded request therefore gets the same tokens whatever else is in its
-batch, and no per-row generator or Python loop runs per token.
+Each step, for the rows that ask for them, in this order:
+1. log probabilities, from the model's own log-softmax (before penalties, bias, grammar,
+   temperature and top_p, as OpenAI and vLLM report them), kept on the device;
+2. presence and frequency penalties, from each row's own generated-token counts (on the device);
+3. logit bias;
+4. grammar masks: each constrained row's matcher fills its token bitmask (llguidance, in
+   parallel and without the GIL), and all masks are applied at once;
+5. the token: greedy rows take the argmax; the others draw one uniform number per step from a
+   counter-based hash of (their seed, the step) and take their token by inverse CDF, after
+   their temperature and top_p. A seeded request therefore gets the same tokens whatever else
+   is in its batch, and no per-row generator or Python loop runs per token;
+6. the constrained rows' matchers are told the token chosen.
+
+Only constrained rows bring the device's tokens to the host each step (their matchers need
+them); the other work stays on the device until the batch ends.
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -22,6 +35,14 @@ class SamplingParams:
     top_p: float
     #: The row's random stream (31 bits); see `row_seed`.
     seed: int
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    #: Token id -> added to its logit.
+    logit_bias: dict[int, float] | None = None
+    #: None: no log probabilities; else how many alternatives to keep per token (0 to 20).
+    logprobs: int | None = None
+    #: The row's grammar matcher (llguidance), when its answer is constrained.
+    matcher: Any = None
 
 
 #: Streams of unseeded rows; seeded once from the OS (no per-row system call).
@@ -46,39 +67,118 @@ def _mix(h: torch.Tensor) -> torch.Tensor:
     return h ^ (h >> 16)
 
 
+@dataclass
+class Logprobs:
+    """The log probabilities a batch kept for one step: for rows `rows` (batch positions at
+    creation), the chosen token's, and the top alternatives (values and ids)."""
+
+    rows: list[int]
+    chosen: torch.Tensor
+    top_values: torch.Tensor
+    top_ids: torch.Tensor
+
+
+@dataclass
+class _Constraint:
+    """The constrained rows of a batch: their matchers, and the host bitmask they fill."""
+
+    grammars: Any
+    #: Batch position (at creation) -> matcher; a row leaves once its matcher has stopped.
+    matchers: dict[int, Any]
+    bitmask: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.bitmask = torch.full((len(self.matchers), self.grammars.mask_width), -1, dtype=torch.int32)
+
+
 class BatchSampler:
     """The sampling settings of a batch's rows as device tensors, built once per batch.
 
     Args:
         params: one entry per row; temperature 0 means greedy.
         device: where the logits live.
+        vocab_size: the width of the logits (needed for penalties and bias).
+        grammars: the runner's `worker.grammar.Grammars`, when a row has a matcher.
     """
 
-    def __init__(self, params: list[SamplingParams], device: torch.device) -> None:
+    def __init__(self, params: list[SamplingParams], device: torch.device, *, vocab_size: int = 0, grammars: Any = None) -> None:
+        self.device = device
+        #: Batch position (at creation) of each row still in the batch, in order.
+        self.ids = list(range(len(params)))
         self.greedy_only = all(p.temperature <= 0 for p in params)
         self.use_top_p = any(p.top_p < 1.0 for p in params if p.temperature > 0)
         self.greedy = torch.tensor([p.temperature <= 0 for p in params], device=device)
         self.temperatures = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=device)
         self.top_ps = torch.tensor([p.top_p for p in params], device=device)
         self.seeds = torch.tensor([p.seed for p in params], dtype=torch.long, device=device)
+        self._penalties(params, vocab_size)
+        self.bias = self._bias(params, vocab_size)
+        #: Batch position -> how many alternatives it wants, for the rows that want log probabilities.
+        self.top_ks = {i: p.logprobs for i, p in enumerate(params) if p.logprobs is not None}
+        self.logprob_rows = list(self.top_ks)
+        self.top_k = max(self.top_ks.values(), default=0)
+        #: Every step's log probabilities, for `logprobs_of`.
+        self.steps: list[Logprobs] = []
+        matchers = {i: p.matcher for i, p in enumerate(params) if p.matcher is not None}
+        self.constraint = _Constraint(grammars, matchers) if matchers else None
+
+    def _penalties(self, params: list[SamplingParams], vocab_size: int) -> None:
+        self.penalized = any(p.presence_penalty or p.frequency_penalty for p in params)
+        if not self.penalized:
+            return
+        self.presence = torch.tensor([p.presence_penalty for p in params], device=self.device)[:, None]
+        self.frequency = torch.tensor([p.frequency_penalty for p in params], device=self.device)[:, None]
+        self.counts = torch.zeros((len(params), vocab_size), dtype=torch.float32, device=self.device)
+
+    def _bias(self, params: list[SamplingParams], vocab_size: int) -> torch.Tensor | None:
+        if not any(p.logit_bias for p in params):
+            return None
+        bias = torch.zeros((len(params), vocab_size), dtype=torch.float32)
+        for i, p in enumerate(params):
+            for token, value in (p.logit_bias or {}).items():
+                bias[i, token] = value
+        return bias.to(self.device)
 
     def select(self, index: torch.Tensor) -> None:
         """Keep only these rows (rows that finished leave the batch)."""
+        kept = index.tolist()
+        self.ids = [self.ids[i] for i in kept]
         self.greedy = self.greedy[index]
         self.temperatures = self.temperatures[index]
         self.top_ps = self.top_ps[index]
         self.seeds = self.seeds[index]
+        if self.penalized:
+            self.presence, self.frequency, self.counts = self.presence[index], self.frequency[index], self.counts[index]
+        if self.bias is not None:
+            self.bias = self.bias[index]
 
     def choose(self, logits: torch.Tensor, step: int) -> torch.Tensor:
-        """The next token of every row.
+        """The next token of every row (see the module's steps).
 
         Args:
-            logits: (rows, vocab) float32 logits of the last position.
+            logits: (rows, vocab) float32 logits of the last position; changed in place.
             step: how many tokens the rows have generated so far.
 
         Returns:
             (rows,) token ids on the logits' device.
         """
+        logprobs = self._logprobs_before(logits)
+        if self.penalized:
+            logits -= self.presence * (self.counts > 0) + self.frequency * self.counts
+        if self.bias is not None:
+            logits += self.bias
+        if self.constraint is not None:
+            self._mask(self.constraint, logits)
+        tokens = self._sample(logits, step)
+        if self.penalized:
+            self.counts.scatter_add_(1, tokens[:, None], torch.ones_like(tokens[:, None], dtype=self.counts.dtype))
+        if logprobs is not None:
+            self._logprobs_after(logprobs, tokens)
+        if self.constraint is not None:
+            self._consume(self.constraint, tokens)
+        return tokens
+
+    def _sample(self, logits: torch.Tensor, step: int) -> torch.Tensor:
         tokens = torch.argmax(logits, dim=-1)
         if self.greedy_only:
             return tokens
@@ -98,3 +198,66 @@ class BatchSampler:
         if order is not None:
             picked = order.gather(-1, picked)
         return torch.where(self.greedy, tokens, picked[:, 0])
+
+    # Log probabilities.
+
+    def _logprobs_before(self, logits: torch.Tensor) -> tuple[list[int], list[int], torch.Tensor] | None:
+        """(batch positions, rows now, log-softmax) of the rows that want log probabilities."""
+        if not self.logprob_rows:
+            return None
+        wanted = set(self.logprob_rows)
+        now = [j for j, row in enumerate(self.ids) if row in wanted]
+        if not now:
+            return None
+        index = torch.tensor(now, device=logits.device)
+        return [self.ids[j] for j in now], now, torch.log_softmax(logits.index_select(0, index), dim=-1)
+
+    def _logprobs_after(self, before: tuple[list[int], list[int], torch.Tensor], tokens: torch.Tensor) -> None:
+        rows, now, logprobs = before
+        chosen = logprobs.gather(1, tokens[torch.tensor(now, device=tokens.device)][:, None])[:, 0]
+        top_values, top_ids = logprobs.topk(self.top_k, dim=-1) if self.top_k else (logprobs[:, :0], logprobs[:, :0].long())
+        self.steps.append(Logprobs(rows, chosen, top_values, top_ids))
+
+    def logprobs_of(self) -> dict[int, list[tuple[float, list[tuple[int, float]]]]]:
+        """Batch position -> (chosen token's log probability, [(alternative id, its log
+        probability)]) per step, most likely alternatives first; brought to the host once."""
+        found: dict[int, list[tuple[float, list[tuple[int, float]]]]] = {}
+        for step in self.steps:
+            chosen, values, ids = step.chosen.tolist(), step.top_values.tolist(), step.top_ids.tolist()
+            for j, row in enumerate(step.rows):
+                found.setdefault(row, []).append((chosen[j], list(zip(ids[j], values[j]))[: self.top_ks[row]]))
+        return found
+
+    # Grammars.
+
+    def _mask(self, constraint: _Constraint, logits: torch.Tensor) -> None:
+        from worker.grammar import apply_bitmask
+
+        positions = {row: j for j, row in enumerate(self.ids)}
+        live = [(matcher, k) for k, (row, matcher) in enumerate(constraint.matchers.items()) if row in positions]
+        if not live:
+            return
+        constraint.grammars.fill(live, constraint.bitmask)
+        rows = [positions[row] for row in constraint.matchers if row in positions]
+        masks = constraint.bitmask[[k for _, k in live]].to(logits.device, non_blocking=True)
+        index = torch.tensor(rows, device=logits.device)
+        chosen = logits.index_select(0, index)
+        apply_bitmask(chosen, masks)
+        logits.index_copy_(0, index, chosen)
+
+    def _consume(self, constraint: _Constraint, tokens: torch.Tensor) -> None:
+        """Tell each constrained row's matcher its token (the one host transfer per step, of
+        those rows' tokens only)."""
+        positions = {row: j for j, row in enumerate(self.ids)}
+        rows = [row for row in constraint.matchers if row in positions]
+        if not rows:
+            return
+        picked = tokens[torch.tensor([positions[row] for row in rows], device=tokens.device)].tolist()
+        for row, token in zip(rows, picked):
+            matcher = constraint.matchers[row]
+            if not matcher.is_stopped():
+                matcher.consume_token(token)
+
+    def matcher_of(self, row: int) -> Any:
+        """The matcher of batch position `row` (None for a free row)."""
+        return None if self.constraint is None else self.constraint.matchers.get(row)

@@ -1,0 +1,90 @@
+"""worker/grammar.py and chatbatch/structured.py: schemas compiled once, refused clearly, and
+masks that only let valid JSON through."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import torch
+
+from chatbatch.structured import check_schema, schema_for
+from schemas import ErrorCode, RequestError, parse_chat_request
+from worker.grammar import Grammars, apply_bitmask, forced_calls
+
+SCHEMA = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}, "c": {"enum": ["a", "b"]}},
+          "required": ["n", "c"], "additionalProperties": False}
+
+
+@pytest.fixture(scope="module")
+def grammars(tiny_model: Path) -> Grammars:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model / "components" / "tokenizer"))
+    return Grammars(tokenizer, len(tokenizer) + 3, {tokenizer.eos_token_id})
+
+
+def _request(**fields: Any) -> Any:
+    return parse_chat_request({"messages": [{"role": "user", "content": "x"}], **fields})
+
+
+def test_random_logits_under_the_mask_give_valid_json(grammars: Grammars) -> None:
+    torch.manual_seed(1)
+    for _ in range(10):
+        matcher = grammars.matcher(SCHEMA, "response_format")
+        bitmask = torch.full((1, grammars.mask_width), -1, dtype=torch.int32)
+        tokens: list[int] = []
+        while not matcher.is_stopped():
+            grammars.fill([(matcher, 0)], bitmask)
+            logits = torch.randn(1, grammars.vocab_size)
+            apply_bitmask(logits, bitmask)
+            token = int(torch.argmax(logits))
+            assert matcher.consume_token(token), matcher.get_error()
+            tokens.append(token)
+            assert len(tokens) < 100
+        text = grammars.tokenizer.decode_str([t for t in tokens if t not in grammars.tokenizer.eos_tokens])
+        jsonschema.validate(json.loads(text), SCHEMA)
+
+
+def test_tokens_past_the_tokenizer_are_always_masked(grammars: Grammars) -> None:
+    matcher = grammars.matcher(SCHEMA, "response_format")
+    bitmask = torch.full((1, grammars.mask_width), -1, dtype=torch.int32)
+    grammars.fill([(matcher, 0)], bitmask)
+    logits = torch.zeros(1, grammars.vocab_size)
+    apply_bitmask(logits, bitmask)
+    assert torch.isinf(logits[0, -3:]).all(), "the padding of the logits beyond the vocabulary is never chosen"
+    assert torch.isfinite(logits).sum() >= 1
+
+
+def test_a_schema_that_cannot_be_compiled_is_refused_naming_the_field(grammars: Grammars) -> None:
+    bad = _request(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}}})
+    with pytest.raises(RequestError) as caught:
+        check_schema(bad, prefix="body.")
+    assert caught.value.code is ErrorCode.invalid_request
+    assert "'body.response_format.json_schema.schema'" in caught.value.message and "/nowhere" in caught.value.message
+    with pytest.raises(RequestError, match="response_format.json_schema.schema"):
+        grammars.matcher(*schema_for(bad))  # type: ignore[misc]
+
+
+def test_one_compile_per_distinct_schema(grammars: Grammars) -> None:
+    before = len(grammars._compiled)
+    first, second = grammars.matcher({"type": "object", "properties": {"z": {"type": "boolean"}}}, "x"), grammars.matcher({"type": "object", "properties": {"z": {"type": "boolean"}}}, "x")
+    assert first is not second, "each row has its own matcher"
+    assert len(grammars._compiled) == before + 1
+
+
+def test_forced_calls_follow_tool_choice() -> None:
+    tools: list[dict[str, Any]] = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"a": {"type": "integer"}}}}},
+             {"type": "function", "function": {"name": "g"}}]
+    named = _request(tools=tools, tool_choice={"type": "function", "function": {"name": "f"}})
+    assert schema_for(named) == (tools[0]["function"]["parameters"], "tools.function.parameters")
+    assert forced_calls('{"a":1}', named) == [("f", '{"a": 1}')]
+    required = _request(tools=tools, tool_choice="required", parallel_tool_calls=False)
+    schema, _ = schema_for(required)  # type: ignore[misc]
+    assert schema["maxItems"] == 1 and [c["properties"]["name"]["const"] for c in schema["items"]["anyOf"]] == ["f", "g"]
+    assert forced_calls('[{"name": "g", "arguments": {}}]', required) == [("g", "{}")]
+    assert schema_for(_request(tools=tools)) is None, "auto: the model chooses"
+    assert schema_for(_request(response_format={"type": "json_object"})) == ({"type": "object"}, "response_format")
