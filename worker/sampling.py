@@ -12,10 +12,12 @@ Each step, for the rows that ask for them, in this order:
    counter-based hash of (their seed, the step) and take their token by inverse CDF, after
    their temperature and top_p. A seeded request therefore gets the same tokens whatever else
    is in its batch, and no per-row generator or Python loop runs per token;
-6. the constrained rows' matchers are told the token chosen.
+6. the constrained rows' tokens start on their way to the host; their matchers take them at the
+   next step, and fill the next masks, while the device runs the next forward pass.
 
-Only constrained rows bring the device's tokens to the host each step (their matchers need
-them); the other work stays on the device until the batch ends.
+Only constrained rows bring tokens to the host each step, and the host waits for that copy (right
+after sampling), not for the next forward pass: rows without a grammar never wait for one. Log
+probabilities stay on the device until the batch ends.
 """
 
 from __future__ import annotations
@@ -80,12 +82,15 @@ class Logprobs:
 
 @dataclass
 class _Constraint:
-    """The constrained rows of a batch: their matchers, and the host bitmask they fill."""
+    """The constrained rows of a batch: their matchers, the host bitmask they fill, and the
+    tokens of the last step on their way to the host."""
 
     grammars: Any
-    #: Batch position (at creation) -> matcher; a row leaves once its matcher has stopped.
+    #: Batch position (at creation) -> matcher.
     matchers: dict[int, Any]
     bitmask: torch.Tensor = field(init=False)
+    #: (batch positions, their tokens on the host, the event after which they are there).
+    pending: tuple[list[int], torch.Tensor, Any] | None = None
 
     def __post_init__(self) -> None:
         self.bitmask = torch.full((len(self.matchers), self.grammars.mask_width), -1, dtype=torch.int32)
@@ -162,6 +167,8 @@ class BatchSampler:
         Returns:
             (rows,) token ids on the logits' device.
         """
+        if self.constraint is not None:
+            self._consume(self.constraint)
         logprobs = self._logprobs_before(logits)
         if self.penalized:
             logits -= self.presence * (self.counts > 0) + self.frequency * self.counts
@@ -175,7 +182,7 @@ class BatchSampler:
         if logprobs is not None:
             self._logprobs_after(logprobs, tokens)
         if self.constraint is not None:
-            self._consume(self.constraint, tokens)
+            self._send_to_host(self.constraint, tokens)
         return tokens
 
     def _sample(self, logits: torch.Tensor, step: int) -> torch.Tensor:
@@ -245,15 +252,33 @@ class BatchSampler:
         apply_bitmask(chosen, masks)
         logits.index_copy_(0, index, chosen)
 
-    def _consume(self, constraint: _Constraint, tokens: torch.Tensor) -> None:
-        """Tell each constrained row's matcher its token (the one host transfer per step, of
-        those rows' tokens only)."""
+    def _send_to_host(self, constraint: _Constraint, tokens: torch.Tensor) -> None:
+        """Start copying the constrained rows' tokens to the host (the only transfer per step,
+        of those rows' tokens only); the matchers take them at the next step, once the copy is
+        done, while the device runs the next forward pass."""
         positions = {row: j for j, row in enumerate(self.ids)}
         rows = [row for row in constraint.matchers if row in positions]
         if not rows:
             return
-        picked = tokens[torch.tensor([positions[row] for row in rows], device=tokens.device)].tolist()
-        for row, token in zip(rows, picked):
+        picked = tokens.index_select(0, torch.tensor([positions[row] for row in rows], device=tokens.device))
+        if picked.device.type == "cuda":
+            host = torch.empty(picked.shape, dtype=picked.dtype, pin_memory=True)
+            host.copy_(picked, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            constraint.pending = (rows, host, done)
+        else:
+            constraint.pending = (rows, picked, None)
+
+    def _consume(self, constraint: _Constraint) -> None:
+        """Tell each constrained row's matcher the token it took at the last step."""
+        if constraint.pending is None:
+            return
+        rows, host, done = constraint.pending
+        constraint.pending = None
+        if done is not None:
+            done.synchronize()  # the copy, right after the last sampling: not the forward pass since
+        for row, token in zip(rows, host.tolist()):
             matcher = constraint.matchers[row]
             if not matcher.is_stopped():
                 matcher.consume_token(token)
