@@ -8,6 +8,8 @@ the ratios, which are measured in the same run.
                                       # producer peak memory while submitting a 200 MB file
     python bench/bench.py throughput  # MLflow pyfunc one at a time vs engine alone vs end to end;
                                       # worker memory over a long run
+    python bench/bench.py structured  # default model, 64 lines of JSON by a schema: constrained vs
+                                      # plain text vs a different schema every 8 lines
 
 Options: --lines, --requests, --max-tokens, --model (an MLflow model URI), --skip-memory,
 --pyfunc-requests, --memory-requests. On CUDA: `chatbatch model tinyllama-shape DIR`, then
@@ -28,6 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -229,23 +232,28 @@ def queue_mode(args: argparse.Namespace, workdir: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=["queue", "throughput"])
-    parser.add_argument("--lines", type=int, default=20_000)
+    parser.add_argument("mode", choices=["queue", "throughput", "structured"])
+    parser.add_argument("--lines", type=int, help="queue: lines of the file (20,000); structured: lines per file (64)")
     parser.add_argument("--requests", type=int, default=64)
-    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, help="throughput: max_tokens (32); structured: max_tokens (192)")
     parser.add_argument("--model", default="")
-    parser.add_argument("--repeat", type=int, default=3, help="queue: runs of each path (the best of each is compared)")
+    parser.add_argument("--repeat", type=int, help="queue: runs of each path, the best of each compared (3); structured: rounds (2)")
     parser.add_argument("--skip-memory", action="store_true", help="queue: skip the producer memory run")
     parser.add_argument("--pyfunc-requests", type=int, default=0, help="throughput: requests of the pyfunc baseline (default: all)")
     parser.add_argument("--memory-requests", type=int, default=5000, help="throughput: requests of the worker memory run (0 skips it)")
+    parser.add_argument("--served-name", default="default", help="structured: the served name of --model")
     args = parser.parse_args()
+    structured = args.mode == "structured"
+    args.lines = args.lines or (64 if structured else 20_000)
+    args.max_tokens = args.max_tokens or (192 if structured else 32)
+    args.repeat = args.repeat or (2 if structured else 3)
     if shutil.which("redis-server") is None:
         sys.exit("bench: redis-server is not installed (scripts/bootstrap.sh installs it)")
     import logging
 
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="chatbatch-bench-") as tmp:
-        {"queue": queue_mode, "throughput": throughput_mode}[args.mode](args, Path(tmp))
+        {"queue": queue_mode, "throughput": throughput_mode, "structured": structured_mode}[args.mode](args, Path(tmp))
 
 
 PROMPTS = [
@@ -352,6 +360,107 @@ def memory_run(harness: Harness, worker: subprocess.Popen[bytes], workdir: Path,
     first, last = samples[marks[0]], samples[marks[-1]]
     log(step="worker_memory", rss_mb_at_request=samples, growth=round(last / first - 1, 3),
         target="within 10% from request 1,000 to the last", met=abs(last / first - 1) <= 0.10)
+
+
+#: The structured bench's schema: an object with a string, an integer, an enum and an array of
+#: strings. Bounded, as a dataset's schema would be: a small model decoding greedily can
+#: otherwise repeat one array item until max_tokens (the JSON is then cut, though never wrong).
+PERSON_SCHEMA: dict[str, object] = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 24},
+        "age": {"type": "integer", "minimum": 0, "maximum": 150},
+        "color": {"enum": ["red", "green", "blue", "yellow"]},
+        "hobbies": {"type": "array", "items": {"type": "string", "maxLength": 24}, "maxItems": 4},
+    },
+    "required": ["name", "age", "color", "hobbies"],
+    "additionalProperties": False,
+}
+#: The fields of the mixed-schema file's variants (one variant every 8 lines).
+VARIANT_FIELDS = [("name", "age", "color", "hobbies"), ("city", "population", "climate", "sights"),
+                  ("title", "year", "genre", "actors"), ("dish", "minutes", "course", "ingredients"),
+                  ("team", "founded", "sport", "players"), ("book", "pages", "format", "themes"),
+                  ("planet", "moons", "kind", "features"), ("song", "length", "mood", "instruments")]
+TOPICS = ["a fictional person", "a city", "a film", "a recipe", "a sports team", "a novel", "a planet", "a song"]
+
+
+def _variant(fields: tuple[str, str, str, str]) -> dict[str, object]:
+    text, number, choice, many = fields
+    return {
+        "type": "object",
+        "properties": {text: {"type": "string", "maxLength": 24}, number: {"type": "integer", "minimum": 0, "maximum": 10_000},
+                       choice: {"enum": ["a", "b", "c", "d"]}, many: {"type": "array", "items": {"type": "string", "maxLength": 24}, "maxItems": 4}},
+        "required": [text, number, choice, many],
+        "additionalProperties": False,
+    }
+
+
+def structured_bodies(lines: int, max_tokens: int, mode: str) -> list[tuple[dict[str, object], dict[str, object] | None]]:
+    """(request, the schema its answer must follow) per line: `single` one schema, `mixed` a
+    different schema every 8 lines, `plain` the same prompts as free text."""
+    found: list[tuple[dict[str, object], dict[str, object] | None]] = []
+    for i in range(lines):
+        variant = (i // 8) % len(VARIANT_FIELDS) if mode == "mixed" else 0
+        fields = VARIANT_FIELDS[variant]
+        schema = PERSON_SCHEMA if variant == 0 else _variant(fields)
+        prompt = f"Describe {TOPICS[variant]} (#{i}) as JSON with the fields {', '.join(fields)}."
+        body: dict[str, object] = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0}
+        if mode != "plain":
+            body["response_format"] = {"type": "json_schema", "json_schema": {"name": f"v{variant}", "schema": schema, "strict": True}}
+        found.append((body, schema if mode != "plain" else None))
+    return found
+
+
+def structured_mode(args: argparse.Namespace, workdir: Path) -> None:
+    """64 lines asking for JSON that fits a small schema, end to end on the default model:
+    constrained, as plain text, and with a different schema every 8 lines, taking turns."""
+    import jsonschema
+
+    harness = Harness(workdir)
+    try:
+        model = args.model or harness.chatbatch("model", "default")
+        log(step="setup", model=model, lines=args.lines, max_tokens=args.max_tokens, device=_device(), repeat=args.repeat)
+        harness.start_worker(model, "SmolLM2-135M-Instruct" if not args.model else args.served_name)
+        best: dict[str, float] = {}
+        for _ in range(args.repeat):
+            for mode in ("single", "plain", "mixed"):
+                lines = structured_bodies(args.lines, args.max_tokens, mode)
+                source = batch_file(workdir / f"{mode}.jsonl", [body for body, _ in lines])
+                seconds, tokens, counts = end_to_end(harness, source)
+                valid = _validate_outputs(harness, source, lines, jsonschema) if mode != "plain" else None
+                rate = tokens / seconds
+                best[mode] = max(best.get(mode, 0.0), rate)
+                log(step=mode, s=round(seconds, 1), tokens=tokens, tok_s=round(rate, 1), counts=counts, valid_share=valid)
+        constrained, plain, mixed = best["single"], best["plain"], best["mixed"]
+        log(step="ratios", constrained_over_plain=round(constrained / plain, 2), mixed_over_single=round(mixed / constrained, 2),
+            targets={"constrained_over_plain": 0.7, "mixed_over_single": 0.9, "valid_share": 1.0},
+            met=constrained / plain >= 0.7 and mixed / constrained >= 0.9)
+    finally:
+        harness.close()
+
+
+def _validate_outputs(harness: Harness, source: Path, lines: list[tuple[dict[str, object], dict[str, object] | None]], jsonschema: object) -> float:
+    """The share of the last job's answers that parse and validate against their schema."""
+    from chatbatch import keys
+    from chatbatch.redisconn import text
+    from chatbatch.settings import Settings
+    from producer import Client
+    from schemas import BatchRequestOutput
+
+    client = Client(Settings(redis_url=harness.url))
+    newest: Any = client.redis.zrevrange(keys.JOBS, 0, 0)
+    job_id = text(newest[0])
+    schemas = {f"r{i}": schema for i, (_, schema) in enumerate(lines)}
+    good = 0
+    for _, raw in client.job(job_id).lines():
+        line = BatchRequestOutput.model_validate_json(raw)
+        try:
+            content = line.response.body["choices"][0]["message"]["content"]  # type: ignore[union-attr]
+            jsonschema.validate(json.loads(content), schemas[str(line.custom_id)])  # type: ignore[attr-defined]
+            good += 1
+        except Exception:
+            log(step="invalid", custom_id=line.custom_id, content=str(line.response.body if line.response else line.error)[:300])
+    return round(good / len(lines), 3)
 
 
 def _device() -> str:
