@@ -376,37 +376,36 @@ PERSON_SCHEMA: dict[str, object] = {
     "required": ["name", "age", "color", "hobbies"],
     "additionalProperties": False,
 }
-#: The fields of the mixed-schema file's variants (one variant every 8 lines).
-VARIANT_FIELDS = [("name", "age", "color", "hobbies"), ("city", "population", "climate", "sights"),
-                  ("title", "year", "genre", "actors"), ("dish", "minutes", "course", "ingredients"),
-                  ("team", "founded", "sport", "players"), ("book", "pages", "format", "themes"),
-                  ("planet", "moons", "kind", "features"), ("song", "length", "mood", "instruments")]
-TOPICS = ["a fictional person", "a city", "a film", "a recipe", "a sports team", "a novel", "a planet", "a song"]
+#: The field names of the mixed-schema file's variants of the schema (one every 8 lines): the
+#: same prompts and the same kind of answer, eight distinct grammars in the batch.
+VARIANT_FIELDS = [("name", "age", "color", "hobbies"), ("full_name", "years", "favorite_color", "interests"),
+                  ("nickname", "age_years", "colour", "pastimes"), ("first_name", "years_old", "shade", "activities"),
+                  ("alias", "age_in_years", "hue", "passions"), ("handle", "how_old", "tint", "leisure"),
+                  ("display_name", "years_alive", "preferred_color", "pursuits"), ("given_name", "current_age", "tone", "likes")]
 
 
 def _variant(fields: tuple[str, str, str, str]) -> dict[str, object]:
     text, number, choice, many = fields
-    return {
-        "type": "object",
-        "properties": {text: {"type": "string", "maxLength": 24}, number: {"type": "integer", "minimum": 0, "maximum": 10_000},
-                       choice: {"enum": ["a", "b", "c", "d"]}, many: {"type": "array", "items": {"type": "string", "maxLength": 24}, "maxItems": 4}},
-        "required": [text, number, choice, many],
-        "additionalProperties": False,
+    properties: dict[str, object] = {
+        text: {"type": "string", "maxLength": 24},
+        number: {"type": "integer", "minimum": 0, "maximum": 150},
+        choice: {"enum": ["red", "green", "blue", "yellow"]},
+        many: {"type": "array", "items": {"type": "string", "maxLength": 24}, "maxItems": 4},
     }
+    return {"type": "object", "properties": properties, "required": list(fields), "additionalProperties": False}
 
 
 def structured_bodies(lines: int, max_tokens: int, mode: str) -> list[tuple[dict[str, object], dict[str, object] | None]]:
-    """(request, the schema its answer must follow) per line: `single` one schema, `mixed` a
-    different schema every 8 lines, `plain` the same prompts as free text."""
+    """(request, the schema its answer must follow) per line, the same prompts in every mode:
+    `single` one schema, `mixed` another variant of it every 8 lines, `plain` free text."""
     found: list[tuple[dict[str, object], dict[str, object] | None]] = []
     for i in range(lines):
         variant = (i // 8) % len(VARIANT_FIELDS) if mode == "mixed" else 0
-        fields = VARIANT_FIELDS[variant]
-        schema = PERSON_SCHEMA if variant == 0 else _variant(fields)
-        prompt = f"Describe {TOPICS[variant]} (#{i}) as JSON with the fields {', '.join(fields)}."
-        body: dict[str, object] = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0}
+        schema = PERSON_SCHEMA if variant == 0 else _variant(VARIANT_FIELDS[variant])
+        body: dict[str, object] = {"messages": [{"role": "user", "content": f"Describe a fictional person (#{i}) as JSON."}],
+                                   "max_tokens": max_tokens, "temperature": 0}
         if mode != "plain":
-            body["response_format"] = {"type": "json_schema", "json_schema": {"name": f"v{variant}", "schema": schema, "strict": True}}
+            body["response_format"] = {"type": "json_schema", "json_schema": {"name": f"person{variant}", "schema": schema, "strict": True}}
         found.append((body, schema if mode != "plain" else None))
     return found
 

@@ -176,9 +176,12 @@ def models() -> None:
 @click.option("--seed", type=int)
 @click.option("--timeout", type=click.FloatRange(min=0), default=600, show_default=True, help="Seconds to wait.")
 @click.option("--callback-url", help="Also POST the signed chat.completion here (needs CHATBATCH_CALLBACK_SECRET).")
+@click.option("--json", "json_object", is_flag=True, help="Answer with a JSON object (response_format json_object).")
+@click.option("--schema", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Answer with JSON that validates against this JSON Schema file.")
+@click.option("--logprobs", type=click.IntRange(0, 20), help="Return log probabilities, with this many alternatives per token.")
 def chat(
     text: str, model_name: str | None, system: str | None, max_tokens: int | None, temperature: float | None,
-    seed: int | None, timeout: float, callback_url: str | None,
+    seed: int | None, timeout: float, callback_url: str | None, json_object: bool, schema: Path | None, logprobs: int | None,
 ) -> None:
     """Send one chat request, wait, and print the chat.completion JSON."""
     from producer.client import Client
@@ -190,10 +193,29 @@ def chat(
     for key, value in (("model", model_name), ("max_tokens", max_tokens), ("temperature", temperature), ("seed", seed)):
         if value is not None:
             body[key] = value
+    body.update(_answer_format(json_object, schema, logprobs))
     handle = Client().submit(body, callback_url=callback_url)
     _notice(handle.waiting_notice())
     completion = handle.result(timeout=timeout)
     click.echo(completion.model_dump_json(indent=2))
+
+
+def _answer_format(json_object: bool, schema: Path | None, logprobs: int | None) -> dict[str, Any]:
+    """The request fields of `chat`'s --json, --schema and --logprobs."""
+    fields: dict[str, Any] = {}
+    if json_object and schema:
+        raise ConfigurationError("--json and --schema ask for two formats: give one")
+    if json_object:
+        fields["response_format"] = {"type": "json_object"}
+    if schema:
+        try:
+            loaded = json.loads(schema.read_text())
+        except ValueError as error:
+            raise ConfigurationError(f"--schema {schema}: not JSON ({error})") from None
+        fields["response_format"] = {"type": "json_schema", "json_schema": {"name": "answer", "schema": loaded, "strict": True}}
+    if logprobs is not None:
+        fields.update(logprobs=True, top_logprobs=logprobs)
+    return fields
 
 
 def _notice(message: str | None) -> None:

@@ -236,3 +236,34 @@ def test_submit_wait_with_no_live_worker_says_so(aof_redis: RedisServer, base_en
     done = run_cli({**base_env, "CHATBATCH_REDIS_URL": aof_redis.url}, "submit", str(source), "--wait", "--timeout", "2", timeout=60)
     assert done.returncode == 1, done.stderr
     assert "no live worker consumes 'chatbatch'" in done.stderr and "still in_progress" in done.stderr
+
+
+def test_chat_answers_json_by_a_schema_file_and_submit_runs_every_feature(tiny_worker: Worker, base_env: dict[str, str], tmp_path: Path) -> None:
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}, "ok": {"type": "boolean"}},
+              "required": ["n", "ok"], "additionalProperties": False}
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    done = run_cli(base_env, "chat", "--schema", str(tmp_path / "schema.json"), "--logprobs", "2", "--max-tokens", "40", "--temperature", "0", "a number")
+    assert done.returncode == 0, done.stderr
+    choice = ChatCompletion.model_validate_json(done.stdout).choices[0]
+    jsonschema.validate(json.loads(choice.message.content or ""), schema)
+    assert choice.logprobs is not None and choice.logprobs.content
+    tool = {"type": "function", "function": {"name": "f", "parameters": schema}}
+    source = tmp_path / "features.jsonl"
+    source.write_text("\n".join([
+        batch_line("json", user("x", response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}, max_tokens=40)),
+        batch_line("tool", user("x", tools=[tool], tool_choice={"type": "function", "function": {"name": "f"}}, max_tokens=40)),
+        batch_line("scored", user("x", logprobs=True, top_logprobs=1, presence_penalty=1, logit_bias={"5": -100}, max_tokens=4)),
+        batch_line("developer", {"messages": [{"role": "developer", "content": "be brief"}, {"role": "user", "content": "x"}], "max_tokens": 4}),
+        batch_line("image", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]}),
+    ]) + "\n")
+    out, err = tmp_path / "out.jsonl", tmp_path / "err.jsonl"
+    done = run_cli(base_env, "submit", str(source), "--wait", "--output", str(out), "--errors", str(err))
+    assert done.returncode == 0, done.stderr
+    answers = {line.custom_id: line for line in _read_lines(out)}
+    assert sorted(answers) == ["developer", "json", "scored", "tool"]
+    tool_call = ChatCompletion.model_validate(answers["tool"].response.body).choices[0].message.tool_calls  # type: ignore[union-attr]
+    assert tool_call and jsonschema.validate(json.loads(tool_call[0].function.arguments), schema) is None
+    (refused,) = _read_lines(err)
+    assert refused.custom_id == "image" and refused.error is not None and "images are not supported" in refused.error.message
