@@ -172,7 +172,7 @@ class NamedToolChoice(_Strict):
 class JsonSchemaFormat(_Strict):
     """The schema of a `json_schema` response format."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, serialize_by_alias=True)
+    model_config = ConfigDict(extra="forbid", serialize_by_alias=True)
 
     # The schema's name: letters, digits, _ and -, up to 64.
     name: str = Field(pattern=NAME_PATTERN)

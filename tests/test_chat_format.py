@@ -56,7 +56,7 @@ def test_a_template_without_tools_is_taught_them_the_hermes_way(chatml: Any) -> 
     assert '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>' in text
     assert "<|im_start|>tool\n<tool_response>\n18C\n</tool_response>" in text
     forced = fmt.render(parse_chat_request({"messages": [{"role": "user", "content": "x"}], "tools": TOOLS, "tool_choice": "required"}))
-    assert "<tools>" not in forced, "a forced call is written by the grammar: no note needed"
+    assert "<tools>" not in forced and "Answer with a call of: get_weather (Weather now)." in forced, "a forced call: the names only"
 
 
 def test_a_template_with_its_own_tool_format_refuses_auto(chatml: Any) -> None:

@@ -394,3 +394,29 @@ def test_every_request_feature_in_one_batch_in_each_decode_mode(runner, tiny_mod
         for mine, theirs in zip(outcomes, reference):
             assert mine.choices[0].message.content == theirs.choices[0].message.content
             assert mine.choices[0].finish_reason == theirs.choices[0].finish_reason
+
+
+def test_logprobs_of_n_choices_stay_with_their_rows_as_rows_leave(runner) -> None:  # type: ignore[no-untyped-def]
+    """Choices of different lengths leave the batch at different steps (the dynamic decode
+    drops them): each keeps exactly its own tokens' log probabilities."""
+    request = _request("many", n=4, temperature=1.0, seed=5, max_tokens=10, stop=["e"], logprobs=True, top_logprobs=1)
+    plain = _request("neighbour", max_tokens=10, temperature=0)
+    (outcome, _), _ = _run_together(runner, [request, plain])
+    lengths = set()
+    for choice in outcome.choices:
+        entries = choice.logprobs.content
+        text = b"".join(bytes(entry.bytes) for entry in entries).decode(errors="replace")
+        assert text.startswith(choice.message.content), (text, choice.message.content)
+        assert all(entry.top_logprobs[0].logprob >= entry.logprob - 1e-6 for entry in entries)
+        lengths.add(len(entries))
+    assert len(lengths) > 1, "the choices ended at different steps"
+
+
+def test_stop_strings_do_not_cut_an_answer_a_grammar_shapes(runner) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    schema = {"type": "object", "properties": {"c": {"enum": ["a", "b"]}, "n": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["c", "n"], "additionalProperties": False}
+    (outcome,), _ = _run_together(runner, [_request("json", response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}},
+                                                    stop=["\""], max_tokens=40, temperature=0)])
+    assert outcome.choices[0].finish_reason == "stop" and set(json.loads(outcome.choices[0].message.content)) == {"c", "n"}

@@ -88,3 +88,22 @@ def test_forced_calls_follow_tool_choice() -> None:
     assert forced_calls('[{"name": "g", "arguments": {}}]', required) == [("g", "{}")]
     assert schema_for(_request(tools=tools)) is None, "auto: the model chooses"
     assert schema_for(_request(response_format={"type": "json_object"})) == ({"type": "object"}, "response_format")
+
+
+def test_required_calls_keep_each_tools_defs_and_errors_name_the_tool(grammars: Grammars) -> None:
+    with_defs = {"type": "function", "function": {"name": "a", "parameters": {
+        "$defs": {"P": {"type": "object", "properties": {"x": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["x"]}},
+        "type": "object", "properties": {"p": {"$ref": "#/$defs/P"}}, "required": ["p"], "additionalProperties": False}}}
+    plain = {"type": "function", "function": {"name": "b", "parameters": {"type": "object", "properties": {"y": {"type": "boolean"}}}}}
+    request = _request(tools=[with_defs, plain], tool_choice="required", parallel_tool_calls=False)
+    check_schema(request)
+    schema, _ = schema_for(request)  # type: ignore[misc]
+    assert schema["$defs"]["a"]["properties"]["p"]["$ref"] == "#/$defs/a/$defs/P"
+    matcher = grammars.matcher(schema, "tools")
+    assert matcher.consume_tokens(grammars.tokenizer.tokenize_str('[{"name": "a", "arguments": {"p": {"x": 3}}}]'))
+    assert matcher.is_accepting()
+    broken = {"type": "function", "function": {"name": "c", "parameters": {"type": "object", "properties": {"z": {"$ref": "#/missing"}}}}}
+    with pytest.raises(RequestError, match=r"'tools\[1\]\.function\.parameters'"):
+        check_schema(_request(tools=[plain, broken], tool_choice="required"))
+    with pytest.raises(RequestError, match=r"'tools\[1\]\.function\.parameters'"):
+        check_schema(_request(tools=[plain, broken], tool_choice={"type": "function", "function": {"name": "c"}}))

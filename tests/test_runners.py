@@ -172,10 +172,18 @@ def test_logit_bias_bans_and_forces_and_penalties_change_the_answer(tiny_worker:
     assert 1 <= tokens("penalized").count(repeated) < 12, "each repeat costs more, until other tokens win"
 
 
-def test_the_developer_role_and_names_are_taken(tiny_worker: Worker, redis_server: RedisServer) -> None:
+def test_the_developer_role_reaches_a_template_without_it_as_system(tiny_worker: Worker, redis_server: RedisServer) -> None:
+    """The tiny model's ChatML template knows no `developer`: the message is the system prompt,
+    so the greedy answer is the one a system message gets (and differs from none at all)."""
     client = Client(Settings(redis_url=redis_server.url))
-    body = {"messages": [{"role": "developer", "content": "answer briefly"}, {"role": "user", "name": "ada", "content": "hi"}], "max_tokens": 4}
-    assert client.chat(body, timeout=120).choices[0].message.content is not None
+
+    def answer(*first: dict[str, str]) -> str | None:
+        body = {"messages": [*first, {"role": "user", "name": "ada", "content": "hi"}], "max_tokens": 8, "temperature": 0}
+        return client.chat(body, timeout=120).choices[0].message.content
+
+    developer = answer({"role": "developer", "content": "answer briefly"})
+    assert developer == answer({"role": "system", "content": "answer briefly"})
+    assert developer != answer()
 
 
 def test_required_and_named_tool_choice_give_calls_whose_arguments_validate(tiny_worker: Worker, redis_server: RedisServer, tmp_path: Path) -> None:

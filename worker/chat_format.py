@@ -102,9 +102,7 @@ class ChatFormat:
         tools = [tool.model_dump(exclude_none=True) for tool in offered] if offered else None
         if tools is None or self.native_tools:
             return messages, tools
-        if request.effective_tool_choice == "auto":
-            messages = self._teach_tools(messages, tools)
-        return messages, None
+        return self._teach_tools(messages, tools, calls=request.effective_tool_choice == "auto"), None
 
     def _message(self, message: ChatMessage) -> dict[str, Any]:
         role = message.role
@@ -133,21 +131,28 @@ class ChatFormat:
         return rendered
 
     @staticmethod
-    def _teach_tools(messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """The Hermes system note, added to the first system message (or as one)."""
-        note = (
-            "You may call these functions: <tools>" + json.dumps([tool["function"] for tool in tools], separators=(",", ":"))
-            + '</tools> To call one, answer with <tool_call>{"name": ..., "arguments": {...}}</tool_call>.'
-        )
+    def _teach_tools(messages: list[dict[str, Any]], tools: list[dict[str, Any]], *, calls: bool) -> list[dict[str, Any]]:
+        """The Hermes system note, added to the first system message (or as one). For a forced
+        call (`calls` False) it names the functions only: the grammar writes the call."""
+        if calls:
+            note = (
+                "You may call these functions: <tools>" + json.dumps([tool["function"] for tool in tools], separators=(",", ":"))
+                + '</tools> To call one, answer with <tool_call>{"name": ..., "arguments": {...}}</tool_call>.'
+            )
+        else:
+            described = [f"{tool['function']['name']}" + (f" ({tool['function']['description']})" if tool["function"].get("description") else "")
+                         for tool in tools]
+            note = "Answer with a call of: " + "; ".join(described) + "."
         if messages and messages[0]["role"] == "system":
             first = {**messages[0], "content": f"{messages[0]['content']}\n\n{note}" if messages[0]["content"] else note}
             return [first, *messages[1:]]
         return [{"role": "system", "content": note}, *messages]
 
 
-def parse_hermes(text: str) -> tuple[str | None, list[tuple[str, str]]]:
+def parse_hermes(text: str, names: set[str] | None = None) -> tuple[str | None, list[tuple[str, str]]]:
     """(the text left around them, or None when nothing is, [(name, arguments JSON)]) of the
-    `<tool_call>` blocks of an answer; blocks that are not a JSON call with a name stay text."""
+    `<tool_call>` blocks of an answer; blocks that are not a JSON call of one of `names` (any
+    name, when None) stay text."""
     calls: list[tuple[str, str]] = []
     kept: list[str] = []
     last = 0
@@ -158,11 +163,11 @@ def parse_hermes(text: str) -> tuple[str | None, list[tuple[str, str]]]:
             arguments = call.get("arguments", call.get("parameters", {}))
         except (ValueError, KeyError, TypeError):
             continue
-        if not isinstance(name, str):
+        if not isinstance(name, str) or (names is not None and name not in names):
             continue
         kept.append(text[last : match.start()])
         last = match.end()
-        calls.append((name, arguments if isinstance(arguments, str) else json.dumps(arguments, separators=(", ", ": "))))
+        calls.append((name, arguments if isinstance(arguments, str) else json.dumps(arguments, separators=(", ", ": "), ensure_ascii=False)))
     kept.append(text[last:])
     rest = "".join(kept).strip()
     return (rest or None) if calls else text, calls

@@ -8,14 +8,14 @@ parallel, without the GIL), masks those rows' logits, samples, and tells each ma
 token chosen. Every answer therefore parses, and validates against its schema, whatever the
 model; an answer cut by `max_tokens` ends `length`, as with OpenAI.
 
-JSON is generated compact (", " and ": " separators, no free whitespace), so that a model
+JSON is generated with fixed separators (", " and ": ") and no free whitespace, so that a model
 cannot spend its tokens on whitespace.
 """
 
 from __future__ import annotations
 
 import json
-import logging
+import sys
 import threading
 from collections import OrderedDict
 from typing import Any
@@ -24,10 +24,10 @@ from chatbatch.structured import JSON_OPTIONS
 from schemas.chat import ChatCompletionRequest, NamedToolChoice
 from schemas.errors import ErrorCode, RequestError
 
-logger = logging.getLogger(__name__)
-
 #: Compiled grammars kept (each a pristine matcher that rows copy).
 CACHE_SIZE = 256
+
+
 class Grammars:
     """Compiles grammars for one tokenizer and fills their token masks.
 
@@ -41,7 +41,7 @@ class Grammars:
         import llguidance
         import llguidance.hf
 
-        self.tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=sorted(eos_ids))
+        self.tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=sorted(eos_ids) or None)
         self.vocab_size = vocab_size
         self.mask_width = (vocab_size + 31) // 32
         self.executor = llguidance.LLExecutor()
@@ -88,13 +88,27 @@ class Grammars:
         return bytes(self.tokenizer.decode_bytes([token]))
 
 
+#: Byte value -> its 8 bits, least significant first, per device (the bitmask's unpacking table).
+_BYTE_BITS: dict[Any, Any] = {}
+
+
 def apply_bitmask(logits: Any, bitmask: Any) -> None:
     """Set to -inf, in place, the logits of the tokens each row's bitmask forbids (bitmask on
-    the logits' device: rows x ceil(vocab / 32) int32, bit i of word j for token 32j + i)."""
+    the logits' device: rows x ceil(vocab / 32) int32, bit i of word j for token 32j + i).
+
+    On a little-endian machine the int32 words are read as bytes and unpacked through a 256 x 8
+    table: one lookup, no rows x vocab x 32 temporary.
+    """
     import torch
 
-    bits = torch.arange(32, device=logits.device, dtype=torch.int32)
-    allowed = ((bitmask.unsqueeze(-1) >> bits) & 1).bool().reshape(bitmask.shape[0], -1)
+    if sys.byteorder == "little":
+        table = _BYTE_BITS.get(logits.device)
+        if table is None:
+            table = _BYTE_BITS[logits.device] = ((torch.arange(256, device=logits.device)[:, None] >> torch.arange(8, device=logits.device)) & 1).bool()
+        allowed = table[bitmask.contiguous().view(torch.uint8).long()].reshape(bitmask.shape[0], -1)
+    else:
+        bits = torch.arange(32, device=logits.device, dtype=torch.int32)
+        allowed = ((bitmask.unsqueeze(-1) >> bits) & 1).bool().reshape(bitmask.shape[0], -1)
     vocab = logits.shape[-1]
     if allowed.shape[1] < vocab:
         allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]), value=False)
@@ -106,5 +120,5 @@ def forced_calls(text: str, request: ChatCompletionRequest) -> list[tuple[str, s
     `tool_choice` "required" (a list of calls) or a named function (its arguments)."""
     choice = request.effective_tool_choice
     if isinstance(choice, NamedToolChoice):
-        return [(choice.function.name, json.dumps(json.loads(text), separators=(", ", ": ")))]
-    return [(call["name"], json.dumps(call["arguments"], separators=(", ", ": "))) for call in json.loads(text)]
+        return [(choice.function.name, json.dumps(json.loads(text), separators=(", ", ": "), ensure_ascii=False))]
+    return [(call["name"], json.dumps(call["arguments"], separators=(", ", ": "), ensure_ascii=False)) for call in json.loads(text)]

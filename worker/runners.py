@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from chatbatch.ids import new_id
-from chatbatch.structured import schema_for
+from chatbatch.structured import schema_for, schemas_to_check
 from schemas.chat import (
     ChatCompletion,
     ChatCompletionChoice,
@@ -73,6 +73,10 @@ class _Row:
     text: str | None = None
     #: Per returned token: (its log probability, [(alternative, log probability)]).
     logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
+    #: How many of `tokens` the answer returns, when a stop string cut it.
+    kept: int | None = None
+    #: Why the row's grammar failed, when it did.
+    grammar_error: str | None = None
 
 
 class TransformersRunner:
@@ -134,18 +138,14 @@ class TransformersRunner:
         # transformers renamed `past_key_values` to `cache`; use whichever this version takes.
         params = inspect.signature(self.model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        head = self.model.get_output_embeddings()
         text_config = getattr(config, "get_text_config", lambda: config)()
         #: The width of the model's logits (the tokenizer's vocabulary may be smaller).
-        self.vocab_size = int(getattr(text_config, "vocab_size", None) or len(tokenizer))
+        self.vocab_size = int(head.weight.shape[0] if head is not None else getattr(text_config, "vocab_size", None) or len(tokenizer))
         self.format = ChatFormat(tokenizer, served_name)
-        self._grammars: Grammars | None = None
-
-    @property
-    def grammars(self) -> Grammars:
-        """The model's grammar compiler and token bytes (built on first use)."""
-        if self._grammars is None:
-            self._grammars = Grammars(self.tokenizer, self.vocab_size, self.eos_ids)
-        return self._grammars
+        #: The model's grammar compiler and token bytes, built with the model (not by the first
+        #: request that needs it, in the engine thread).
+        self.grammars = Grammars(tokenizer, self.vocab_size, self.eos_ids)
 
     def batch_limits(self, max_batch_size: int | None, max_batch_tokens: int | None) -> tuple[int, int]:
         """Most sequences and most padded tokens per batch: what was configured, else defaults;
@@ -220,12 +220,11 @@ class TransformersRunner:
                     f"'logit_bias': token id {token} is not in the vocabulary of {self.served_name!r} ({self.vocab_size} tokens)",
                     param="logit_bias",
                 )
-        schema = schema_for(request)
-        if schema is not None:
-            try:
-                self.grammars.matcher(*schema)  # compiled once here, cached for the rows
-            except RequestError as error:
-                return error
+        try:
+            for schema, where in schemas_to_check(request):
+                self.grammars.matcher(schema, where)  # compiled once here, cached for the rows
+        except RequestError as error:
+            return error
         return None
 
     def _fit(self, item: Pending, prompt_ids: list[int]) -> RequestError | None:
@@ -243,7 +242,10 @@ class TransformersRunner:
                 "lower max_tokens",
                 param="messages",
             )
-        item.prepared = Prepared(prompt_ids=prompt_ids, max_new=wanted, stops=request.stop_sequences, schema=schema_for(request))
+        schema = schema_for(request)
+        # A grammar decides where a JSON answer ends: `stop` would cut it mid-value.
+        stops = request.stop_sequences if schema is None else []
+        item.prepared = Prepared(prompt_ids=prompt_ids, max_new=wanted, stops=stops, schema=schema)
         item.rows = request.n
         item.cost = len(prompt_ids) + wanted
         return None
@@ -262,27 +264,38 @@ class TransformersRunner:
         by_item: list[list[_Row]] = [[] for _ in items]
         for row in rows:
             by_item[row.item].append(row)
-        # Built without validation (model_construct): every value comes from the code above,
-        # and this runs once per request on the engine thread.
         results: list[ChatCompletion | RequestError] = []
         for item, mine in zip(items, by_item):
-            prompt_tokens = len(item.prepared.prompt_ids)
-            completion_tokens = sum(row.generated for row in mine)
-            results.append(
-                ChatCompletion.model_construct(
-                    id=completion_id(),
-                    object="chat.completion",
-                    created=created,
-                    model=self.served_name,
-                    choices=[self._choice(row, item.request) for row in mine],
-                    usage=Usage.model_construct(
-                        prompt_tokens=prompt_tokens,
-                        completion_tokens=completion_tokens,
-                        total_tokens=prompt_tokens + completion_tokens,
-                    ),
-                )
-            )
+            try:
+                results.append(self._completion(item, mine, created))
+            except RequestError as error:  # this request's answer cannot be given; its neighbours' can
+                results.append(error)
         return results
+
+    def _completion(self, item: Pending, rows: list[_Row], created: int) -> ChatCompletion:
+        """A request's chat.completion, built without validation (model_construct): every value
+        comes from the code above, and this runs once per request on the engine thread.
+
+        Raises:
+            RequestError: internal_error, when a row's grammar failed.
+        """
+        for row in rows:
+            if row.grammar_error:
+                raise RequestError(ErrorCode.internal_error, f"the answer's grammar failed: {row.grammar_error}")
+        prompt_tokens = len(item.prepared.prompt_ids)
+        completion_tokens = sum(row.generated for row in rows)
+        return ChatCompletion.model_construct(
+            id=completion_id(),
+            object="chat.completion",
+            created=created,
+            model=self.served_name,
+            choices=[self._choice(row, item.request) for row in rows],
+            usage=Usage.model_construct(
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                total_tokens=prompt_tokens + completion_tokens,
+            ),
+        )
 
     def _params(self, item: Pending, choice: int) -> Any:
         """The sampling settings of one row (one choice of a request)."""
@@ -304,11 +317,14 @@ class TransformersRunner:
     def _sampler(self, params: list[Any]) -> Any:
         from worker.sampling import BatchSampler
 
-        grammars = self._grammars if any(p.matcher is not None for p in params) else None
+        grammars = self.grammars if any(p.matcher is not None for p in params) else None
         return BatchSampler(params, self.device, vocab_size=self.vocab_size, grammars=grammars)
 
     @staticmethod
     def _keep_logprobs(rows: list[_Row], sampler: Any) -> None:
+        """Give each row what the sampler kept for it: log probabilities, a grammar's failure."""
+        for index, error in sampler.failed_grammars().items():
+            rows[index].grammar_error = error
         if not sampler.logprob_rows:
             return
         found = sampler.logprobs_of()
@@ -325,7 +341,9 @@ class TransformersRunner:
         if request.calls_tools and finish == "stop":
             calls, content = forced_calls(text, request), None
         elif request.tools and request.effective_tool_choice == "auto" and self.format.hermes:
-            content, calls = parse_hermes(text)
+            content, calls = parse_hermes(text, {tool.function.name for tool in request.tools})
+            if request.parallel_tool_calls is False:
+                calls = calls[:1]
         tool_calls = [
             ToolCall.model_construct(id=new_id("call_"), type="function", function=FunctionCall.model_construct(name=name, arguments=arguments))
             for name, arguments in calls
@@ -343,10 +361,7 @@ class TransformersRunner:
     def _token_logprobs(self, row: _Row) -> list[TokenLogprob]:
         """The log probabilities of the tokens the answer returns (a stop string's tokens and
         the EOS token are not returned)."""
-        kept = len(row.tokens)
-        if row.text is not None and row.finish == "stop" and row.prepared.stops:
-            while kept and len(self.tokenizer.decode(row.tokens[: kept - 1], skip_special_tokens=True)) >= len(row.text):
-                kept -= 1
+        kept = len(row.tokens) if row.kept is None else row.kept
         entries: list[TokenLogprob] = []
         for token, (logprob, alternatives) in zip(row.tokens[:kept], row.logprobs or []):
             top = [TopLogprob.model_construct(**self._token(alt), logprob=value) for alt, value in alternatives]
@@ -392,7 +407,7 @@ class TransformersRunner:
             if len(keep) < len(active):
                 index = torch.tensor(keep, device=device)
                 cache.batch_select_indices(index)
-                sampler.select(index)
+                sampler.select(index, keep)
                 mask, next_pos, tokens = mask[index], next_pos[index], tokens[index]
                 active = [active[j] for j in keep]
             mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
@@ -566,6 +581,11 @@ class TransformersRunner:
             return False
         row.text = text[:cut]
         row.finish = "stop"
+        # The tokens the answer returns: those whose text lies before the stop string.
+        kept = len(row.tokens)
+        while kept and len(self.tokenizer.decode(row.tokens[: kept - 1], skip_special_tokens=True)) >= cut:
+            kept -= 1
+        row.kept = kept
         return True
 
     def _new_cache(self) -> Any:
@@ -625,8 +645,11 @@ class PyfuncRunner:
         for item in items:
             body = item.request.model_dump(
                 exclude_none=True,
-                exclude={"model", "metadata", "user", "seed", "max_completion_tokens", "logprobs", "presence_penalty", "frequency_penalty", "response_format"},
+                include={"messages", "temperature", "top_p", "n", "stop"},
             )
+            for message in body["messages"]:
+                if message["role"] == "developer":  # MLflow's chat schema knows system, user, assistant, tool
+                    message["role"] = "system"
             if item.request.max_new_tokens is not None:
                 body["max_tokens"] = item.request.max_new_tokens
             if "stop" in body and isinstance(body["stop"], str):

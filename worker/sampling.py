@@ -88,12 +88,15 @@ class _Constraint:
     grammars: Any
     #: Batch position (at creation) -> matcher.
     matchers: dict[int, Any]
+    device: torch.device
     bitmask: torch.Tensor = field(init=False)
     #: (batch positions, their tokens on the host, the event after which they are there).
     pending: tuple[list[int], torch.Tensor, Any] | None = None
 
     def __post_init__(self) -> None:
-        self.bitmask = torch.full((len(self.matchers), self.grammars.mask_width), -1, dtype=torch.int32)
+        # Pinned on CUDA, so that its copy to the device does not wait for the host.
+        pinned = self.device.type == "cuda"
+        self.bitmask = torch.full((len(self.matchers), self.grammars.mask_width), -1, dtype=torch.int32, pin_memory=pinned)
 
 
 class BatchSampler:
@@ -125,7 +128,8 @@ class BatchSampler:
         #: Every step's log probabilities, for `logprobs_of`.
         self.steps: list[Logprobs] = []
         matchers = {i: p.matcher for i, p in enumerate(params) if p.matcher is not None}
-        self.constraint = _Constraint(grammars, matchers) if matchers else None
+        self.constraint = _Constraint(grammars, matchers, device) if matchers else None
+        self._index_rows()
 
     def _penalties(self, params: list[SamplingParams], vocab_size: int) -> None:
         self.penalized = any(p.presence_penalty or p.frequency_penalty for p in params)
@@ -136,17 +140,32 @@ class BatchSampler:
         self.counts = torch.zeros((len(params), vocab_size), dtype=torch.float32, device=self.device)
 
     def _bias(self, params: list[SamplingParams], vocab_size: int) -> torch.Tensor | None:
-        if not any(p.logit_bias for p in params):
+        entries = [(i, token, value) for i, p in enumerate(params) for token, value in (p.logit_bias or {}).items()]
+        if not entries:
             return None
-        bias = torch.zeros((len(params), vocab_size), dtype=torch.float32)
-        for i, p in enumerate(params):
-            for token, value in (p.logit_bias or {}).items():
-                bias[i, token] = value
-        return bias.to(self.device)
+        rows, tokens, values = zip(*entries)
+        bias = torch.zeros((len(params), vocab_size), dtype=torch.float32, device=self.device)
+        index = (torch.tensor(rows, device=self.device), torch.tensor(tokens, device=self.device))
+        return bias.index_put_(index, torch.tensor(values, dtype=torch.float32, device=self.device))
 
-    def select(self, index: torch.Tensor) -> None:
-        """Keep only these rows (rows that finished leave the batch)."""
-        kept = index.tolist()
+    def _index_rows(self) -> None:
+        """The rows now in the batch that want log probabilities or follow a grammar, as lists
+        and as device index tensors (built when rows change, never per step)."""
+        self._logprob_ids = [row for row in self.ids if row in self.top_ks]
+        self._logprob_index = self._positions(self._logprob_ids)
+        matchers = self.constraint.matchers if self.constraint is not None else {}
+        self._constrained_ids = [row for row in self.ids if row in matchers]
+        self._constrained_index = self._positions(self._constrained_ids)
+
+    def _positions(self, rows: list[int]) -> torch.Tensor | None:
+        if not rows:
+            return None
+        where = {row: j for j, row in enumerate(self.ids)}
+        return torch.tensor([where[row] for row in rows], device=self.device)
+
+    def select(self, index: torch.Tensor, kept: list[int]) -> None:
+        """Keep only these rows (rows that finished leave the batch): `index` on the device and
+        `kept` on the host, the same positions."""
         self.ids = [self.ids[i] for i in kept]
         self.greedy = self.greedy[index]
         self.temperatures = self.temperatures[index]
@@ -156,6 +175,7 @@ class BatchSampler:
             self.presence, self.frequency, self.counts = self.presence[index], self.frequency[index], self.counts[index]
         if self.bias is not None:
             self.bias = self.bias[index]
+        self._index_rows()
 
     def choose(self, logits: torch.Tensor, step: int) -> torch.Tensor:
         """The next token of every row (see the module's steps).
@@ -169,20 +189,22 @@ class BatchSampler:
         """
         if self.constraint is not None:
             self._consume(self.constraint)
-        logprobs = self._logprobs_before(logits)
+        logprobs = torch.log_softmax(logits.index_select(0, self._logprob_index), dim=-1) if self._logprob_index is not None else None
         if self.penalized:
             logits -= self.presence * (self.counts > 0) + self.frequency * self.counts
         if self.bias is not None:
             logits += self.bias
-        if self.constraint is not None:
-            self._mask(self.constraint, logits)
+        if self.constraint is not None and self._constrained_index is not None:
+            self._mask(self.constraint, self._constrained_index, logits)
         tokens = self._sample(logits, step)
         if self.penalized:
             self.counts.scatter_add_(1, tokens[:, None], torch.ones_like(tokens[:, None], dtype=self.counts.dtype))
-        if logprobs is not None:
-            self._logprobs_after(logprobs, tokens)
-        if self.constraint is not None:
-            self._send_to_host(self.constraint, tokens)
+        if logprobs is not None and self._logprob_index is not None:
+            chosen = logprobs.gather(1, tokens.index_select(0, self._logprob_index)[:, None])[:, 0]
+            top_values, top_ids = logprobs.topk(self.top_k, dim=-1) if self.top_k else (logprobs[:, :0], logprobs[:, :0].long())
+            self.steps.append(Logprobs(self._logprob_ids, chosen, top_values, top_ids))
+        if self.constraint is not None and self._constrained_index is not None:
+            self._send_to_host(self.constraint, self._constrained_index, tokens)
         return tokens
 
     def _sample(self, logits: torch.Tensor, step: int) -> torch.Tensor:
@@ -206,69 +228,47 @@ class BatchSampler:
             picked = order.gather(-1, picked)
         return torch.where(self.greedy, tokens, picked[:, 0])
 
-    # Log probabilities.
-
-    def _logprobs_before(self, logits: torch.Tensor) -> tuple[list[int], list[int], torch.Tensor] | None:
-        """(batch positions, rows now, log-softmax) of the rows that want log probabilities."""
-        if not self.logprob_rows:
-            return None
-        wanted = set(self.logprob_rows)
-        now = [j for j, row in enumerate(self.ids) if row in wanted]
-        if not now:
-            return None
-        index = torch.tensor(now, device=logits.device)
-        return [self.ids[j] for j in now], now, torch.log_softmax(logits.index_select(0, index), dim=-1)
-
-    def _logprobs_after(self, before: tuple[list[int], list[int], torch.Tensor], tokens: torch.Tensor) -> None:
-        rows, now, logprobs = before
-        chosen = logprobs.gather(1, tokens[torch.tensor(now, device=tokens.device)][:, None])[:, 0]
-        top_values, top_ids = logprobs.topk(self.top_k, dim=-1) if self.top_k else (logprobs[:, :0], logprobs[:, :0].long())
-        self.steps.append(Logprobs(rows, chosen, top_values, top_ids))
-
     def logprobs_of(self) -> dict[int, list[tuple[float, list[tuple[int, float]]]]]:
         """Batch position -> (chosen token's log probability, [(alternative id, its log
-        probability)]) per step, most likely alternatives first; brought to the host once."""
+        probability)]) per step, most likely alternatives first; brought to the host at once."""
+        if not self.steps:
+            return {}
+        chosen = torch.cat([step.chosen for step in self.steps]).tolist()
+        values = torch.cat([step.top_values for step in self.steps]).tolist()
+        ids = torch.cat([step.top_ids for step in self.steps]).tolist()
         found: dict[int, list[tuple[float, list[tuple[int, float]]]]] = {}
+        at = 0
         for step in self.steps:
-            chosen, values, ids = step.chosen.tolist(), step.top_values.tolist(), step.top_ids.tolist()
-            for j, row in enumerate(step.rows):
-                found.setdefault(row, []).append((chosen[j], list(zip(ids[j], values[j]))[: self.top_ks[row]]))
+            for row in step.rows:
+                found.setdefault(row, []).append((chosen[at], list(zip(ids[at], values[at]))[: self.top_ks[row]]))
+                at += 1
         return found
 
     # Grammars.
 
-    def _mask(self, constraint: _Constraint, logits: torch.Tensor) -> None:
+    def _mask(self, constraint: _Constraint, index: torch.Tensor, logits: torch.Tensor) -> None:
         from worker.grammar import apply_bitmask
 
-        positions = {row: j for j, row in enumerate(self.ids)}
-        live = [(matcher, k) for k, (row, matcher) in enumerate(constraint.matchers.items()) if row in positions]
-        if not live:
-            return
-        constraint.grammars.fill(live, constraint.bitmask)
-        rows = [positions[row] for row in constraint.matchers if row in positions]
-        masks = constraint.bitmask[[k for _, k in live]].to(logits.device, non_blocking=True)
-        index = torch.tensor(rows, device=logits.device)
+        rows = len(self._constrained_ids)
+        constraint.grammars.fill([(constraint.matchers[row], k) for k, row in enumerate(self._constrained_ids)], constraint.bitmask)
+        masks = constraint.bitmask[:rows].to(logits.device, non_blocking=True)
         chosen = logits.index_select(0, index)
         apply_bitmask(chosen, masks)
         logits.index_copy_(0, index, chosen)
 
-    def _send_to_host(self, constraint: _Constraint, tokens: torch.Tensor) -> None:
+    def _send_to_host(self, constraint: _Constraint, index: torch.Tensor, tokens: torch.Tensor) -> None:
         """Start copying the constrained rows' tokens to the host (the only transfer per step,
         of those rows' tokens only); the matchers take them at the next step, once the copy is
         done, while the device runs the next forward pass."""
-        positions = {row: j for j, row in enumerate(self.ids)}
-        rows = [row for row in constraint.matchers if row in positions]
-        if not rows:
-            return
-        picked = tokens.index_select(0, torch.tensor([positions[row] for row in rows], device=tokens.device))
+        picked = tokens.index_select(0, index)
         if picked.device.type == "cuda":
             host = torch.empty(picked.shape, dtype=picked.dtype, pin_memory=True)
             host.copy_(picked, non_blocking=True)
             done = torch.cuda.Event()
             done.record()
-            constraint.pending = (rows, host, done)
+            constraint.pending = (self._constrained_ids, host, done)
         else:
-            constraint.pending = (rows, picked, None)
+            constraint.pending = (self._constrained_ids, picked, None)
 
     def _consume(self, constraint: _Constraint) -> None:
         """Tell each constrained row's matcher the token it took at the last step."""
@@ -283,6 +283,9 @@ class BatchSampler:
             if not matcher.is_stopped():
                 matcher.consume_token(token)
 
-    def matcher_of(self, row: int) -> Any:
-        """The matcher of batch position `row` (None for a free row)."""
-        return None if self.constraint is None else self.constraint.matchers.get(row)
+    def failed_grammars(self) -> dict[int, str]:
+        """Batch position -> the error of each constrained row whose matcher failed (it then
+        allowed only EOS: the row's answer is not to be trusted)."""
+        if self.constraint is None:
+            return {}
+        return {row: matcher.get_error() for row, matcher in self.constraint.matchers.items() if matcher.is_error()}
