@@ -261,7 +261,7 @@ def test_chat_answers_json_by_a_schema_file_and_submit_runs_every_feature(tiny_w
     out, err = tmp_path / "out.jsonl", tmp_path / "err.jsonl"
     done = run_cli(base_env, "submit", str(source), "--wait", "--output", str(out), "--errors", str(err))
     assert done.returncode == 0, done.stderr
-    answers = {line.custom_id: line for line in _read_lines(out)}
+    answers = {str(line.custom_id): line for line in _read_lines(out)}
     assert sorted(answers) == ["developer", "json", "scored", "tool"]
     tool_call = ChatCompletion.model_validate(answers["tool"].response.body).choices[0].message.tool_calls  # type: ignore[union-attr]
     assert tool_call and jsonschema.validate(json.loads(tool_call[0].function.arguments), schema) is None
