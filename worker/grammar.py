@@ -97,7 +97,8 @@ def apply_bitmask(logits: Any, bitmask: Any) -> None:
     the logits' device: rows x ceil(vocab / 32) int32, bit i of word j for token 32j + i).
 
     On a little-endian machine the int32 words are read as bytes and unpacked through a 256 x 8
-    table: one lookup, no rows x vocab x 32 temporary.
+    table: one lookup, no rows x vocab x 32 temporary. (llguidance's own kernel goes through
+    torch.compile at first use, which needs a C++ compiler on the worker.)
     """
     import torch
 
