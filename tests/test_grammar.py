@@ -80,7 +80,7 @@ def test_forced_calls_follow_tool_choice() -> None:
     tools: list[dict[str, Any]] = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"a": {"type": "integer"}}}}},
              {"type": "function", "function": {"name": "g"}}]
     named = _request(tools=tools, tool_choice={"type": "function", "function": {"name": "f"}})
-    assert schema_for(named) == (tools[0]["function"]["parameters"], "tools.function.parameters")
+    assert schema_for(named) == (tools[0]["function"]["parameters"], "tools[0].function.parameters")
     assert forced_calls('{"a":1}', named) == [("f", '{"a": 1}')]
     required = _request(tools=tools, tool_choice="required", parallel_tool_calls=False)
     schema, _ = schema_for(required)  # type: ignore[misc]

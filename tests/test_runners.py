@@ -197,7 +197,7 @@ def test_required_and_named_tool_choice_give_calls_whose_arguments_validate(tiny
         batch_line(f"named-{i}", user(f"weather {i}", tools=[WEATHER, TIME], tool_choice={"type": "function", "function": {"name": "get_weather"}},
                                       max_tokens=120, temperature=0.5))
         for i in range(4)
-    ] + [batch_line("parallel", user("several calls", tools=[WEATHER, TIME], tool_choice="required", max_tokens=200, temperature=0))]
+    ] + [batch_line("parallel", user("several calls", tools=[WEATHER, TIME], tool_choice="required", max_tokens=160, temperature=0))]
     parameters = {tool["function"]["name"]: tool["function"]["parameters"] for tool in (WEATHER, TIME)}  # type: ignore[index]
     for custom_id, line in _run_file(client, tmp_path, lines).items():
         choice = _completion(line).choices[0]
