@@ -125,6 +125,7 @@ def test_an_entry_whose_handler_always_fails_is_dropped_after_its_deliveries(aof
 
     stop = threading.Event()
     consumer = Consumer(aof_redis.client(), GROUP, "stubborn", min_idle=0.2, max_deliveries=3)
+    consumer.ensure_group()  # before the thread starts: the wait below reads the group
     runner = threading.Thread(target=consumer.run, args=(failing, stop), kwargs={"block": 0.1})
     runner.start()
     try:
