@@ -52,6 +52,17 @@ class Settings(BaseSettings):
     max_batch_tokens: int | None = Field(default=None, ge=1)
     #: How long the engine waits for more requests before running a partial batch, in ms.
     batch_wait_ms: int = Field(default=20, ge=0)
+    #: How the engine batches: `continuous` admits waiting requests into the running batch at
+    #: every step (the dynamic decode; other decodes and pyfunc models batch per request);
+    #: `request` runs a group of requests until the group is done. See docs/engine.md.
+    schedule: Literal["continuous", "request"] = "continuous"
+    #: Most prompt tokens prefilled per step of a continuous batch (those found in the prefix
+    #: cache not counted), so that admitting never stalls the rows decoding; a longer prompt is
+    #: admitted alone. Unset: 2,048 on CPU, 16,384 on CUDA.
+    max_prefill_tokens: int | None = Field(default=None, ge=1)
+    #: MB of prompt-block KV kept for prompts that begin alike (continuous schedule); 0 turns
+    #: prefix reuse off.
+    prefix_cache_mb: int = Field(default=512, ge=0)
     #: max_tokens used when a request sends none (capped by the model's context).
     default_max_tokens: int = Field(default=1_024, ge=1)
     #: Where the model runs: auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ...

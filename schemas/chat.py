@@ -383,12 +383,18 @@ class ChatCompletionChoice(BaseModel):
     finish_reason: Literal["stop", "length", "tool_calls"]
 
 
+class PromptTokensDetails(BaseModel):
+    #: Prompt tokens whose KV came from the worker's prefix cache instead of being computed.
+    cached_tokens: int = 0
+
+
 class Usage(BaseModel):
     """Token counts, made with the model's own tokenizer."""
 
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class ChatCompletion(BaseModel):

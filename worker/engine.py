@@ -129,6 +129,30 @@ class Pending:
     #: Called by the engine thread just before the request's batch runs; an error it returns
     #: answers the request instead of running it.
     on_start: Callable[[], RequestError | None] | None = None
+    #: Someone waits on it (a single request): it goes ahead of batch-file lines.
+    interactive: bool = False
+    #: Times a request with a cached prompt prefix was admitted ahead of it.
+    passed: int = 0
+
+
+class _Figures:
+    """Occupancy over the steps of a continuous batch; written by the engine thread only."""
+
+    def __init__(self) -> None:
+        self.steps_waiting = 0
+        self.occupancy_waiting = 0.0
+        self.generated = 0
+        #: Requests in the engine's backlog (taken from the queue, not admitted yet).
+        self.backlog = 0
+
+    def step(self, rows: int, most: int, *, waiting: bool) -> None:
+        if waiting:
+            self.steps_waiting += 1
+            self.occupancy_waiting += rows / most
+
+    def mean_occupancy(self) -> float:
+        """Mean share of rows in use over the steps at which requests were waiting."""
+        return self.occupancy_waiting / self.steps_waiting if self.steps_waiting else 0.0
 
 
 class Runner(Protocol):
@@ -146,6 +170,10 @@ class Runner(Protocol):
     def run_batch(self, items: list[Pending]) -> list[ChatCompletion | RequestError]:
         """Generate for all items; one result or error per item, in order."""
 
+    # A runner that can batch continuously also has `continuous()`: a running batch that
+    # requests join and leave at every step (see worker/continuous.py), or None where its
+    # current mode batches per request only.
+
 
 class Engine:
     """Collects requests from many threads into batches for one runner.
@@ -153,9 +181,14 @@ class Engine:
     Args:
         runner: the model runner; only the engine thread calls it.
         max_batch_size: most sequences (requests times n) per batch.
-        max_batch_tokens: most padded prompt-plus-new tokens per batch.
+        max_batch_tokens: most padded prompt-plus-new tokens per batch (in the continuous
+            schedule: most prompt-plus-max_tokens tokens of the rows in flight).
         batch_wait: seconds to wait for more requests before running a partial batch; 0 runs
             whatever is pending at once.
+        schedule: `continuous` (requests join the running batch at every step, where the runner
+            can) or `request` (a group of requests runs until the group is done).
+        max_prefill_tokens: most prompt tokens computed per step when requests join a
+            continuous batch.
     """
 
     def __init__(
@@ -165,6 +198,8 @@ class Engine:
         max_batch_size: int = 32,
         max_batch_tokens: int = 65_536,
         batch_wait: float = 0.02,
+        schedule: str = "continuous",
+        max_prefill_tokens: int = 2_048,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
@@ -172,10 +207,23 @@ class Engine:
             raise ValueError(f"max_batch_tokens must be at least 1, got {max_batch_tokens}")
         if batch_wait < 0:
             raise ValueError(f"batch_wait must not be negative, got {batch_wait}")
+        if schedule not in ("continuous", "request"):
+            raise ValueError(f"schedule must be continuous or request, got {schedule!r}")
+        if max_prefill_tokens < 1:
+            raise ValueError(f"max_prefill_tokens must be at least 1, got {max_prefill_tokens}")
         self.runner = runner
         self.max_batch_size = max_batch_size if runner.batched else 1
         self.max_batch_tokens = max_batch_tokens
         self.batch_wait = batch_wait
+        self.max_prefill_tokens = max_prefill_tokens
+        #: The running batch, when this engine schedules continuously (only the engine thread
+        #: changes it).
+        make = getattr(runner, "continuous", None)
+        self.running: Any = make() if schedule == "continuous" and make is not None else None
+        #: The schedule in effect: `continuous` only where the runner can take rows in.
+        self.schedule = "continuous" if self.running is not None else "request"
+        if schedule != self.schedule:
+            logger.info("this model and decode mode batch per request: the continuous schedule does not apply")
         # Requests looked at when choosing a batch: enough for length bucketing to find
         # similar lengths, few enough that choosing stays cheap.
         self._backlog_rows = 4 * self.max_batch_size
@@ -183,6 +231,8 @@ class Engine:
         # for many requests at a time: a chunk's lines go in, and a batch's worth comes out,
         # in one acquisition each.
         self._waiting: deque[Pending | None] = deque()
+        #: Single requests (someone waits on each): taken before `_waiting`.
+        self._waiting_now: deque[Pending] = deque()
         self._arrived = threading.Condition(threading.Lock())
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -201,6 +251,7 @@ class Engine:
             # device was kept.
             "busy_seconds": 0.0,
         }
+        self._figures = _Figures()
 
     def start(self) -> None:
         if self._thread is None:
@@ -245,7 +296,7 @@ class Engine:
         the decode loop under the GIL and slow every batch down.
         """
         future: Future[ChatCompletion] = Future()
-        self._enqueue([Pending(request=request, request_id=request_id, future=future, alone=alone, on_start=on_start)])
+        self._enqueue([Pending(request=request, request_id=request_id, future=future, alone=alone, on_start=on_start, interactive=True)])
         return future
 
     def submit_many(
@@ -279,16 +330,23 @@ class Engine:
 
     def _put(self, items: Iterable[Pending | None]) -> None:
         with self._arrived:
-            self._waiting.extend(items)
+            for item in items:
+                if item is not None and item.interactive:
+                    self._waiting_now.append(item)
+                else:
+                    self._waiting.append(item)
             self._arrived.notify()
 
     def _take(self, limit: int, timeout: float | None) -> list[Pending | None]:
         """Up to `limit` waiting items, after waiting up to `timeout` seconds (None: for
         ever) for the first."""
         with self._arrived:
-            if not self._waiting and timeout != 0:
-                self._arrived.wait_for(lambda: self._waiting, timeout)
+            if not self._waiting and not self._waiting_now and timeout != 0:
+                self._arrived.wait_for(lambda: self._waiting or self._waiting_now, timeout)
             taken: list[Pending | None] = []
+            # Every single request waiting, past the limit: they are few, and go first.
+            taken.extend(self._waiting_now)
+            self._waiting_now.clear()
             while self._waiting and len(taken) < limit:
                 taken.append(self._waiting.popleft())
             return taken
@@ -339,32 +397,43 @@ class Engine:
             if self._draining.is_set():
                 self._cancel(backlog)
                 backlog = []
+            if self.running is not None:
+                self._collect(backlog, wait=not self.running)
+                self._continue(backlog)
+                continue
             self._collect(backlog)
             if not backlog:
                 continue
             batch, backlog = self._choose_batch(backlog)
             self._run(batch)
+        if self.running is not None and self.running.requests:
+            backlog += self.running.abandon()
         # Everything not run gets an answer, what is still queued too: a task waiting on it
         # must not wait for ever (a request cancelled meanwhile keeps its cancellation).
         with self._arrived:
-            queued = [item for item in self._waiting if item is not None]
+            queued = [item for item in [*self._waiting_now, *self._waiting] if item is not None]
+            self._waiting_now.clear()
             self._waiting.clear()
         stopped = RequestError(ErrorCode.internal_error, "the worker stopped before this request ran")
         for item in [*backlog, *queued]:
             self._fail(item, stopped)
 
-    def _collect(self, backlog: list[Pending]) -> None:
+    def _collect(self, backlog: list[Pending], *, wait: bool = True) -> None:
         """Take waiting requests: with an empty backlog, wait for the first; then wait up to
-        batch_wait for a full batch. What arrives is prepared together.
+        batch_wait for a full batch. What arrives is prepared together. With `wait` False (a
+        continuous batch is running), take only what is there.
 
         The backlog holds at most a few batches' worth: the rest stays queued, so choosing a
-        batch costs the same however many requests wait.
+        batch costs the same however many requests wait. Single requests are always taken.
         """
         rows = sum(item.rows for item in backlog)
         deadline: float | None = None
-        while rows < self._backlog_rows:
-            if not backlog:
-                timeout: float | None = None
+        while rows < self._backlog_rows or self._waiting_now:
+            timeout: float | None
+            if not wait:
+                timeout = 0.0
+            elif not backlog:
+                timeout = None
             elif rows >= self.max_batch_size:
                 timeout = 0.0
             else:
@@ -383,6 +452,132 @@ class Engine:
                 return
             if timeout == 0.0:
                 return  # a full batch is here, and everything that was waiting was taken
+
+    # The continuous schedule.
+
+    def _continue(self, backlog: list[Pending]) -> None:
+        """One step of the running batch: admit what fits, then decode one token for every
+        row; answer the requests that finished."""
+        running = self.running
+        started = time.monotonic()
+        admitted = self._admissions(backlog)
+        if admitted:
+            taken = {id(item) for item in admitted}
+            backlog[:] = [item for item in backlog if id(item) not in taken]
+            admitted = self._begin(admitted)
+        self._figures.backlog = len(backlog)
+        try:
+            if admitted:
+                running.admit(admitted)
+                self.stats["batches"] += 1
+            answers = running.step() if len(running) else []
+        except Exception as error:  # the model failed: every request in the batch fails, not the worker
+            logger.exception("the running batch of %d requests failed", len(running.requests))
+            failure = RequestError(ErrorCode.internal_error, f"generation failed: {error}")
+            answers = [(item, failure) for item in running.abandon()]
+        self._answer(answers)
+        self._figures.step(len(running), self.max_batch_size, waiting=bool(backlog) or bool(self._waiting))
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(running))
+        self.stats["busy_seconds"] = round(self.stats["busy_seconds"] + time.monotonic() - started, 3)
+
+    def _admissions(self, backlog: list[Pending]) -> list[Pending]:
+        """The waiting requests to admit now, in order: single requests first; then batch
+        lines whose prompt prefix is cached (a line passed over `max_batch_size` times goes
+        first all the same); then the oldest. Admission stops at the first request that does
+        not fit the rows or KV tokens left, so a large request is not passed for ever; prompt
+        tokens to compute are bounded per step (a prompt over the bound is admitted alone);
+        and of waiting prompts that share a first block nobody has computed yet, one goes
+        first and the others follow once its blocks are cached."""
+        running = self.running
+        if not backlog or any(item.alone for item in running.requests):
+            return []
+        rows = len(running)
+        tokens = sum(item.rows * item.cost for item in running.requests)
+        cached = {id(item): running.cached_prefix(item) for item in backlog}
+        order = sorted(
+            backlog,
+            key=lambda item: (
+                not item.interactive,
+                not (cached[id(item)] or item.passed >= self.max_batch_size),
+                item.enqueued_at,
+            ),
+        )
+        chosen: list[Pending] = []
+        prefill = 0
+        first_blocks: set[bytes] = set()
+        for item in order:
+            if item.alone:
+                return [item] if not rows and not chosen else chosen
+            if not rows and not chosen:
+                pass  # an empty batch takes its first request, whatever its size
+            elif rows + item.rows > self.max_batch_size or tokens + item.rows * item.cost > self.max_batch_tokens:
+                break
+            compute = item.rows * (len(item.prepared.prompt_ids) - cached[id(item)]) if item.prepared is not None else item.rows
+            if chosen and prefill + compute > self.max_prefill_tokens:
+                break
+            block = running.first_block(item) if not cached[id(item)] else None
+            if block is not None and block in first_blocks:
+                continue
+            if block is not None:
+                first_blocks.add(block)
+            chosen.append(item)
+            rows, tokens, prefill = rows + item.rows, tokens + item.rows * item.cost, prefill + compute
+        taken = {id(item) for item in chosen}
+        for item in order:
+            if id(item) in taken:
+                break
+            item.passed += 1
+        return chosen
+
+    def _begin(self, items: list[Pending]) -> list[Pending]:
+        """Start requests about to join the batch: drop the cancelled, run start hooks."""
+        if self._draining.is_set():
+            self._cancel(items)
+            return []
+        started = []
+        for item in items:
+            if not item.future.set_running_or_notify_cancel():
+                continue
+            refusal = self._start(item) if item.on_start is not None else None
+            if refusal is not None:
+                item.future.set_exception(refusal)
+            else:
+                started.append(item)
+        return started
+
+    def _answer(self, answers: list[tuple[Pending, ChatCompletion | RequestError]]) -> None:
+        for item, result in answers:
+            if isinstance(result, RequestError):
+                item.future.set_exception(result)
+            else:
+                self.stats["generated_tokens"] += result.usage.completion_tokens
+                self._figures.generated += result.usage.completion_tokens
+                item.future.set_result(result)
+            self.stats["requests"] += 1
+
+    def figures(self) -> dict[str, float | str]:
+        """What the engine is doing: rows running and most rows, requests waiting, occupancy
+        (rows in use / most rows) now and averaged over the steps that had requests waiting,
+        prompt tokens computed and taken from the prefix cache, the cache's hit rate, and
+        generated tokens. Read from any thread (values may be a step apart)."""
+        running = self.running
+        rows = len(running) if running is not None else 0
+        with self._arrived:
+            waiting = len(self._waiting_now) + sum(1 for item in self._waiting if item is not None)
+        prompt = running.prompt_tokens if running is not None else 0
+        cached = running.cached_tokens if running is not None else 0
+        return {
+            "schedule": self.schedule,
+            "rows_running": rows,
+            "max_rows": self.max_batch_size,
+            "requests_waiting": waiting + self._figures.backlog,
+            "occupancy": round(rows / self.max_batch_size, 4),
+            "mean_occupancy_waiting": round(self._figures.mean_occupancy(), 4),
+            "prompt_tokens": prompt,
+            "cached_prompt_tokens": cached,
+            "prefix_cache_hit_rate": round(cached / prompt, 4) if prompt else 0.0,
+            "generated_tokens": int(self.stats["generated_tokens"]),
+        }
 
     @staticmethod
     def _start(item: Pending) -> RequestError | None:

@@ -92,6 +92,7 @@ def load_runner(uri: str, settings: Settings, *, served_name: str | None = None)
                 default_max_tokens=settings.default_max_tokens,
                 device=settings.device,
                 decode=settings.decode,
+                prefix_cache_bytes=settings.prefix_cache_mb * 1024 * 1024,
             )
             kind = f"transformers ({runner.device}, {runner.model.dtype})"
         else:
@@ -113,4 +114,12 @@ def build_engine(runner: Any, settings: Settings) -> Engine:
     """The engine for a runner, with the batch limits of the settings (or the runner's
     defaults: on CUDA, from free device memory)."""
     size, tokens = runner.batch_limits(settings.max_batch_size, settings.max_batch_tokens)
-    return Engine(runner, max_batch_size=size, max_batch_tokens=tokens, batch_wait=settings.batch_wait_ms / 1000)
+    prefill = settings.max_prefill_tokens or getattr(runner, "default_prefill_tokens", tokens)
+    return Engine(
+        runner,
+        max_batch_size=size,
+        max_batch_tokens=tokens,
+        batch_wait=settings.batch_wait_ms / 1000,
+        schedule=settings.schedule,
+        max_prefill_tokens=prefill,
+    )

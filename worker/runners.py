@@ -26,6 +26,7 @@ from schemas.errors import ErrorCode, RequestError
 from worker.chat_format import ChatFormat, parse_hermes
 from worker.engine import Pending
 from worker.grammar import Grammars, forced_calls
+from worker.stops import StopFinder
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,8 @@ class Prepared:
     stops: list[str]
     #: The JSON Schema the answer must follow, and the field it comes from.
     schema: tuple[dict[str, Any], str] | None = None
+    #: The keys of the prompt's blocks the prefix cache may serve, once hashed.
+    prefix_keys: list[bytes] | None = None
 
 
 @dataclass
@@ -77,6 +80,8 @@ class _Row:
     kept: int | None = None
     #: Why the row's grammar failed, when it did.
     grammar_error: str | None = None
+    #: Watches the text for the row's stop strings, when it has some.
+    finder: StopFinder | None = None
 
 
 class TransformersRunner:
@@ -98,8 +103,11 @@ class TransformersRunner:
         default_max_tokens: int = 1_024,
         device: str = "auto",
         decode: str = "auto",
+        prefix_cache_bytes: int = 512 * 1024 * 1024,
     ) -> None:
         import torch
+
+        from worker.prefix_cache import PrefixCache
 
         if getattr(tokenizer, "chat_template", None) is None:
             raise ValueError(
@@ -146,6 +154,25 @@ class TransformersRunner:
         #: The model's grammar compiler and token bytes, built with the model (not by the first
         #: request that needs it, in the engine thread).
         self.grammars = Grammars(tokenizer, self.vocab_size, self.eos_ids)
+        #: KV of prompt blocks, for continuous batches whose prompts begin alike.
+        self.prefix_cache = PrefixCache(prefix_cache_bytes)
+        #: Most prompt tokens prefilled per continuous step, unless configured.
+        self.default_prefill_tokens = 16_384 if self.device.type == "cuda" else 2_048
+
+    def continuous(self) -> Any:
+        """A continuous batch over this runner (`worker.continuous.ContinuousDecode`), or None
+        where this decode mode batches per request: the static and compiled decodes keep fixed
+        shapes, and a model whose cache is not plain per-layer tensors (sliding windows, linear
+        attention) cannot take rows in."""
+        from transformers.cache_utils import DynamicLayer
+
+        from worker.continuous import ContinuousDecode
+
+        if self.decode != "dynamic":
+            return None
+        if any(type(layer) is not DynamicLayer for layer in getattr(self._new_cache(), "layers", [None])):
+            return None
+        return ContinuousDecode(self, self.prefix_cache)
 
     def batch_limits(self, max_batch_size: int | None, max_batch_tokens: int | None) -> tuple[int, int]:
         """Most sequences and most padded tokens per batch: what was configured, else defaults;
@@ -253,8 +280,7 @@ class TransformersRunner:
     def run_batch(self, items: list[Pending]) -> list[ChatCompletion | RequestError]:
         import torch
 
-        rows = [_Row(item=index, choice=choice, prepared=item.prepared, params=self._params(item, choice))
-                for index, item in enumerate(items) for choice in range(item.request.n)]
+        rows = [self._row(index, choice, item) for index, item in enumerate(items) for choice in range(item.request.n)]
         with torch.inference_mode():
             if self.decode == "dynamic":
                 self._decode(rows)
@@ -271,6 +297,11 @@ class TransformersRunner:
             except RequestError as error:  # this request's answer cannot be given; its neighbours' can
                 results.append(error)
         return results
+
+    def _row(self, index: int, choice: int, item: Pending) -> _Row:
+        stops = item.prepared.stops
+        return _Row(item=index, choice=choice, prepared=item.prepared, params=self._params(item, choice),
+                    finder=StopFinder(self.tokenizer, stops) if stops else None)
 
     def _completion(self, item: Pending, rows: list[_Row], created: int) -> ChatCompletion:
         """A request's chat.completion, built without validation (model_construct): every value
@@ -314,11 +345,10 @@ class TransformersRunner:
             matcher=self.grammars.matcher(*schema) if schema is not None else None,
         )
 
-    def _sampler(self, params: list[Any]) -> Any:
+    def _sampler(self, params: list[Any], *, host_logprobs: bool = False) -> Any:
         from worker.sampling import BatchSampler
 
-        grammars = self.grammars if any(p.matcher is not None for p in params) else None
-        return BatchSampler(params, self.device, vocab_size=self.vocab_size, grammars=grammars)
+        return BatchSampler(params, self.device, vocab_size=self.vocab_size, grammars=self.grammars, host_logprobs=host_logprobs)
 
     @staticmethod
     def _keep_logprobs(rows: list[_Row], sampler: Any) -> None:
@@ -394,10 +424,8 @@ class TransformersRunner:
         next_pos = positions[:, -1] + 1
         active = list(range(len(rows)))
         sampler = self._sampler([row.params for row in rows])
-        step = 0
         while active:
-            tokens = sampler.choose(logits, step)
-            step += 1
+            tokens = sampler.choose(logits)
             keep: list[int] = []
             for j, token in enumerate(tokens.tolist()):
                 if not self._advance(rows[active[j]], token):
@@ -517,9 +545,10 @@ class TransformersRunner:
         next_pos = positions[:, -1:] + 1
         cache_position = torch.tensor([width], device=device)
         with_stops = [i for i, row in enumerate(rows) if row.prepared.stops]
+        watchers = {i: StopFinder(self.tokenizer, rows[i].prepared.stops) for i in with_stops}
         step = 0
         while True:
-            tokens = sampler.choose(logits, step)
+            tokens = sampler.choose(logits)
             produced[:, step] = tokens
             done |= torch.isin(tokens, eos) | (limits <= step + 1)
             step += 1
@@ -528,8 +557,8 @@ class TransformersRunner:
             if step % SYNC_EVERY == 0:
                 # The only host syncs: once every SYNC_EVERY tokens.
                 if with_stops:
-                    sofar = produced[:count, :step].tolist()
-                    hit = [i for i in with_stops if self._has_stop(rows[i], sofar[i])]
+                    recent = produced[:count, step - SYNC_EVERY : step].tolist()
+                    hit = [i for i in with_stops if self._has_stop(watchers[i], recent[i])]
                     if hit:
                         done[torch.tensor(hit, device=device)] = True
                 if bool(done.all()):
@@ -543,17 +572,26 @@ class TransformersRunner:
                 row.text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
         self._keep_logprobs(rows, sampler)
 
-    def _has_stop(self, row: _Row, tokens: list[int]) -> bool:
-        """Whether a row's text so far (up to its first EOS) holds one of its stop strings."""
-        end = next((i for i, token in enumerate(tokens) if token in self.eos_ids), len(tokens))
-        text = self.tokenizer.decode(tokens[:end], skip_special_tokens=True)
-        return any(stop in text for stop in row.prepared.stops)
+    def _has_stop(self, watcher: StopFinder, tokens: list[int]) -> bool:
+        """Whether a row's text, with these new tokens (up to an EOS), holds one of its stop
+        strings; a row already at EOS is not looked at again."""
+        if watcher.ended:
+            return False
+        for token in tokens:
+            if token in self.eos_ids:
+                watcher.ended = True
+                return False
+            if watcher.feed(token):
+                return True
+        return False
 
     def _finish(self, row: _Row, tokens: list[int]) -> str | None:
         """Settle a row from the tokens a static decode produced for it: cut at its first EOS,
         stop string or max_tokens, as the dynamic decode would have. Returns its finish reason,
         or None while it is still running."""
         row.tokens, row.finish, row.text, row.generated = [], None, None, 0
+        if row.finder is not None:
+            row.finder = StopFinder(self.tokenizer, row.finder.stops)
         for token in tokens:
             if self._advance(row, token):
                 break
@@ -567,7 +605,7 @@ class TransformersRunner:
             row.finish = "stop"
             return True
         row.tokens.append(token)
-        if row.prepared.stops and self._hit_stop(row):
+        if row.finder is not None and row.finder.feed(token) and self._hit_stop(row):
             return True
         if row.generated >= row.prepared.max_new:
             row.finish = "length"
@@ -575,6 +613,8 @@ class TransformersRunner:
         return False
 
     def _hit_stop(self, row: _Row) -> bool:
+        """Cut a row's answer at the first stop string of its whole text (decoded once, when
+        the incremental text shows one)."""
         text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
         cut = min((i for i in (text.find(s) for s in row.prepared.stops) if i >= 0), default=-1)
         if cut < 0:

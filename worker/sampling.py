@@ -94,9 +94,17 @@ class _Constraint:
     pending: tuple[list[int], torch.Tensor, Any] | None = None
 
     def __post_init__(self) -> None:
+        self.bitmask = self._bitmask(len(self.matchers))
+
+    def _bitmask(self, rows: int) -> torch.Tensor:
         # Pinned on CUDA, so that its copy to the device does not wait for the host.
         pinned = self.device.type == "cuda"
-        self.bitmask = torch.full((len(self.matchers), self.grammars.mask_width), -1, dtype=torch.int32, pin_memory=pinned)
+        return torch.full((rows, self.grammars.mask_width), -1, dtype=torch.int32, pin_memory=pinned)
+
+    def grow(self) -> None:
+        """Room in the bitmask for every matcher (after rows joined)."""
+        if self.bitmask.shape[0] < len(self.matchers):
+            self.bitmask = self._bitmask(max(len(self.matchers), 2 * self.bitmask.shape[0]))
 
 
 class BatchSampler:
@@ -109,30 +117,51 @@ class BatchSampler:
         grammars: the runner's `worker.grammar.Grammars`, when a row has a matcher.
     """
 
-    def __init__(self, params: list[SamplingParams], device: torch.device, *, vocab_size: int = 0, grammars: Any = None) -> None:
+    def __init__(
+        self,
+        params: list[SamplingParams],
+        device: torch.device,
+        *,
+        vocab_size: int = 0,
+        grammars: Any = None,
+        host_logprobs: bool = False,
+        first_id: int = 0,
+    ) -> None:
         self.device = device
-        #: Batch position (at creation) of each row still in the batch, in order.
-        self.ids = list(range(len(params)))
+        #: The id of each row still in the batch, in order: its position at creation, plus
+        #: `first_id` (rows added by `extend` get ids after the ones before).
+        self.ids = list(range(first_id, first_id + len(params)))
+        self._next_id = first_id + len(params)
         self.greedy_only = all(p.temperature <= 0 for p in params)
         self.use_top_p = any(p.top_p < 1.0 for p in params if p.temperature > 0)
         self.greedy = torch.tensor([p.temperature <= 0 for p in params], device=device)
         self.temperatures = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=device)
         self.top_ps = torch.tensor([p.top_p for p in params], device=device)
         self.seeds = torch.tensor([p.seed for p in params], dtype=torch.long, device=device)
+        #: Tokens each row has drawn so far: a row's random stream depends on its own count, so
+        #: rows that join a running batch draw as they would alone.
+        self.row_steps = torch.zeros(len(params), dtype=torch.long, device=device)
+        self.vocab_size = vocab_size
+        self.grammars = grammars
+        #: Bring log probabilities to the host every step (`logprobs_of` then reads what was
+        #: kept, and `forget` drops a finished row's), instead of keeping them on the device
+        #: until the batch ends: for a batch that never ends (continuous batching).
+        self.host_logprobs = host_logprobs
+        self._host_found: dict[int, list[tuple[float, list[tuple[int, float]]]]] = {}
         self._penalties(params, vocab_size)
         self.bias = self._bias(params, vocab_size)
         #: Batch position -> how many alternatives it wants, for the rows that want log probabilities.
-        self.top_ks = {i: p.logprobs for i, p in enumerate(params) if p.logprobs is not None}
+        self.top_ks = {first_id + i: p.logprobs for i, p in enumerate(params) if p.logprobs is not None}
         self.logprob_rows = list(self.top_ks)
         self.top_k = max(self.top_ks.values(), default=0)
         #: Every step's log probabilities, for `logprobs_of`.
         self.steps: list[Logprobs] = []
-        matchers = {i: p.matcher for i, p in enumerate(params) if p.matcher is not None}
+        matchers = {first_id + i: p.matcher for i, p in enumerate(params) if p.matcher is not None}
         self.constraint = _Constraint(grammars, matchers, device) if matchers else None
         self._index_rows()
 
-    def _penalties(self, params: list[SamplingParams], vocab_size: int) -> None:
-        self.penalized = any(p.presence_penalty or p.frequency_penalty for p in params)
+    def _penalties(self, params: list[SamplingParams], vocab_size: int, *, force: bool = False) -> None:
+        self.penalized = force or any(p.presence_penalty or p.frequency_penalty for p in params)
         if not self.penalized:
             return
         self.presence = torch.tensor([p.presence_penalty for p in params], device=self.device)[:, None]
@@ -171,18 +200,69 @@ class BatchSampler:
         self.temperatures = self.temperatures[index]
         self.top_ps = self.top_ps[index]
         self.seeds = self.seeds[index]
+        self.row_steps = self.row_steps[index]
         if self.penalized:
             self.presence, self.frequency, self.counts = self.presence[index], self.frequency[index], self.counts[index]
         if self.bias is not None:
             self.bias = self.bias[index]
         self._index_rows()
 
-    def choose(self, logits: torch.Tensor, step: int) -> torch.Tensor:
+    def extend(self, params: list[SamplingParams]) -> list[int]:
+        """Add rows at the end of the batch (rows admitted into a running decode); returns
+        their ids."""
+        first = self._next_id
+        other = BatchSampler(
+            params, self.device, vocab_size=self.vocab_size, grammars=self.grammars, host_logprobs=self.host_logprobs, first_id=first
+        )
+        mine = len(self.ids)
+        self.ids += other.ids
+        self._next_id = other._next_id
+        self.greedy_only = self.greedy_only and other.greedy_only
+        self.use_top_p = self.use_top_p or other.use_top_p
+        for name in ("greedy", "temperatures", "top_ps", "seeds", "row_steps"):
+            setattr(self, name, torch.cat([getattr(self, name), getattr(other, name)]))
+        if self.penalized or other.penalized:
+            if not self.penalized:
+                self._penalties([SamplingParams(0.0, 1.0, 0)] * mine, self.vocab_size, force=True)
+            if not other.penalized:
+                other._penalties([SamplingParams(0.0, 1.0, 0)] * len(params), self.vocab_size, force=True)
+            self.presence = torch.cat([self.presence, other.presence])
+            self.frequency = torch.cat([self.frequency, other.frequency])
+            self.counts = torch.cat([self.counts, other.counts])
+        if self.bias is not None or other.bias is not None:
+            self.bias = torch.cat([
+                self.bias if self.bias is not None else torch.zeros((mine, self.vocab_size), device=self.device),
+                other.bias if other.bias is not None else torch.zeros((len(params), self.vocab_size), device=self.device),
+            ])
+        self.top_ks.update(other.top_ks)
+        self.logprob_rows = list(self.top_ks)
+        self.top_k = max(self.top_ks.values(), default=0)
+        if other.constraint is not None:
+            if self.constraint is None:
+                self.constraint = other.constraint
+            else:
+                self.constraint.matchers.update(other.constraint.matchers)
+                self.constraint.grow()
+        self._index_rows()
+        return other.ids
+
+    def forget(self, rows: list[int]) -> None:
+        """Drop what was kept for rows that left the batch for good (their matchers, their log
+        probabilities): a batch that never ends must not keep its finished rows' state."""
+        for row in rows:
+            self.top_ks.pop(row, None)
+            self._host_found.pop(row, None)
+            if self.constraint is not None:
+                self.constraint.matchers.pop(row, None)
+        self.logprob_rows = list(self.top_ks)
+        self.top_k = max(self.top_ks.values(), default=0)
+        self._index_rows()
+
+    def choose(self, logits: torch.Tensor) -> torch.Tensor:
         """The next token of every row (see the module's steps).
 
         Args:
             logits: (rows, vocab) float32 logits of the last position; changed in place.
-            step: how many tokens the rows have generated so far.
 
         Returns:
             (rows,) token ids on the logits' device.
@@ -196,18 +276,22 @@ class BatchSampler:
             logits += self.bias
         if self.constraint is not None and self._constrained_index is not None:
             self._mask(self.constraint, self._constrained_index, logits)
-        tokens = self._sample(logits, step)
+        tokens = self._sample(logits)
+        self.row_steps += 1
         if self.penalized:
             self.counts.scatter_add_(1, tokens[:, None], torch.ones_like(tokens[:, None], dtype=self.counts.dtype))
         if logprobs is not None and self._logprob_index is not None:
             chosen = logprobs.gather(1, tokens.index_select(0, self._logprob_index)[:, None])[:, 0]
             top_values, top_ids = logprobs.topk(self.top_k, dim=-1) if self.top_k else (logprobs[:, :0], logprobs[:, :0].long())
             self.steps.append(Logprobs(self._logprob_ids, chosen, top_values, top_ids))
+            if self.host_logprobs:
+                self._host_found = self._found(self._host_found)
+                self.steps = []
         if self.constraint is not None and self._constrained_index is not None:
             self._send_to_host(self.constraint, self._constrained_index, tokens)
         return tokens
 
-    def _sample(self, logits: torch.Tensor, step: int) -> torch.Tensor:
+    def _sample(self, logits: torch.Tensor) -> torch.Tensor:
         tokens = torch.argmax(logits, dim=-1)
         if self.greedy_only:
             return tokens
@@ -219,7 +303,7 @@ class BatchSampler:
             # Keep a token while the mass before it is under top_p (the first token always stays).
             probs = probs.masked_fill(before >= self.top_ps[:, None], 0.0)
         cdf = torch.cumsum(probs, dim=-1)
-        bits = _mix((self.seeds * 0x27D4EB2F + step * 0x165667B1) & _MASK)
+        bits = _mix((self.seeds * 0x27D4EB2F + self.row_steps * 0x165667B1) & _MASK)
         uniform = (bits.to(cdf.dtype) + 0.5) * 2.0**-32
         # The first token whose cumulative mass exceeds the draw; tokens of zero mass never are.
         picked = torch.searchsorted(cdf, (uniform[:, None] * cdf[:, -1:]).contiguous(), right=True)
@@ -229,14 +313,19 @@ class BatchSampler:
         return torch.where(self.greedy, tokens, picked[:, 0])
 
     def logprobs_of(self) -> dict[int, list[tuple[float, list[tuple[int, float]]]]]:
-        """Batch position -> (chosen token's log probability, [(alternative id, its log
+        """Row id -> (chosen token's log probability, [(alternative id, its log
         probability)]) per step, most likely alternatives first; brought to the host at once."""
+        return self._found(dict(self._host_found))
+
+    def _found(
+        self, found: dict[int, list[tuple[float, list[tuple[int, float]]]]]
+    ) -> dict[int, list[tuple[float, list[tuple[int, float]]]]]:
+        """`found` with the kept steps' log probabilities added."""
         if not self.steps:
-            return {}
+            return found
         chosen = torch.cat([step.chosen for step in self.steps]).tolist()
         values = torch.cat([step.top_values for step in self.steps]).tolist()
         ids = torch.cat([step.top_ids for step in self.steps]).tolist()
-        found: dict[int, list[tuple[float, list[tuple[int, float]]]]] = {}
         at = 0
         for step in self.steps:
             for row in step.rows:
@@ -279,9 +368,14 @@ class BatchSampler:
         if done is not None:
             done.synchronize()  # the copy, right after the last sampling: not the forward pass since
         for row, token in zip(rows, host.tolist()):
-            matcher = constraint.matchers[row]
-            if not matcher.is_stopped():
+            matcher = constraint.matchers.get(row)
+            if matcher is not None and not matcher.is_stopped():
                 matcher.consume_token(token)
+
+    def grammar_error(self, row: int) -> str | None:
+        """The error of a row's matcher, when it failed."""
+        matcher = self.constraint.matchers.get(row) if self.constraint is not None else None
+        return matcher.get_error() if matcher is not None and matcher.is_error() else None
 
     def failed_grammars(self) -> dict[int, str]:
         """Batch position -> the error of each constrained row whose matcher failed (it then

@@ -1,0 +1,165 @@
+"""Continuous batching on the tiny model, in process: rows that join a running batch answer as
+they would alone, nothing is held behind anything, and shared prompt prefixes are reused."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from chatbatch.settings import Settings
+from schemas import ChatCompletion, parse_chat_request
+from schemas.chat import ChatCompletionRequest
+from tests.test_engine import PROMPTS, _generate_alone
+from worker.engine import Engine
+from worker.model import load_runner
+from worker.prefix_cache import BLOCK
+
+SYSTEM = "You are a careful assistant. Answer briefly and plainly, in one line. " * 4
+
+
+@pytest.fixture(scope="module")
+def runner(tiny_model: Path):  # type: ignore[no-untyped-def]
+    return load_runner(str(tiny_model), Settings(redis_url="redis://127.0.0.1:1/0", decode="dynamic"))
+
+
+def _request(text: str, system: str | None = None, **extra: object):  # type: ignore[no-untyped-def]
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+    return parse_chat_request({"messages": messages, "temperature": 0, **extra})
+
+
+class Finishes:
+    """Answers and the order they came in, from `submit_many`'s callback."""
+
+    def __init__(self) -> None:
+        self.order: list[str] = []
+        self.answers: dict[str, ChatCompletion] = {}
+        self.lock = threading.Lock()
+        self.all_done = threading.Event()
+        self.expected = 0
+
+    def __call__(self, ticket) -> None:  # type: ignore[no-untyped-def]
+        with self.lock:
+            name = self.names[id(ticket)]
+            self.order.append(name)
+            self.answers[name] = ticket.result()
+            if len(self.order) == self.expected:
+                self.all_done.set()
+
+    def submit(self, engine: Engine, named: list[tuple[str, ChatCompletionRequest]]) -> None:
+        self.expected += len(named)
+        tickets = engine.submit_many([(request, name) for name, request in named], self)
+        with self.lock:
+            self.names = getattr(self, "names", {})
+            self.names.update({id(ticket): name for ticket, (name, _) in zip(tickets, named)})
+
+
+def test_rows_admitted_mid_decode_answer_as_generate_alone(runner) -> None:  # type: ignore[no-untyped-def]
+    """One prompt token of prefill per step: every request joins a batch already decoding, at a
+    different width and step, and leaves it at its own."""
+    engine = Engine(runner, batch_wait=0.0, max_prefill_tokens=1)
+    assert engine.schedule == "continuous"
+    futures = [engine.submit(_request(text, max_tokens=16), f"r{i}") for i, text in enumerate(PROMPTS)]
+    engine.start()
+    try:
+        outcomes = [future.result(timeout=120) for future in futures]
+    finally:
+        engine.stop()
+    assert engine.stats["batches"] == len(PROMPTS), "each request joined on its own step"
+    for text, outcome in zip(PROMPTS, outcomes):
+        assert outcome.choices[0].message.content == _generate_alone(runner, text, 16), text
+
+
+def test_a_long_request_is_held_neither_behind_short_ones_nor_holds_them(runner) -> None:  # type: ignore[no-untyped-def]
+    engine = Engine(runner, batch_wait=0.0, max_batch_size=2)
+    finishes = Finishes()
+    early = [(f"early{i}", _request(f"short {i}", max_tokens=2)) for i in range(10)]
+    long = [("long", _request("a long answer", max_tokens=60, logit_bias={str(t): -100 for t in runner.eos_ids}))]
+    late = [(f"late{i}", _request(f"short {i}", max_tokens=2)) for i in range(40)]
+    finishes.submit(engine, early + long + late)
+    engine.start()
+    try:
+        assert finishes.all_done.wait(120)
+    finally:
+        engine.stop()
+    order = finishes.order
+    assert finishes.answers["long"].usage.completion_tokens == 60
+    assert order.index("long") < len(order) - 1, "the long request finished while short ones were still coming"
+    assert order.index("late0") < order.index("long"), "short requests went on beside the long one"
+    assert all(order.index(f"early{i}") < order.index("late0") for i in range(10)), "first come, first admitted"
+
+
+def test_a_single_request_is_admitted_ahead_of_waiting_batch_lines(runner) -> None:  # type: ignore[no-untyped-def]
+    engine = Engine(runner, batch_wait=0.0, max_batch_size=2)
+    finishes = Finishes()
+    finishes.submit(engine, [(f"line{i}", _request(f"line {i}", max_tokens=8)) for i in range(30)])
+    engine.start()
+    try:
+        while engine.stats["requests"] < 2:
+            time.sleep(0.005)
+        single = engine.submit(_request("someone waits", max_tokens=8), "single")
+        answer = single.result(timeout=60)
+        done_before = len(finishes.order)
+        assert finishes.all_done.wait(120)
+    finally:
+        engine.stop()
+    assert isinstance(answer, ChatCompletion)
+    assert done_before <= 8, f"{done_before} of 30 earlier lines finished before the single request"
+
+
+def test_prefix_reuse_answers_as_no_reuse_and_reports_cached_tokens(runner, tiny_model: Path) -> None:  # type: ignore[no-untyped-def]
+    questions = [f"question {i}: {word}?" for i, word in enumerate(["why", "how", "when", "where", "who", "what", "which", "whose"])]
+    requests = [(f"q{i}", _request(q, system=SYSTEM, max_tokens=8)) for i, q in enumerate(questions)]
+    prompt = len(runner.tokenizer(SYSTEM, add_special_tokens=False)["input_ids"])
+    assert prompt >= 2 * BLOCK, "the shared system prompt spans at least two blocks"
+
+    def run(reuse: bool) -> dict[str, ChatCompletion]:
+        own = load_runner(str(tiny_model), Settings(redis_url="redis://127.0.0.1:1/0", decode="dynamic", prefix_cache_mb=64 if reuse else 0))
+        engine = Engine(own, batch_wait=0.0)
+        finishes = Finishes()
+        finishes.submit(engine, requests)
+        engine.start()
+        try:
+            assert finishes.all_done.wait(120)
+        finally:
+            engine.stop()
+        figures = engine.figures()
+        assert (float(figures["cached_prompt_tokens"]) > 0) is reuse
+        return finishes.answers
+
+    reused, computed = run(True), run(False)
+    cached = [_cached(reused[name]) for name, _ in requests]
+    assert cached[0] == 0, "the first prompt is computed whole"
+    assert all(count >= 2 * BLOCK and count % BLOCK == 0 for count in cached[1:]), cached
+    assert all(_cached(computed[name]) == 0 for name, _ in requests)
+    for name, _ in requests:
+        assert reused[name].choices[0].message.content == computed[name].choices[0].message.content, name
+        assert reused[name].usage.prompt_tokens == computed[name].usage.prompt_tokens
+
+
+def _cached(answer: ChatCompletion) -> int:
+    details = answer.usage.prompt_tokens_details
+    assert details is not None, "a transformers model reports its cached prompt tokens"
+    return details.cached_tokens
+
+
+def test_the_prefix_cache_stays_within_its_bound(tiny_model: Path) -> None:
+    own = load_runner(str(tiny_model), Settings(redis_url="redis://127.0.0.1:1/0", decode="dynamic", prefix_cache_mb=1))
+    config = own.model.config
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    block = 2 * config.num_hidden_layers * (getattr(config, "num_key_value_heads", None) or heads) * BLOCK * head_dim * 4
+    own.prefix_cache.max_bytes = 5 * block  # room for five blocks of the tiny model
+    engine = Engine(own, batch_wait=0.0, max_prefill_tokens=1)
+    finishes = Finishes()
+    finishes.submit(engine, [(f"p{i}", _request("go", system=f"{i} " + SYSTEM, max_tokens=2)) for i in range(12)])
+    engine.start()
+    try:
+        assert finishes.all_done.wait(120)
+    finally:
+        engine.stop()
+    cache = own.prefix_cache
+    assert 0 < cache.bytes <= cache.max_bytes
+    assert len(cache) == 5, "older blocks were evicted, and the newest kept"

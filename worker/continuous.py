@@ -1,0 +1,331 @@
+"""Continuous batching for the transformers runner: one decode that rows join and leave at
+every step (the `dynamic` decode mode).
+
+The batch's KV lives in one DynamicCache, one row per sequence, left-padded to a common width,
+with an attention mask and explicit positions per row, so a row's answer does not depend on
+what else is in the batch. Between two steps:
+- rows that finished leave: their cache rows are dropped, and leading columns that every row
+  left masks are cut off;
+- waiting requests join: their prompts are prefilled together in a cache of their own (the
+  blocks of their prompts found in the prefix cache are put in place first, and only the rest
+  is computed), whose rows are then padded to the batch's width (or the batch's to theirs) and
+  appended.
+
+A request is answered as soon as its last row finishes; nothing waits for the batch to end.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from schemas.chat import ChatCompletion, PromptTokensDetails
+from schemas.errors import RequestError
+from worker.engine import Pending
+from worker.prefix_cache import BLOCK, PrefixCache, block_keys, reusable_blocks
+
+if TYPE_CHECKING:
+    import torch
+
+    from worker.runners import TransformersRunner, _Row
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Admitted:
+    """A request in the running batch."""
+
+    item: Pending
+    rows: list[_Row]
+    #: Rows not finished yet.
+    left: int
+    #: Prompt tokens whose KV came from the prefix cache.
+    cached: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
+def prefix_keys(item: Pending) -> list[bytes]:
+    """The block keys of a prepared request's prompt that the prefix cache may serve (hashed
+    once per request)."""
+    prepared = item.prepared
+    if prepared.prefix_keys is None:
+        prepared.prefix_keys = block_keys(prepared.prompt_ids, reusable_blocks(len(prepared.prompt_ids)))
+    return prepared.prefix_keys
+
+
+class ContinuousDecode:
+    """The running batch of a TransformersRunner in `dynamic` mode. Only the engine thread uses it.
+
+    Args:
+        runner: the runner whose model, tokenizer and sampler this decode uses.
+        prefix_cache: where prompt blocks are found and kept.
+    """
+
+    def __init__(self, runner: TransformersRunner, prefix_cache: PrefixCache) -> None:
+        self.runner = runner
+        self.prefix_cache = prefix_cache
+        self._keys = itertools.count()
+        self._requests: dict[int, _Admitted] = {}
+        #: The rows in the batch, in cache order, and their ids in the sampler.
+        self.rows: list[_Row] = []
+        self._ids: list[int] = []
+        # Set while rows are in the batch (torch tensors; Any, as they are None between runs).
+        self._cache: Any = None
+        self._mask: Any = None
+        self._next_pos: Any = None
+        #: Each row's logits for its next token.
+        self._logits: Any = None
+        self._sampler: Any = None
+        #: Prompt tokens computed and taken from the prefix cache, since the start.
+        self.prompt_tokens = 0
+        self.cached_tokens = 0
+
+    @property
+    def requests(self) -> list[Pending]:
+        return [entry.item for entry in self._requests.values()]
+
+    def __len__(self) -> int:
+        """Rows in the batch."""
+        return len(self.rows)
+
+    def cached_prefix(self, item: Pending) -> int:
+        """Prompt tokens of a prepared request the prefix cache holds now (a read)."""
+        if not self.prefix_cache.enabled:
+            return 0
+        return self.prefix_cache.matched(prefix_keys(item)) * BLOCK
+
+    def first_block(self, item: Pending) -> bytes | None:
+        """The key of a prompt's first reusable block, if it has one."""
+        if not self.prefix_cache.enabled:
+            return None
+        keys = prefix_keys(item)
+        return keys[0] if keys else None
+
+    # Joining.
+
+    def admit(self, items: list[Pending]) -> None:
+        """Prefill these requests and add their rows to the batch."""
+        import torch
+
+        runner = self.runner
+        new_rows: list[_Row] = []
+        prompts: list[list[int]] = []
+        prefixes: list[list[list[tuple[Any, Any]]]] = []
+        for item in items:
+            key = next(self._keys)
+            blocks = self.prefix_cache.take(prefix_keys(item), len(item.prepared.prompt_ids)) if self.prefix_cache.enabled else []
+            rows = [runner._row(key, choice, item) for choice in range(item.request.n)]
+            self._requests[key] = _Admitted(item, rows, left=len(rows), cached=len(blocks) * BLOCK)
+            self.prompt_tokens += len(item.prepared.prompt_ids)
+            self.cached_tokens += len(blocks) * BLOCK
+            for row in rows:
+                new_rows.append(row)
+                prompts.append(item.prepared.prompt_ids)
+                prefixes.append(blocks)
+        cache, mask, logits, starts = self._prefill(prompts, prefixes)
+        self._keep_blocks(cache, prompts, prefixes, starts)
+        positions = torch.tensor([len(prompt) for prompt in prompts], device=runner.device)
+        params = [row.params for row in new_rows]
+        if self._sampler is None:
+            self._sampler = runner._sampler(params, host_logprobs=True)
+            ids = list(self._sampler.ids)
+        else:
+            ids = self._sampler.extend(params)
+        self._join(cache, mask, positions, logits)
+        self.rows += new_rows
+        self._ids += ids
+
+    def _prefill(
+        self, prompts: list[list[int]], prefixes: list[list[list[tuple[Any, Any]]]]
+    ) -> tuple[Any, torch.Tensor, torch.Tensor, list[int]]:
+        """Compute the new rows' KV: each row is [padding][its cached prefix][padding][the rest
+        of its prompt], the gaps masked. Returns the cache, the mask, the last position's
+        logits, and the column where each row's computed part starts."""
+        import torch
+
+        from worker.runners import _left_padded
+
+        runner = self.runner
+        device = runner.device
+        cached = [len(blocks) * BLOCK for blocks in prefixes]
+        width_p = max(cached)
+        rest = [prompt[c:] for prompt, c in zip(prompts, cached)]
+        width_s = max(len(r) for r in rest)
+        input_ids, suffix_mask = _left_padded(rest, len(rest), width_s, runner.pad_id)
+        prefix_mask = torch.zeros((len(rest), width_p), dtype=torch.long)
+        for i, c in enumerate(cached):
+            if c:
+                prefix_mask[i, width_p - c :] = 1
+        mask = torch.cat([prefix_mask, suffix_mask], dim=1).to(device)
+        input_ids, suffix_mask = input_ids.to(device), suffix_mask.to(device)
+        positions = (suffix_mask.cumsum(-1) - 1).clamp(min=0) + torch.tensor(cached, device=device)[:, None]
+        cache = runner._new_cache()
+        if width_p:
+            self._put_prefixes(cache, prefixes, width_p)
+        out = runner.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+            **{runner._cache_arg: cache},
+        )
+        starts = [width_p + width_s - len(r) for r in rest]
+        return cache, mask, out.logits[:, -1, :].float(), starts
+
+    def _put_prefixes(self, cache: Any, prefixes: list[list[list[tuple[Any, Any]]]], width: int) -> None:
+        """Fill the first `width` columns of a new cache with each row's cached blocks,
+        right-aligned (zeros, masked, before them)."""
+        import torch
+
+        first = next(blocks for blocks in prefixes if blocks)[0]
+        for layer, (k0, v0) in enumerate(first):
+            keys = k0.new_zeros((len(prefixes), k0.shape[0], width, k0.shape[2]))
+            values = v0.new_zeros((len(prefixes), v0.shape[0], width, v0.shape[2]))
+            for i, blocks in enumerate(prefixes):
+                if blocks:
+                    length = len(blocks) * BLOCK
+                    keys[i, :, width - length :] = torch.cat([block[layer][0] for block in blocks], dim=1)
+                    values[i, :, width - length :] = torch.cat([block[layer][1] for block in blocks], dim=1)
+            cache.update(keys, values, layer)
+
+    def _keep_blocks(self, cache: Any, prompts: list[list[int]], prefixes: list[list[Any]], starts: list[int]) -> None:
+        """Copy the whole blocks just computed into the prefix cache (one row per prompt)."""
+        if not self.prefix_cache.enabled:
+            return
+        layers = cache.layers
+        seen: set[bytes] = set()
+        for i, prompt in enumerate(prompts):
+            keys = block_keys(prompt)
+            done = len(prefixes[i])
+            for j in range(done, len(keys)):
+                if keys[j] in seen:
+                    continue
+                seen.add(keys[j])
+                # Prompt token t (t >= the cached prefix) sits at column starts[i] + t - cached.
+                column = starts[i] + j * BLOCK - done * BLOCK
+                self.prefix_cache.put(
+                    keys[j],
+                    [(layer.keys[i, :, column : column + BLOCK].clone(), layer.values[i, :, column : column + BLOCK].clone()) for layer in layers],
+                )
+
+    def _join(self, cache: Any, mask: torch.Tensor, positions: torch.Tensor, logits: torch.Tensor) -> None:
+        """Append prefilled rows to the batch, padding the narrower side on the left."""
+        import torch
+
+        if self._cache is None or not self.rows:
+            self._cache, self._mask, self._next_pos, self._logits = cache, mask, positions, logits
+            return
+        width = max(self._mask.shape[1], mask.shape[1])
+        old_pad, new_pad = width - self._mask.shape[1], width - mask.shape[1]
+        for mine, theirs in zip(self._cache.layers, cache.layers):
+            mine.keys = torch.cat([_pad_left(mine.keys, old_pad), _pad_left(theirs.keys, new_pad)])
+            mine.values = torch.cat([_pad_left(mine.values, old_pad), _pad_left(theirs.values, new_pad)])
+        self._mask = torch.cat([_pad_left(self._mask, old_pad, dim=1), _pad_left(mask, new_pad, dim=1)])
+        self._next_pos = torch.cat([self._next_pos, positions])
+        self._logits = torch.cat([self._logits, logits])
+
+    # Stepping.
+
+    def step(self) -> list[tuple[Pending, ChatCompletion | RequestError]]:
+        """Choose every row's next token, let finished rows go, and run the model once for the
+        rest; returns the requests whose last row finished, with their answers."""
+        import torch
+
+        runner = self.runner
+        tokens = self._sampler.choose(self._logits)
+        keep: list[int] = []
+        finished: list[int] = []
+        for j, token in enumerate(tokens.tolist()):
+            if runner._advance(self.rows[j], token):
+                finished.append(j)
+            else:
+                keep.append(j)
+        answers = self._settle(finished) if finished else []
+        if not keep:
+            self._reset()
+            return answers
+        if finished:
+            index = torch.tensor(keep, device=runner.device)
+            self._cache.batch_select_indices(index)
+            self._sampler.select(index, keep)
+            self._mask, self._next_pos, tokens = self._mask[index], self._next_pos[index], tokens[index]
+            self.rows = [self.rows[j] for j in keep]
+            self._ids = [self._ids[j] for j in keep]
+            self._trim()
+        self._mask = torch.cat([self._mask, self._mask.new_ones((self._mask.shape[0], 1))], dim=1)
+        out = runner.model(
+            input_ids=tokens[:, None],
+            attention_mask=self._mask,
+            position_ids=self._next_pos[:, None],
+            use_cache=True,
+            **{runner._cache_arg: self._cache},
+        )
+        self._logits = out.logits[:, -1, :].float()
+        self._next_pos = self._next_pos + 1
+        return answers
+
+    def _trim(self) -> None:
+        """Cut the leading columns every row masks (left by rows that went)."""
+        used = self._mask.any(dim=0)
+        first = int(used.int().argmax())
+        if first:
+            self._mask = self._mask[:, first:]
+            for layer in self._cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+
+    def _settle(self, finished: list[int]) -> list[tuple[Pending, ChatCompletion | RequestError]]:
+        """Give finished rows their text, log probabilities and grammar state; answer each
+        request whose rows have all finished."""
+        sampler = self._sampler
+        found = sampler.logprobs_of() if sampler.logprob_rows else {}
+        created = int(time.time())
+        answers: list[tuple[Pending, ChatCompletion | RequestError]] = []
+        for j in finished:
+            row, row_id = self.rows[j], self._ids[j]
+            if row.text is None:
+                row.text = self.runner.tokenizer.decode(row.tokens, skip_special_tokens=True)
+            if row.params.logprobs is not None:
+                row.logprobs = found.get(row_id, [])
+            row.grammar_error = sampler.grammar_error(row_id)
+            entry = self._requests[row.item]
+            entry.left -= 1
+            if entry.left == 0:
+                del self._requests[row.item]
+                answers.append((entry.item, self._answer(entry, created)))
+        sampler.forget([self._ids[j] for j in finished])
+        return answers
+
+    def _answer(self, entry: _Admitted, created: int) -> ChatCompletion | RequestError:
+        try:
+            completion = self.runner._completion(entry.item, entry.rows, created)
+        except RequestError as error:
+            return error
+        completion.usage.prompt_tokens_details = PromptTokensDetails.model_construct(cached_tokens=entry.cached)
+        return completion
+
+    def _reset(self) -> None:
+        self.rows, self._ids = [], []
+        self._cache = self._mask = self._next_pos = self._logits = self._sampler = None
+
+    def abandon(self) -> list[Pending]:
+        """Drop the whole batch (after a failure of the model): the requests it held."""
+        items = self.requests
+        self._requests.clear()
+        self._reset()
+        return items
+
+
+def _pad_left(tensor: torch.Tensor, count: int, dim: int = 2) -> torch.Tensor:
+    """`count` zero columns before `tensor`'s along `dim`."""
+    import torch
+
+    if not count:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = count
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
