@@ -73,6 +73,7 @@ class Background:
                     "model_loads": model_loading.LOADS,
                     "frozen_objects": self.frozen,
                     **state.engine.stats,
+                    "engine": state.engine.figures(),
                 }
                 registry.heartbeat(state.redis, state.served_name, self.hostname, info, state.settings.heartbeat_interval)
             except Exception as error:  # Redis away: keep trying, Celery reconnects on its own
