@@ -20,9 +20,11 @@ from worker.prefix_cache import BLOCK
 SYSTEM = "You are a careful assistant. Answer briefly and plainly, in one line. " * 4
 
 
-@pytest.fixture(scope="module")
-def runner(tiny_model: Path):  # type: ignore[no-untyped-def]
-    return load_runner(str(tiny_model), Settings(redis_url="redis://127.0.0.1:1/0", decode="dynamic"))
+@pytest.fixture(scope="module", params=["dynamic", "static", "compiled"])
+def runner(request: pytest.FixtureRequest, tiny_model: Path):  # type: ignore[no-untyped-def]
+    """Each decode mode: rows joining a growing cache (dynamic), or slots of one static cache
+    (static; compiled, the CUDA default, runs the same steps through torch.compile)."""
+    return load_runner(str(tiny_model), Settings(redis_url="redis://127.0.0.1:1/0", decode=request.param))
 
 
 def _request(text: str, system: str | None = None, **extra: object):  # type: ignore[no-untyped-def]
@@ -58,18 +60,23 @@ class Finishes:
 
 def test_rows_admitted_mid_decode_answer_as_generate_alone(runner) -> None:  # type: ignore[no-untyped-def]
     """One prompt token of prefill per step: every request joins a batch already decoding, at a
-    different width and step, and leaves it at its own."""
-    engine = Engine(runner, batch_wait=0.0, max_prefill_tokens=1)
+    different width and step, and leaves it at its own (in the slot layout, past shifts of the
+    shared column)."""
+    engine = Engine(runner, batch_wait=0.0, max_prefill_tokens=1, max_batch_size=3)
     assert engine.schedule == "continuous"
-    futures = [engine.submit(_request(text, max_tokens=16), f"r{i}") for i, text in enumerate(PROMPTS)]
+    texts = PROMPTS * 2  # enough steps for the shared column to run past the context
+    futures = [engine.submit(_request(text, max_tokens=40), f"r{i}") for i, text in enumerate(texts)]
     engine.start()
     try:
-        outcomes = [future.result(timeout=120) for future in futures]
+        outcomes = [future.result(timeout=300) for future in futures]
     finally:
         engine.stop()
-    assert engine.stats["batches"] == len(PROMPTS), "each request joined on its own step"
-    for text, outcome in zip(PROMPTS, outcomes):
-        assert outcome.choices[0].message.content == _generate_alone(runner, text, 16), text
+    assert engine.stats["batches"] == len(texts), "each request joined on its own step"
+    if runner.decode != "dynamic":
+        assert engine.running.shifts > 0, "the slots' columns were shifted to make room"
+    alone = {text: _generate_alone(runner, text, 40) for text in PROMPTS}
+    for text, outcome in zip(texts, outcomes):
+        assert outcome.choices[0].message.content == alone[text], text
 
 
 def test_a_long_request_is_held_neither_behind_short_ones_nor_holds_them(runner) -> None:  # type: ignore[no-untyped-def]
@@ -110,13 +117,16 @@ def test_a_single_request_is_admitted_ahead_of_waiting_batch_lines(runner) -> No
 
 
 def test_prefix_reuse_answers_as_no_reuse_and_reports_cached_tokens(runner, tiny_model: Path) -> None:  # type: ignore[no-untyped-def]
+    if runner.decode == "compiled":
+        pytest.skip("the static decode covers the slot layout; compiling twice more adds nothing")
     questions = [f"question {i}: {word}?" for i, word in enumerate(["why", "how", "when", "where", "who", "what", "which", "whose"])]
     requests = [(f"q{i}", _request(q, system=SYSTEM, max_tokens=8)) for i, q in enumerate(questions)]
     prompt = len(runner.tokenizer(SYSTEM, add_special_tokens=False)["input_ids"])
     assert prompt >= 2 * BLOCK, "the shared system prompt spans at least two blocks"
 
     def run(reuse: bool) -> dict[str, ChatCompletion]:
-        own = load_runner(str(tiny_model), Settings(redis_url="redis://127.0.0.1:1/0", decode="dynamic", prefix_cache_mb=64 if reuse else 0))
+        settings = Settings(redis_url="redis://127.0.0.1:1/0", decode=runner.decode, prefix_cache_mb=64 if reuse else 0)
+        own = load_runner(str(tiny_model), settings)
         engine = Engine(own, batch_wait=0.0)
         finishes = Finishes()
         finishes.submit(engine, requests)

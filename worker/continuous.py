@@ -107,36 +107,52 @@ class ContinuousDecode:
 
     # Joining.
 
+    #: Most rows this batch can hold, when it has a fixed number of slots.
+    capacity: int | None = None
+
+    def fits(self, items: list[Pending]) -> bool:
+        """Whether these requests can join the batch together now (beyond the engine's own
+        row and token bounds)."""
+        return True
+
     def admit(self, items: list[Pending]) -> None:
         """Prefill these requests and add their rows to the batch."""
-        import torch
+        rows, prompts, prefixes = self._register(items)
+        cache, mask, logits, starts = self._prefill(prompts, prefixes)
+        self._keep_blocks(cache, prompts, prefixes, starts)
+        self._place(rows, prompts, cache, mask, logits)
 
-        runner = self.runner
+    def _register(self, items: list[Pending]) -> tuple[list[_Row], list[list[int]], list[list[list[tuple[Any, Any]]]]]:
+        """Take requests in: their rows, each row's prompt, and the cached blocks each starts with."""
         new_rows: list[_Row] = []
         prompts: list[list[int]] = []
         prefixes: list[list[list[tuple[Any, Any]]]] = []
         for item in items:
             key = next(self._keys)
-            blocks = self.prefix_cache.take(prefix_keys(item), len(item.prepared.prompt_ids)) if self.prefix_cache.enabled else []
-            rows = [runner._row(key, choice, item) for choice in range(item.request.n)]
+            prompt = item.prepared.prompt_ids
+            blocks = self.prefix_cache.take(prefix_keys(item), len(prompt)) if self.prefix_cache.enabled else []
+            rows = [self.runner._row(key, choice, item) for choice in range(item.request.n)]
             self._requests[key] = _Admitted(item, rows, left=len(rows), cached=len(blocks) * BLOCK)
-            self.prompt_tokens += len(item.prepared.prompt_ids)
+            self.prompt_tokens += len(prompt)
             self.cached_tokens += len(blocks) * BLOCK
-            for row in rows:
-                new_rows.append(row)
-                prompts.append(item.prepared.prompt_ids)
-                prefixes.append(blocks)
-        cache, mask, logits, starts = self._prefill(prompts, prefixes)
-        self._keep_blocks(cache, prompts, prefixes, starts)
-        positions = torch.tensor([len(prompt) for prompt in prompts], device=runner.device)
-        params = [row.params for row in new_rows]
+            new_rows += rows
+            prompts += [prompt] * len(rows)
+            prefixes += [blocks] * len(rows)
+        return new_rows, prompts, prefixes
+
+    def _place(self, rows: list[_Row], prompts: list[list[int]], cache: Any, mask: torch.Tensor, logits: torch.Tensor) -> None:
+        """Append prefilled rows to the batch."""
+        import torch
+
+        positions = torch.tensor([len(prompt) for prompt in prompts], device=self.runner.device)
+        params = [row.params for row in rows]
         if self._sampler is None:
-            self._sampler = runner._sampler(params, host_logprobs=True)
+            self._sampler = self.runner._sampler(params, host_logprobs=True)
             ids = list(self._sampler.ids)
         else:
             ids = self._sampler.extend(params)
         self._join(cache, mask, positions, logits)
-        self.rows += new_rows
+        self.rows += rows
         self._ids += ids
 
     def _prefill(
@@ -245,7 +261,7 @@ class ContinuousDecode:
                 finished.append(j)
             else:
                 keep.append(j)
-        answers = self._settle(finished) if finished else []
+        answers = self._settle([(self.rows[j], self._ids[j]) for j in finished]) if finished else []
         if not keep:
             self._reset()
             return answers
@@ -258,6 +274,7 @@ class ContinuousDecode:
             self._ids = [self._ids[j] for j in keep]
             self._trim()
         self._mask = torch.cat([self._mask, self._mask.new_ones((self._mask.shape[0], 1))], dim=1)
+        runner.decode_steps += 1
         out = runner.model(
             input_ids=tokens[:, None],
             attention_mask=self._mask,
@@ -278,15 +295,14 @@ class ContinuousDecode:
             for layer in self._cache.layers:
                 layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
 
-    def _settle(self, finished: list[int]) -> list[tuple[Pending, ChatCompletion | RequestError]]:
-        """Give finished rows their text, log probabilities and grammar state; answer each
-        request whose rows have all finished."""
+    def _settle(self, finished: list[tuple[_Row, int]]) -> list[tuple[Pending, ChatCompletion | RequestError]]:
+        """Give finished rows (with their sampler ids) their text, log probabilities and
+        grammar state; answer each request whose rows have all finished."""
         sampler = self._sampler
         found = sampler.logprobs_of() if sampler.logprob_rows else {}
         created = int(time.time())
         answers: list[tuple[Pending, ChatCompletion | RequestError]] = []
-        for j in finished:
-            row, row_id = self.rows[j], self._ids[j]
+        for row, row_id in finished:
             if row.text is None:
                 row.text = self.runner.tokenizer.decode(row.tokens, skip_special_tokens=True)
             if row.params.logprobs is not None:
@@ -297,7 +313,7 @@ class ContinuousDecode:
             if entry.left == 0:
                 del self._requests[row.item]
                 answers.append((entry.item, self._answer(entry, created)))
-        sampler.forget([self._ids[j] for j in finished])
+        sampler.forget([row_id for _, row_id in finished])
         return answers
 
     def _answer(self, entry: _Admitted, created: int) -> ChatCompletion | RequestError:
@@ -318,6 +334,189 @@ class ContinuousDecode:
         self._requests.clear()
         self._reset()
         return items
+
+
+class SlotDecode(ContinuousDecode):
+    """The running batch of the `static` and `compiled` decodes: a fixed number of slots in one
+    StaticCache, so every decode step has the same shapes (and, compiled, replays one CUDA
+    graph).
+
+    All slots write their next token's KV at one shared column, which moves right by one each
+    step. A request joins a free slot with its prefilled prompt copied just left of that column
+    (the columns before it masked, and the columns after it written as it decodes); its
+    position ids are its own. A request joins only where its prompt fits left of the column and
+    its max_tokens right of it: when not, the columns every running row has left behind are
+    shifted out first, and the column may jump right past a gap the running rows mask. A slot
+    whose row finished is masked and free for the next request.
+
+    The device runs up to SYNC_EVERY steps between two looks from the host, which then settles
+    finished rows (EOS, stop strings, max_tokens) and frees their slots: a slot waits at most
+    that many steps to be reused.
+    """
+
+    def __init__(self, runner: TransformersRunner, prefix_cache: PrefixCache, *, slots: int, length: int) -> None:
+        import torch
+
+        super().__init__(runner, prefix_cache)
+        device = runner.device
+        self.capacity = self.slots = slots
+        self.length = length
+        self._slots: list[_Row | None] = [None] * slots
+        self._slot_ids = [-1] * slots
+        #: First column each slot's row uses, and the shared column of the next token.
+        self._starts = [0] * slots
+        self._column = 0
+        #: Times the columns were shifted left to make room.
+        self.shifts = 0
+        self._cache = runner._static_cache(slots, length)
+        config = runner.model.config
+        config = getattr(config, "get_text_config", lambda: config)()
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        self._cache.early_initialization(slots, kv_heads, head_dim, runner.model.dtype, device)
+        self._mask = torch.ones((slots, length), dtype=torch.long, device=device)
+        self._next_pos = torch.zeros((slots, 1), dtype=torch.long, device=device)
+        self._logits = torch.zeros((slots, runner.vocab_size), device=device)
+
+    def __len__(self) -> int:
+        return sum(row is not None for row in self._slots)
+
+    def _remaining(self) -> list[int]:
+        """Tokens each running row may still generate (max_tokens less what it has)."""
+        return [row.prepared.max_new - row.generated for row in self._slots if row is not None]
+
+    def _plan(self, items: list[Pending]) -> tuple[int, int] | None:
+        """Where requests would join: (columns to shift out first, the shared column after
+        they join), or None when they cannot join now."""
+        width = self._width(items)
+        longest = max(item.prepared.max_new for item in items)
+        remaining = self._remaining()
+        running = [start for start, row in zip(self._starts, self._slots) if row is not None]
+        for shift in (0, min(running, default=self._column)):
+            column = max(self._column - shift, width)
+            if column + longest <= self.length and all(column + left <= self.length for left in remaining):
+                return shift, column
+        return None
+
+    @staticmethod
+    def _width(items: list[Pending]) -> int:
+        """The widest prefill of these requests (their longest prompt, at most)."""
+        return max(len(item.prepared.prompt_ids) for item in items)
+
+    def fits(self, items: list[Pending]) -> bool:
+        rows = sum(item.request.n for item in items)
+        return rows <= self._slots.count(None) and self._plan(items) is not None
+
+    def admit(self, items: list[Pending]) -> None:
+        plan = self._plan(items)
+        if plan is None or sum(item.request.n for item in items) > self._slots.count(None):
+            raise RuntimeError("admitted requests that do not fit the slots")  # the engine asks `fits` first
+        shift, column = plan
+        if shift:
+            self._shift(shift)
+        rows, prompts, prefixes = self._register(items)
+        cache, mask, logits, starts = self._prefill(prompts, prefixes)
+        self._keep_blocks(cache, prompts, prefixes, starts)
+        self._move_to(column)
+        self._place(rows, prompts, cache, mask, logits)
+
+    def _shift(self, count: int) -> None:
+        """Move every slot's columns `count` to the left (the running rows left them all)."""
+        if not len(self):
+            self._set_column(self._column - count)  # nothing to keep
+            return
+        self.shifts += 1
+        for layer in self._cache.layers:
+            layer.keys[:, :, : self.length - count] = layer.keys[:, :, count:].clone()
+            layer.values[:, :, : self.length - count] = layer.values[:, :, count:].clone()
+        self._mask[:, : self.length - count] = self._mask[:, count:].clone()
+        self._mask[:, self.length - count :] = 1
+        self._starts = [max(0, start - count) for start in self._starts]
+        self._set_column(self._column - count)
+
+    def _move_to(self, column: int) -> None:
+        """Jump the shared column right; the running rows mask the columns skipped."""
+        if column > self._column:
+            running = [j for j, row in enumerate(self._slots) if row is not None]
+            if running:
+                self._mask[running, self._column : column] = 0
+            self._set_column(column)
+
+    def _set_column(self, column: int) -> None:
+        self._column = column
+        for layer in self._cache.layers:
+            layer.cumulative_length.fill_(column)
+
+    def _place(self, rows: list[_Row], prompts: list[list[int]], cache: Any, mask: torch.Tensor, logits: torch.Tensor) -> None:
+        """Copy prefilled rows into free slots, their KV ending just left of the column."""
+        import torch
+
+        from worker.sampling import SamplingParams
+
+        device = self.runner.device
+        width, column = mask.shape[1], self._column
+        free = [j for j, row in enumerate(self._slots) if row is None][: len(rows)]
+        index = torch.tensor(free, device=device)
+        for mine, theirs in zip(self._cache.layers, cache.layers):
+            mine.keys[index, :, column - width : column] = theirs.keys
+            mine.values[index, :, column - width : column] = theirs.values
+        self._mask[index] = 1
+        self._mask[index, :column] = 0
+        self._mask[index, column - width : column] = mask
+        self._next_pos[index, 0] = torch.tensor([len(prompt) for prompt in prompts], device=device)
+        self._logits[index] = logits
+        firsts = (mask != 0).int().argmax(dim=1).tolist()
+        if self._sampler is None:
+            filler = SamplingParams(0.0, 1.0, 0)
+            self._sampler = self.runner._sampler([filler] * self.slots, host_logprobs=True)
+        ids = self._sampler.extend([row.params for row in rows])
+        # Each new row's sampler state moves to its slot; the finished rows' there are dropped.
+        order = list(range(self.slots))
+        for k, slot in enumerate(free):
+            order[slot] = self.slots + k
+        self._sampler.select(torch.tensor(order, device=device), order)
+        for k, (slot, row) in enumerate(zip(free, rows)):
+            self._slots[slot], self._slot_ids[slot] = row, ids[k]
+            self._starts[slot] = column - width + firsts[k]
+
+    def step(self) -> list[tuple[Pending, ChatCompletion | RequestError]]:
+        """Run up to SYNC_EVERY steps on the device, then settle what finished."""
+        import torch
+
+        from worker.runners import SYNC_EVERY
+
+        runner = self.runner
+        count = min(SYNC_EVERY, self.length - self._column, max(self._remaining(), default=0))
+        produced = []
+        for _ in range(count):
+            tokens = self._sampler.choose(self._logits)
+            produced.append(tokens)
+            cache_position = torch.tensor([self._column], device=runner.device)
+            self._logits = runner._step(tokens[:, None], self._next_pos, cache_position, self._mask, self._cache)
+            self._next_pos = self._next_pos + 1
+            self._column += 1
+        by_slot = torch.stack(produced, dim=1).tolist()
+        finished: list[tuple[_Row, int]] = []
+        for slot, row in enumerate(self._slots):
+            if row is None:
+                continue
+            if any(runner._advance(row, token) for token in by_slot[slot]):
+                finished.append((row, self._slot_ids[slot]))
+                self._free(slot)
+        return self._settle(finished) if finished else []
+
+    def _free(self, slot: int) -> None:
+        self._slots[slot] = None
+        self._mask[slot] = 1
+        self._next_pos[slot] = 0
+
+    def _reset(self) -> None:
+        self._slots = [None] * self.slots
+        self._mask.fill_(1)
+        self._next_pos.zero_()
+        self._sampler = None
+        self._set_column(0)
 
 
 def _pad_left(tensor: torch.Tensor, count: int, dim: int = 2) -> torch.Tensor:

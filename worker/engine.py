@@ -141,7 +141,6 @@ class _Figures:
     def __init__(self) -> None:
         self.steps_waiting = 0
         self.occupancy_waiting = 0.0
-        self.generated = 0
         #: Requests in the engine's backlog (taken from the queue, not admitted yet).
         self.backlog = 0
 
@@ -219,7 +218,7 @@ class Engine:
         #: The running batch, when this engine schedules continuously (only the engine thread
         #: changes it).
         make = getattr(runner, "continuous", None)
-        self.running: Any = make() if schedule == "continuous" and make is not None else None
+        self.running: Any = make(self.max_batch_size, max_batch_tokens) if schedule == "continuous" and make is not None else None
         #: The schedule in effect: `continuous` only where the runner can take rows in.
         self.schedule = "continuous" if self.running is not None else "request"
         if schedule != self.schedule:
@@ -460,38 +459,50 @@ class Engine:
         row; answer the requests that finished."""
         running = self.running
         started = time.monotonic()
-        admitted = self._admissions(backlog)
-        if admitted:
-            taken = {id(item) for item in admitted}
+        admitted, refused = self._admissions(backlog)
+        if admitted or refused:
+            taken = {id(item) for item in [*admitted, *refused]}
             backlog[:] = [item for item in backlog if id(item) not in taken]
-            admitted = self._begin(admitted)
+        for item in refused:
+            self._fail(item, RequestError(
+                ErrorCode.invalid_request,
+                f"n={item.rows} needs more rows than this worker's {running.capacity} batch slots: lower n, "
+                "or raise CHATBATCH_MAX_BATCH_SIZE on the workers",
+                param="n",
+            ))
+        admitted = self._begin(admitted)
         self._figures.backlog = len(backlog)
         try:
             if admitted:
                 running.admit(admitted)
                 self.stats["batches"] += 1
-            answers = running.step() if len(running) else []
+                self.stats["largest_batch"] = max(self.stats["largest_batch"], len(running))
+            occupied = len(running)
+            self._figures.step(occupied, self._most_rows(), waiting=bool(backlog) or bool(self._waiting))
+            answers = running.step() if occupied else []
         except Exception as error:  # the model failed: every request in the batch fails, not the worker
             logger.exception("the running batch of %d requests failed", len(running.requests))
             failure = RequestError(ErrorCode.internal_error, f"generation failed: {error}")
             answers = [(item, failure) for item in running.abandon()]
         self._answer(answers)
-        self._figures.step(len(running), self.max_batch_size, waiting=bool(backlog) or bool(self._waiting))
-        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(running))
         self.stats["busy_seconds"] = round(self.stats["busy_seconds"] + time.monotonic() - started, 3)
 
-    def _admissions(self, backlog: list[Pending]) -> list[Pending]:
+    def _admissions(self, backlog: list[Pending]) -> tuple[list[Pending], list[Pending]]:
         """The waiting requests to admit now, in order: single requests first; then batch
         lines whose prompt prefix is cached (a line passed over `max_batch_size` times goes
         first all the same); then the oldest. Admission stops at the first request that does
         not fit the rows or KV tokens left, so a large request is not passed for ever; prompt
         tokens to compute are bounded per step (a prompt over the bound is admitted alone);
         and of waiting prompts that share a first block nobody has computed yet, one goes
-        first and the others follow once its blocks are cached."""
+        first and the others follow once its blocks are cached.
+
+        Returns the requests to admit, and those answered with an error because they fit no
+        batch of this worker's."""
         running = self.running
         if not backlog or any(item.alone for item in running.requests):
-            return []
+            return [], []
         rows = len(running)
+        most = self._most_rows()
         tokens = sum(item.rows * item.cost for item in running.requests)
         cached = {id(item): running.cached_prefix(item) for item in backlog}
         order = sorted(
@@ -503,14 +514,20 @@ class Engine:
             ),
         )
         chosen: list[Pending] = []
+        refused: list[Pending] = []
         prefill = 0
         first_blocks: set[bytes] = set()
         for item in order:
             if item.alone:
-                return [item] if not rows and not chosen else chosen
+                return ([item] if not rows and not chosen else chosen), refused
             if not rows and not chosen:
                 pass  # an empty batch takes its first request, whatever its size
-            elif rows + item.rows > self.max_batch_size or tokens + item.rows * item.cost > self.max_batch_tokens:
+            elif rows + item.rows > most or tokens + item.rows * item.cost > self.max_batch_tokens:
+                break
+            if not running.fits([*chosen, item]):
+                if not rows and not chosen:  # it fits no batch of this worker's
+                    refused.append(item)
+                    continue
                 break
             compute = item.rows * (len(item.prepared.prompt_ids) - cached[id(item)]) if item.prepared is not None else item.rows
             if chosen and prefill + compute > self.max_prefill_tokens:
@@ -527,7 +544,12 @@ class Engine:
             if id(item) in taken:
                 break
             item.passed += 1
-        return chosen
+        return chosen, refused
+
+    def _most_rows(self) -> int:
+        """Most rows in the running batch: the configured bound, or fewer slots."""
+        capacity = self.running.capacity if self.running is not None else None
+        return min(self.max_batch_size, capacity or self.max_batch_size)
 
     def _begin(self, items: list[Pending]) -> list[Pending]:
         """Start requests about to join the batch: drop the cancelled, run start hooks."""
@@ -551,32 +573,37 @@ class Engine:
                 item.future.set_exception(result)
             else:
                 self.stats["generated_tokens"] += result.usage.completion_tokens
-                self._figures.generated += result.usage.completion_tokens
                 item.future.set_result(result)
             self.stats["requests"] += 1
 
     def figures(self) -> dict[str, float | str]:
         """What the engine is doing: rows running and most rows, requests waiting, occupancy
-        (rows in use / most rows) now and averaged over the steps that had requests waiting,
-        prompt tokens computed and taken from the prefix cache, the cache's hit rate, and
-        generated tokens. Read from any thread (values may be a step apart)."""
+        (rows in use / most rows) now, averaged over the steps that had requests waiting, and
+        over all decode steps (generated tokens per step / most rows); prompt tokens computed
+        and taken from the prefix cache, the cache's hit rate, and generated tokens. Read from
+        any thread (values may be a step apart)."""
         running = self.running
         rows = len(running) if running is not None else 0
         with self._arrived:
             waiting = len(self._waiting_now) + sum(1 for item in self._waiting if item is not None)
         prompt = running.prompt_tokens if running is not None else 0
         cached = running.cached_tokens if running is not None else 0
+        steps = getattr(self.runner, "decode_steps", 0)
+        generated = int(self.stats["generated_tokens"])
         return {
             "schedule": self.schedule,
             "rows_running": rows,
-            "max_rows": self.max_batch_size,
+            "max_rows": self._most_rows(),
             "requests_waiting": waiting + self._figures.backlog,
-            "occupancy": round(rows / self.max_batch_size, 4),
+            "occupancy": round(rows / self._most_rows(), 4),
             "mean_occupancy_waiting": round(self._figures.mean_occupancy(), 4),
+            # Tokens generated per decode step over most rows, in either schedule.
+            "mean_occupancy": round(generated / (steps * self._most_rows()), 4) if steps else 0.0,
+            "decode_steps": steps,
             "prompt_tokens": prompt,
             "cached_prompt_tokens": cached,
             "prefix_cache_hit_rate": round(cached / prompt, 4) if prompt else 0.0,
-            "generated_tokens": int(self.stats["generated_tokens"]),
+            "generated_tokens": generated,
         }
 
     @staticmethod

@@ -154,25 +154,33 @@ class TransformersRunner:
         #: The model's grammar compiler and token bytes, built with the model (not by the first
         #: request that needs it, in the engine thread).
         self.grammars = Grammars(tokenizer, self.vocab_size, self.eos_ids)
+        #: Forward passes of one token per row run so far (every decode mode and schedule).
+        self.decode_steps = 0
         #: KV of prompt blocks, for continuous batches whose prompts begin alike.
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
         #: Most prompt tokens prefilled per continuous step, unless configured.
         self.default_prefill_tokens = 16_384 if self.device.type == "cuda" else 2_048
 
-    def continuous(self) -> Any:
-        """A continuous batch over this runner (`worker.continuous.ContinuousDecode`), or None
-        where this decode mode batches per request: the static and compiled decodes keep fixed
-        shapes, and a model whose cache is not plain per-layer tensors (sliding windows, linear
-        attention) cannot take rows in."""
+    def continuous(self, max_rows: int, max_tokens: int) -> Any:
+        """A continuous batch over this runner (worker/continuous.py): rows joining a growing
+        cache in the dynamic decode, slots of one static cache in the static and compiled ones.
+        None for a model whose cache is not plain per-layer tensors (sliding windows, linear
+        attention): it batches per request.
+
+        Slots each hold a whole context, so every request fits one: as many as `max_rows`, and
+        as `max_tokens` allows."""
         from transformers.cache_utils import DynamicLayer
 
-        from worker.continuous import ContinuousDecode
+        from worker.continuous import ContinuousDecode, SlotDecode
 
-        if self.decode != "dynamic":
-            return None
         if any(type(layer) is not DynamicLayer for layer in getattr(self._new_cache(), "layers", [None])):
             return None
-        return ContinuousDecode(self, self.prefix_cache)
+        if self.decode == "dynamic":
+            return ContinuousDecode(self, self.prefix_cache)
+        slots = max(1, min(max_rows, max_tokens // self.context_length))
+        if slots < max_rows:
+            logger.info("%d batch slots of %d tokens (the model's context) fit in %d KV tokens", slots, self.context_length, max_tokens)
+        return SlotDecode(self, self.prefix_cache, slots=slots, length=self.context_length)
 
     def batch_limits(self, max_batch_size: int | None, max_batch_tokens: int | None) -> tuple[int, int]:
         """Most sequences and most padded tokens per batch: what was configured, else defaults;
@@ -439,6 +447,7 @@ class TransformersRunner:
                 mask, next_pos, tokens = mask[index], next_pos[index], tokens[index]
                 active = [active[j] for j in keep]
             mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+            self.decode_steps += 1
             out = self.model(
                 input_ids=tokens[:, None],
                 attention_mask=mask,
@@ -480,6 +489,7 @@ class TransformersRunner:
         return cache
 
     def _forward_step(self, tokens: Any, positions: Any, cache_position: Any, mask: Any, cache: Any) -> Any:
+        self.decode_steps += 1
         out = self.model(
             input_ids=tokens,
             attention_mask=mask,
