@@ -10,6 +10,10 @@ the ratios, which are measured in the same run.
                                       # worker memory over a long run
     python bench/bench.py structured  # default model, 64 lines of JSON by a schema: constrained vs
                                       # plain text vs a different schema every 8 lines
+    python bench/bench.py continuous  # default model, 128 lines, 3 in 4 ending within 32 tokens, the
+                                      # rest at max_tokens 256: continuous vs per-request batching
+    python bench/bench.py prefix      # default model, 128 lines sharing a ~1,000-token system
+                                      # prompt, max_tokens 16: prefix reuse vs none
 
 Options: --lines, --requests, --max-tokens, --model (an MLflow model URI), --skip-memory,
 --pyfunc-requests, --memory-requests. On CUDA: `chatbatch model tinyllama-shape DIR`, then
@@ -93,6 +97,14 @@ class Harness:
                 raise RuntimeError(f"worker did not start; see {log_file.name}")
             time.sleep(0.2)
         return process
+
+    def stop_worker(self, process: subprocess.Popen[bytes]) -> None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(10)
 
     def close(self) -> None:
         for process in self.workers:
@@ -232,7 +244,7 @@ def queue_mode(args: argparse.Namespace, workdir: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=["queue", "throughput", "structured"])
+    parser.add_argument("mode", choices=["queue", "throughput", "structured", "continuous", "prefix"])
     parser.add_argument("--lines", type=int, help="queue: lines of the file (20,000); structured: lines per file (64)")
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, help="throughput: max_tokens (32); structured: max_tokens (192)")
@@ -244,16 +256,20 @@ def main() -> None:
     parser.add_argument("--served-name", default="default", help="structured: the served name of --model")
     args = parser.parse_args()
     structured = args.mode == "structured"
-    args.lines = args.lines or (64 if structured else 20_000)
-    args.max_tokens = args.max_tokens or (192 if structured else 32)
-    args.repeat = args.repeat or (2 if structured else 3)
+    lines = {"structured": 64, "continuous": 128, "prefix": 128}
+    max_tokens = {"structured": 192, "continuous": 256, "prefix": 16}
+    args.lines = args.lines or lines.get(args.mode, 20_000)
+    args.max_tokens = args.max_tokens or max_tokens.get(args.mode, 32)
+    args.repeat = args.repeat or (2 if structured else 1 if args.mode in ("continuous", "prefix") else 3)
     if shutil.which("redis-server") is None:
         sys.exit("bench: redis-server is not installed (scripts/bootstrap.sh installs it)")
     import logging
 
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="chatbatch-bench-") as tmp:
-        {"queue": queue_mode, "throughput": throughput_mode, "structured": structured_mode}[args.mode](args, Path(tmp))
+        modes = {"queue": queue_mode, "throughput": throughput_mode, "structured": structured_mode,
+                 "continuous": continuous_mode, "prefix": prefix_mode}
+        modes[args.mode](args, Path(tmp))
 
 
 PROMPTS = [
@@ -460,6 +476,116 @@ def _validate_outputs(harness: Harness, source: Path, lines: list[tuple[dict[str
         except Exception:
             log(step="invalid", custom_id=line.custom_id, content=str(line.response.body if line.response else line.error)[:300])
     return round(good / len(lines), 3)
+
+
+SHORT_QUESTIONS = [
+    "What is the capital of {}? Answer with one word.",
+    "What is {} + {}? Reply with the number only.",
+    "Is {} a color? Answer yes or no.",
+    "Name the opposite of {}. One word.",
+    "How many letters are in the word '{}'? Number only.",
+    "Translate '{}' into French. One word only.",
+]
+LONG_TASKS = [
+    "Write a long essay about the history of {}.",
+    "Write a detailed story about a {} who learns to bake bread.",
+    "List twenty ideas for a weekend trip to {}, with a sentence on each.",
+    "Explain in detail how {} works, step by step.",
+]
+WORDS = ["France", "Japan", "Peru", "Kenya", "Norway", "Chile", "Egypt", "Canada", "hot", "tall", "green", "seven",
+         "river", "train", "bridge", "a car engine", "a bicycle", "the Roman Empire", "a dragon", "a robot"]
+
+
+def mixed_length_bodies(lines: int, max_tokens: int) -> list[dict[str, object]]:
+    """Three in four lines ask questions with one-line answers; the rest ask for essays and
+    lists that run to max_tokens; mixed in a fixed order."""
+    import random
+
+    order = random.Random(13)
+    bodies: list[dict[str, object]] = []
+    for i in range(lines):
+        word, other = WORDS[i % len(WORDS)], WORDS[(i * 7 + 3) % len(WORDS)]
+        if i % 4 == 3:
+            text = LONG_TASKS[i % len(LONG_TASKS)].format(word)
+        else:
+            template = SHORT_QUESTIONS[i % len(SHORT_QUESTIONS)]
+            text = template.format(*([i % 50, i % 17 + 2] if template.count("{}") == 2 else [word if i % 2 else other]))
+        bodies.append({"messages": [{"role": "user", "content": text}], "max_tokens": max_tokens, "temperature": 0})
+    order.shuffle(bodies)
+    return bodies
+
+
+def _schedules(args: argparse.Namespace, workdir: Path, source: Path, runs: dict[str, dict[str, str]]) -> dict[str, dict[str, Any]]:
+    """Run one file end to end under each worker environment in `runs` (one worker at a time),
+    taking turns `args.repeat` times; the best run of each, with the engine's figures."""
+    harness = Harness(workdir)
+    best: dict[str, dict[str, Any]] = {}
+    try:
+        model = args.model or harness.chatbatch("model", "default")
+        name = "SmolLM2-135M-Instruct" if not args.model else args.served_name
+        log(step="setup", model=model, lines=args.lines, max_tokens=args.max_tokens, device=_device(), repeat=args.repeat)
+        for _ in range(args.repeat):
+            for label, env in runs.items():
+                worker = harness.start_worker(model, name, env)
+                seconds, tokens, counts = end_to_end(harness, source)
+                figures = worker_figures(harness, name, worker.pid)
+                harness.stop_worker(worker)
+                rate = tokens / seconds
+                log(step=label, s=round(seconds, 1), tokens=tokens, tok_s=round(rate, 1), counts=counts, engine=figures)
+                if rate > best.get(label, {}).get("tok_s", 0.0):
+                    best[label] = {"s": seconds, "tok_s": rate, "engine": figures}
+    finally:
+        harness.close()
+    return best
+
+
+def worker_figures(harness: Harness, model: str, pid: int) -> dict[str, Any]:
+    """The engine figures a worker reports in its heartbeat (after one more beat)."""
+    from chatbatch.redisconn import connect
+    from chatbatch.registry import live_models
+
+    time.sleep(5.5)
+    for info in live_models(connect(harness.url)).get(model, []):
+        if info["pid"] == pid:
+            return dict(info.get("engine", {}))
+    return {}
+
+
+def continuous_mode(args: argparse.Namespace, workdir: Path) -> None:
+    """Answers of very different lengths, end to end on the default model: per-step admission
+    against per-request batches."""
+    source = batch_file(workdir / "mixed.jsonl", mixed_length_bodies(args.lines, args.max_tokens))
+    best = _schedules(args, workdir, source, {"request": {"CHATBATCH_SCHEDULE": "request"}, "continuous": {"CHATBATCH_SCHEDULE": "continuous"}})
+    ratio = best["continuous"]["tok_s"] / best["request"]["tok_s"]
+    occupancy = {label: run["engine"].get("mean_occupancy") for label, run in best.items()}
+    waiting = best["continuous"]["engine"].get("mean_occupancy_waiting")
+    log(step="ratios", continuous_over_request=round(ratio, 2), mean_occupancy=occupancy, continuous_occupancy_while_waiting=waiting,
+        targets={"continuous_over_request": 1.5, "occupancy_while_waiting": 0.9},
+        met=ratio >= 1.5 and float(waiting or 0) >= 0.9)
+
+
+def shared_prompt(tokens: int) -> str:
+    """A system prompt of about `tokens` tokens of the default model (rules of a made-up
+    support desk, each different)."""
+    rules = [f"Rule {i}: when a customer asks about order {1000 + i * 37}, check the {WORDS[i % len(WORDS)]} "
+             f"ledger first, answer politely, and never promise delivery before day {i % 28 + 1}." for i in range(tokens // 30 + 1)]
+    return "You are the assistant of a support desk. Follow these rules.\n" + "\n".join(rules)
+
+
+def prefix_mode(args: argparse.Namespace, workdir: Path) -> None:
+    """Lines that share a long system prompt, end to end on the default model: with the
+    prefix cache against without it."""
+    system = shared_prompt(1_000)
+    bodies = [{"messages": [{"role": "system", "content": system},
+                            {"role": "user", "content": f"Question {i}: may I return item {i * 13 % 97}?"}],
+               "max_tokens": args.max_tokens, "temperature": 0} for i in range(args.lines)]
+    source = batch_file(workdir / "shared.jsonl", bodies)
+    best = _schedules(args, workdir, source, {"no_reuse": {"CHATBATCH_PREFIX_CACHE_MB": "0"}, "reuse": {}})
+    ratio = best["no_reuse"]["s"] / best["reuse"]["s"]
+    engine = best["reuse"]["engine"]
+    log(step="ratios", reuse_speedup_end_to_end=round(ratio, 2), prompt_tokens=engine.get("prompt_tokens"),
+        cached_prompt_tokens=engine.get("cached_prompt_tokens"), hit_rate=engine.get("prefix_cache_hit_rate"),
+        targets={"reuse_speedup_end_to_end": 3.0}, met=ratio >= 3.0)
 
 
 def _device() -> str:

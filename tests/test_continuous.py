@@ -173,3 +173,41 @@ def test_the_prefix_cache_stays_within_its_bound(tiny_model: Path) -> None:
     cache = own.prefix_cache
     assert 0 < cache.bytes <= cache.max_bytes
     assert len(cache) == 5, "older blocks were evicted, and the newest kept"
+
+
+def test_drain_finishes_the_rows_running_and_cancels_the_rest(runner) -> None:  # type: ignore[no-untyped-def]
+    from concurrent.futures import wait
+
+    engine = Engine(runner, batch_wait=0.0, max_batch_size=2)
+    futures = [engine.submit(_request(f"line {i}", max_tokens=30), f"r{i}") for i in range(6)]
+    engine.start()
+    try:
+        while not engine.figures()["rows_running"]:
+            time.sleep(0.001)
+        engine.drain()
+        done, waiting = wait(futures, timeout=120)
+        assert not waiting
+        answered = [f for f in futures if not f.cancelled()]
+        assert 1 <= len(answered) <= 4 and all(isinstance(f.result(), ChatCompletion) for f in answered)
+        assert any(f.cancelled() for f in futures)
+    finally:
+        engine.stop()
+
+
+def test_more_choices_than_slots_is_refused_and_the_rest_run(runner) -> None:  # type: ignore[no-untyped-def]
+    from schemas import ErrorCode, RequestError
+
+    engine = Engine(runner, batch_wait=0.0, max_batch_size=2)
+    wide = engine.submit(_request("many", n=3, max_tokens=4), "wide")
+    plain = engine.submit(_request("one", max_tokens=4), "plain")
+    engine.start()
+    try:
+        assert isinstance(plain.result(timeout=60), ChatCompletion)
+        if runner.decode == "dynamic":  # a growing cache takes any n when it is empty
+            assert len(wide.result(timeout=60).choices) == 3
+        else:
+            with pytest.raises(RequestError) as error:
+                wide.result(timeout=60)
+            assert error.value.code is ErrorCode.invalid_request and "slots" in error.value.message
+    finally:
+        engine.stop()

@@ -117,6 +117,21 @@ class ContinuousDecode:
 
     def admit(self, items: list[Pending]) -> None:
         """Prefill these requests and add their rows to the batch."""
+        import torch
+
+        with torch.inference_mode():
+            self._admit(items)
+
+    def step(self) -> list[tuple[Pending, ChatCompletion | RequestError]]:
+        """Choose every row's next token (in the slot layout: for up to SYNC_EVERY steps), let
+        finished rows go, and run the model for the rest; returns the requests whose last row
+        finished, with their answers."""
+        import torch
+
+        with torch.inference_mode():
+            return self._step()
+
+    def _admit(self, items: list[Pending]) -> None:
         rows, prompts, prefixes = self._register(items)
         cache, mask, logits, starts = self._prefill(prompts, prefixes)
         self._keep_blocks(cache, prompts, prefixes, starts)
@@ -247,9 +262,7 @@ class ContinuousDecode:
 
     # Stepping.
 
-    def step(self) -> list[tuple[Pending, ChatCompletion | RequestError]]:
-        """Choose every row's next token, let finished rows go, and run the model once for the
-        rest; returns the requests whose last row finished, with their answers."""
+    def _step(self) -> list[tuple[Pending, ChatCompletion | RequestError]]:
         import torch
 
         runner = self.runner
@@ -330,9 +343,12 @@ class ContinuousDecode:
 
     def abandon(self) -> list[Pending]:
         """Drop the whole batch (after a failure of the model): the requests it held."""
+        import torch
+
         items = self.requests
         self._requests.clear()
-        self._reset()
+        with torch.inference_mode():
+            self._reset()
         return items
 
 
@@ -408,7 +424,7 @@ class SlotDecode(ContinuousDecode):
         rows = sum(item.request.n for item in items)
         return rows <= self._slots.count(None) and self._plan(items) is not None
 
-    def admit(self, items: list[Pending]) -> None:
+    def _admit(self, items: list[Pending]) -> None:
         plan = self._plan(items)
         if plan is None or sum(item.request.n for item in items) > self._slots.count(None):
             raise RuntimeError("admitted requests that do not fit the slots")  # the engine asks `fits` first
@@ -480,8 +496,7 @@ class SlotDecode(ContinuousDecode):
             self._slots[slot], self._slot_ids[slot] = row, ids[k]
             self._starts[slot] = column - width + firsts[k]
 
-    def step(self) -> list[tuple[Pending, ChatCompletion | RequestError]]:
-        """Run up to SYNC_EVERY steps on the device, then settle what finished."""
+    def _step(self) -> list[tuple[Pending, ChatCompletion | RequestError]]:
         import torch
 
         from worker.runners import SYNC_EVERY

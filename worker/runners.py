@@ -195,7 +195,8 @@ class TransformersRunner:
 
     def _tokens_that_fit(self) -> int:
         """Padded tokens whose KV cache fits in free device memory, with room for activations,
-        the sampling workspace, a second cached batch shape and shape rounding."""
+        the sampling workspace, the prefix cache, a second cached batch shape and shape
+        rounding."""
         import torch
 
         free, _ = torch.cuda.mem_get_info(self.device)
@@ -209,7 +210,7 @@ class TransformersRunner:
         # Logits, softmax, top-p sort and the sampling noise: about 40 bytes per vocabulary
         # entry per row, for the largest batch.
         sampling = CUDA_BATCH_SIZE * 2 * config.vocab_size * 40
-        usable = int(free * 0.8) - 2 * 1024**3 - sampling
+        usable = int(free * 0.8) - 2 * 1024**3 - sampling - self.prefix_cache.max_bytes
         # Two cached shapes, each up to twice the requested size after rounding up.
         return max(4_096, usable // (4 * per_token))
 
