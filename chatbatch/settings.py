@@ -53,8 +53,8 @@ class Settings(BaseSettings):
     #: How long the engine waits for more requests before running a partial batch, in ms.
     batch_wait_ms: int = Field(default=20, ge=0)
     #: How the engine batches: `continuous` admits waiting requests into the running batch at
-    #: every step (the dynamic decode; other decodes and pyfunc models batch per request);
-    #: `request` runs a group of requests until the group is done. See docs/engine.md.
+    #: every step (every decode mode; pyfunc models run one request at a time); `request` runs
+    #: a group of requests until the group is done. See docs/engine.md.
     schedule: Literal["continuous", "request"] = "continuous"
     #: Most prompt tokens prefilled per step of a continuous batch (those found in the prefix
     #: cache not counted), so that admitting never stalls the rows decoding; a longer prompt is

@@ -194,20 +194,62 @@ def test_drain_finishes_the_rows_running_and_cancels_the_rest(runner) -> None:  
         engine.stop()
 
 
-def test_more_choices_than_slots_is_refused_and_the_rest_run(runner) -> None:  # type: ignore[no-untyped-def]
-    from schemas import ErrorCode, RequestError
-
-    engine = Engine(runner, batch_wait=0.0, max_batch_size=2)
+def test_a_request_no_slot_can_hold_runs_alone_and_the_rest_go_on(runner) -> None:  # type: ignore[no-untyped-def]
+    """More choices than slots, or a prompt plus max_tokens longer than a slot: the request
+    runs per request, alone, once the batch has emptied; its neighbours run in the batch."""
+    engine = Engine(runner, batch_wait=0.0, max_batch_size=2, max_batch_tokens=128)
+    if runner.decode != "dynamic":
+        assert (engine.running.slots, engine.running.length) == (1, 128)
     wide = engine.submit(_request("many", n=3, max_tokens=4), "wide")
     plain = engine.submit(_request("one", max_tokens=4), "plain")
+    long = engine.submit(_request("long", max_tokens=120), "long")
     engine.start()
     try:
         assert isinstance(plain.result(timeout=60), ChatCompletion)
-        if runner.decode == "dynamic":  # a growing cache takes any n when it is empty
-            assert len(wide.result(timeout=60).choices) == 3
-        else:
-            with pytest.raises(RequestError) as error:
-                wide.result(timeout=60)
-            assert error.value.code is ErrorCode.invalid_request and "slots" in error.value.message
+        assert len(wide.result(timeout=60).choices) == 3
+        answer = long.result(timeout=60)
+        assert answer.choices[0].message.content == _generate_alone(runner, "long", answer.usage.completion_tokens)
     finally:
+        engine.stop()
+
+
+class _FailingModel:
+    """The runner's model, raising on its `fail_on`-th call (as a device running out of
+    memory would)."""
+
+    def __init__(self, model, fail_on: int) -> None:  # type: ignore[no-untyped-def]
+        self.model, self.calls, self.fail_on = model, 0, fail_on
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        return getattr(self.model, name)
+
+    def __call__(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self.calls += 1
+        if self.calls == self.fail_on:
+            raise RuntimeError("out of memory")
+        return self.model(*args, **kwargs)
+
+
+def test_a_failing_step_answers_every_request_it_held(runner) -> None:  # type: ignore[no-untyped-def]
+    """The model fails in the step after one request finished: that request keeps its answer,
+    the others get internal_error, and the engine goes on."""
+    from schemas import ErrorCode, RequestError
+
+    if runner.decode != "dynamic":
+        pytest.skip("the slot layout settles rows only after its device steps")
+    engine = Engine(runner, batch_wait=0.0)
+    short = engine.submit(_request("short", max_tokens=1), "short")
+    long = engine.submit(_request("long", max_tokens=10), "long")
+    model = runner.model
+    runner.model = _FailingModel(model, fail_on=2)  # the prefill, then the first decode step
+    try:
+        engine.start()
+        assert short.result(timeout=60).usage.completion_tokens == 1
+        with pytest.raises(RequestError) as error:
+            long.result(timeout=60)
+        assert error.value.code is ErrorCode.internal_error and "out of memory" in error.value.message
+        runner.model = model
+        assert isinstance(engine.submit(_request("after", max_tokens=3), "after").result(timeout=60), ChatCompletion)
+    finally:
+        runner.model = model
         engine.stop()

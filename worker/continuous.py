@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from schemas.chat import ChatCompletion, PromptTokensDetails
-from schemas.errors import RequestError
+from schemas.errors import ErrorCode, RequestError
 from worker.engine import Pending
 from worker.prefix_cache import BLOCK, PrefixCache, block_keys, reusable_blocks
 
@@ -63,11 +63,16 @@ class ContinuousDecode:
     Args:
         runner: the runner whose model, tokenizer and sampler this decode uses.
         prefix_cache: where prompt blocks are found and kept.
+        max_tokens: most KV tokens the batch may hold, padding included.
     """
 
-    def __init__(self, runner: TransformersRunner, prefix_cache: PrefixCache) -> None:
+    def __init__(self, runner: TransformersRunner, prefix_cache: PrefixCache, *, max_tokens: int) -> None:
         self.runner = runner
         self.prefix_cache = prefix_cache
+        self.max_tokens = max_tokens
+        #: Answers of the step running now, kept here until it returns them: if the step fails
+        #: after they were settled, `abandon` still gives them out.
+        self._settled: list[tuple[Pending, ChatCompletion | RequestError]] = []
         self._keys = itertools.count()
         self._requests: dict[int, _Admitted] = {}
         #: The rows in the batch, in cache order, and their ids in the sampler.
@@ -110,10 +115,25 @@ class ContinuousDecode:
     #: Most rows this batch can hold, when it has a fixed number of slots.
     capacity: int | None = None
 
-    def fits(self, items: list[Pending]) -> bool:
-        """Whether these requests can join the batch together now (beyond the engine's own
-        row and token bounds)."""
+    def fits_ever(self, item: Pending) -> bool:
+        """Whether a request can join this batch at all (else it runs per request)."""
         return True
+
+    def fits(self, items: list[Pending]) -> bool:
+        """Whether these requests can join the batch together now: the cache, padded to its
+        widest row and grown by every row's max_tokens, stays within `max_tokens`."""
+        if not self.rows:
+            return True
+        remaining = max(row.prepared.max_new - row.generated for row in self.rows)
+        longest = max(item.prepared.max_new for item in items)
+        width = max(self._mask.shape[1] + remaining, self.prefill_width(items) + longest)
+        return (len(self.rows) + sum(item.request.n for item in items)) * width <= self.max_tokens
+
+    def prefill_width(self, items: list[Pending]) -> int:
+        """How wide these requests' prefill is: the longest cached prefix, then the longest
+        rest of a prompt (see `_prefill`)."""
+        cached = [self.cached_prefix(item) for item in items]
+        return max(cached) + max(len(item.prepared.prompt_ids) - c for item, c in zip(items, cached))
 
     def admit(self, items: list[Pending]) -> None:
         """Prefill these requests and add their rows to the batch."""
@@ -129,7 +149,9 @@ class ContinuousDecode:
         import torch
 
         with torch.inference_mode():
-            return self._step()
+            self._step()
+        answers, self._settled = self._settled, []
+        return answers
 
     def _admit(self, items: list[Pending]) -> None:
         rows, prompts, prefixes = self._register(items)
@@ -225,7 +247,8 @@ class ContinuousDecode:
             cache.update(keys, values, layer)
 
     def _keep_blocks(self, cache: Any, prompts: list[list[int]], prefixes: list[list[Any]], starts: list[int]) -> None:
-        """Copy the whole blocks just computed into the prefix cache (one row per prompt)."""
+        """Copy the whole blocks just computed into the prefix cache (once per distinct
+        prompt), from each prompt's last block to its first (see worker/prefix_cache.py)."""
         if not self.prefix_cache.enabled:
             return
         layers = cache.layers
@@ -233,10 +256,13 @@ class ContinuousDecode:
         for i, prompt in enumerate(prompts):
             keys = block_keys(prompt)
             done = len(prefixes[i])
-            for j in range(done, len(keys)):
+            for j in reversed(range(len(keys))):
                 if keys[j] in seen:
                     continue
                 seen.add(keys[j])
+                if j < done or keys[j] in self.prefix_cache:
+                    self.prefix_cache.touch(keys[j])
+                    continue
                 # Prompt token t (t >= the cached prefix) sits at column starts[i] + t - cached.
                 column = starts[i] + j * BLOCK - done * BLOCK
                 self.prefix_cache.put(
@@ -262,7 +288,7 @@ class ContinuousDecode:
 
     # Stepping.
 
-    def _step(self) -> list[tuple[Pending, ChatCompletion | RequestError]]:
+    def _step(self) -> None:
         import torch
 
         runner = self.runner
@@ -274,10 +300,11 @@ class ContinuousDecode:
                 finished.append(j)
             else:
                 keep.append(j)
-        answers = self._settle([(self.rows[j], self._ids[j]) for j in finished]) if finished else []
+        if finished:
+            self._settle([(self.rows[j], self._ids[j]) for j in finished])
         if not keep:
             self._reset()
-            return answers
+            return
         if finished:
             index = torch.tensor(keep, device=runner.device)
             self._cache.batch_select_indices(index)
@@ -297,7 +324,6 @@ class ContinuousDecode:
         )
         self._logits = out.logits[:, -1, :].float()
         self._next_pos = self._next_pos + 1
-        return answers
 
     def _trim(self) -> None:
         """Cut the leading columns every row masks (left by rows that went)."""
@@ -308,13 +334,12 @@ class ContinuousDecode:
             for layer in self._cache.layers:
                 layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
 
-    def _settle(self, finished: list[tuple[_Row, int]]) -> list[tuple[Pending, ChatCompletion | RequestError]]:
+    def _settle(self, finished: list[tuple[_Row, int]]) -> None:
         """Give finished rows (with their sampler ids) their text, log probabilities and
-        grammar state; answer each request whose rows have all finished."""
+        grammar state; answer each request whose rows have all finished (into `_settled`)."""
         sampler = self._sampler
         found = sampler.logprobs_of() if sampler.logprob_rows else {}
         created = int(time.time())
-        answers: list[tuple[Pending, ChatCompletion | RequestError]] = []
         for row, row_id in finished:
             if row.text is None:
                 row.text = self.runner.tokenizer.decode(row.tokens, skip_special_tokens=True)
@@ -325,15 +350,17 @@ class ContinuousDecode:
             entry.left -= 1
             if entry.left == 0:
                 del self._requests[row.item]
-                answers.append((entry.item, self._answer(entry, created)))
+                self._settled.append((entry.item, self._answer(entry, created)))
         sampler.forget([row_id for _, row_id in finished])
-        return answers
 
     def _answer(self, entry: _Admitted, created: int) -> ChatCompletion | RequestError:
         try:
             completion = self.runner._completion(entry.item, entry.rows, created)
         except RequestError as error:
             return error
+        except Exception as error:  # this request's answer cannot be built; the batch goes on
+            logger.exception("building the answer of %s failed", entry.item.request_id)
+            return RequestError(ErrorCode.internal_error, f"the answer could not be built: {error}")
         completion.usage.prompt_tokens_details = PromptTokensDetails.model_construct(cached_tokens=entry.cached)
         return completion
 
@@ -341,15 +368,17 @@ class ContinuousDecode:
         self.rows, self._ids = [], []
         self._cache = self._mask = self._next_pos = self._logits = self._sampler = None
 
-    def abandon(self) -> list[Pending]:
-        """Drop the whole batch (after a failure of the model): the requests it held."""
+    def abandon(self, failure: RequestError) -> list[tuple[Pending, ChatCompletion | RequestError]]:
+        """Drop the whole batch (after a failure of the model, or when the engine stops): the
+        answers settled before the failure, and `failure` for every other request it held."""
         import torch
 
-        items = self.requests
+        answers = [*self._settled, *((item, failure) for item in self.requests)]
+        self._settled = []
         self._requests.clear()
         with torch.inference_mode():
             self._reset()
-        return items
+        return answers
 
 
 class SlotDecode(ContinuousDecode):
@@ -372,8 +401,9 @@ class SlotDecode(ContinuousDecode):
 
     def __init__(self, runner: TransformersRunner, prefix_cache: PrefixCache, *, slots: int, length: int) -> None:
         import torch
+        from transformers import StaticCache
 
-        super().__init__(runner, prefix_cache)
+        super().__init__(runner, prefix_cache, max_tokens=slots * length)
         device = runner.device
         self.capacity = self.slots = slots
         self.length = length
@@ -384,7 +414,8 @@ class SlotDecode(ContinuousDecode):
         self._column = 0
         #: Times the columns were shifted left to make room.
         self.shifts = 0
-        self._cache = runner._static_cache(slots, length)
+        # Its own cache (not one of the runner's per-request shapes, which are reset for reuse).
+        self._cache = StaticCache(config=runner.model.config, max_cache_len=length)
         config = runner.model.config
         config = getattr(config, "get_text_config", lambda: config)()
         heads = config.num_attention_heads
@@ -405,7 +436,7 @@ class SlotDecode(ContinuousDecode):
     def _plan(self, items: list[Pending]) -> tuple[int, int] | None:
         """Where requests would join: (columns to shift out first, the shared column after
         they join), or None when they cannot join now."""
-        width = self._width(items)
+        width = self.prefill_width(items)
         longest = max(item.prepared.max_new for item in items)
         remaining = self._remaining()
         running = [start for start, row in zip(self._starts, self._slots) if row is not None]
@@ -415,10 +446,8 @@ class SlotDecode(ContinuousDecode):
                 return shift, column
         return None
 
-    @staticmethod
-    def _width(items: list[Pending]) -> int:
-        """The widest prefill of these requests (their longest prompt, at most)."""
-        return max(len(item.prepared.prompt_ids) for item in items)
+    def fits_ever(self, item: Pending) -> bool:
+        return item.request.n <= self.slots and len(item.prepared.prompt_ids) + item.prepared.max_new <= self.length
 
     def fits(self, items: list[Pending]) -> bool:
         rows = sum(item.request.n for item in items)
@@ -485,7 +514,8 @@ class SlotDecode(ContinuousDecode):
         firsts = (mask != 0).int().argmax(dim=1).tolist()
         if self._sampler is None:
             filler = SamplingParams(0.0, 1.0, 0)
-            self._sampler = self.runner._sampler([filler] * self.slots, host_logprobs=True)
+            # Log probabilities stay on the device between host syncs (`flush` brings them).
+            self._sampler = self.runner._sampler([filler] * self.slots)
         ids = self._sampler.extend([row.params for row in rows])
         # Each new row's sampler state moves to its slot; the finished rows' there are dropped.
         order = list(range(self.slots))
@@ -496,7 +526,7 @@ class SlotDecode(ContinuousDecode):
             self._slots[slot], self._slot_ids[slot] = row, ids[k]
             self._starts[slot] = column - width + firsts[k]
 
-    def _step(self) -> list[tuple[Pending, ChatCompletion | RequestError]]:
+    def _step(self) -> None:
         import torch
 
         from worker.runners import SYNC_EVERY
@@ -512,14 +542,12 @@ class SlotDecode(ContinuousDecode):
             self._next_pos = self._next_pos + 1
             self._column += 1
         by_slot = torch.stack(produced, dim=1).tolist()
-        finished: list[tuple[_Row, int]] = []
-        for slot, row in enumerate(self._slots):
-            if row is None:
-                continue
-            if any(runner._advance(row, token) for token in by_slot[slot]):
-                finished.append((row, self._slot_ids[slot]))
+        self._sampler.flush()
+        done = [slot for slot, row in enumerate(self._slots) if row is not None and any(runner._advance(row, token) for token in by_slot[slot])]
+        if done:
+            self._settle([(self._slots[slot], self._slot_ids[slot]) for slot in done])  # type: ignore[misc]
+            for slot in done:
                 self._free(slot)
-        return self._settle(finished) if finished else []
 
     def _free(self, slot: int) -> None:
         self._slots[slot] = None

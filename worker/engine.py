@@ -136,7 +136,8 @@ class Pending:
 
 
 class _Figures:
-    """Occupancy over the steps of a continuous batch; written by the engine thread only."""
+    """Occupancy over the steps of a continuous batch (a step of the slot layout is up to
+    SYNC_EVERY device steps, counted once); written by the engine thread only."""
 
     def __init__(self) -> None:
         self.steps_waiting = 0
@@ -405,8 +406,8 @@ class Engine:
                 continue
             batch, backlog = self._choose_batch(backlog)
             self._run(batch)
-        if self.running is not None and self.running.requests:
-            backlog += self.running.abandon()
+        if self.running is not None and (self.running.requests or len(self.running)):
+            self._answer(self.running.abandon(RequestError(ErrorCode.internal_error, "the worker stopped before this request finished")))
         # Everything not run gets an answer, what is still queued too: a task waiting on it
         # must not wait for ever (a request cancelled meanwhile keeps its cancellation).
         with self._arrived:
@@ -456,20 +457,16 @@ class Engine:
 
     def _continue(self, backlog: list[Pending]) -> None:
         """One step of the running batch: admit what fits, then decode one token for every
-        row; answer the requests that finished."""
+        row; answer the requests that finished. A request that fits no slot of the batch runs
+        per request, alone, once the batch has emptied."""
         running = self.running
         started = time.monotonic()
-        admitted, refused = self._admissions(backlog)
-        if admitted or refused:
-            taken = {id(item) for item in [*admitted, *refused]}
+        admitted, alone = self._admissions(backlog) if not self._stopping.is_set() else ([], [])
+        if admitted or alone:
+            taken = {id(item) for item in [*admitted, *alone]}
             backlog[:] = [item for item in backlog if id(item) not in taken]
-        for item in refused:
-            self._fail(item, RequestError(
-                ErrorCode.invalid_request,
-                f"n={item.rows} needs more rows than this worker's {running.capacity} batch slots: lower n, "
-                "or raise CHATBATCH_MAX_BATCH_SIZE on the workers",
-                param="n",
-            ))
+        if alone:
+            self._run(alone)
         admitted = self._begin(admitted)
         self._figures.backlog = len(backlog)
         try:
@@ -482,30 +479,59 @@ class Engine:
             answers = running.step() if occupied else []
         except Exception as error:  # the model failed: every request in the batch fails, not the worker
             logger.exception("the running batch of %d requests failed", len(running.requests))
-            failure = RequestError(ErrorCode.internal_error, f"generation failed: {error}")
-            answers = [(item, failure) for item in running.abandon()]
+            answers = running.abandon(RequestError(ErrorCode.internal_error, f"generation failed: {error}"))
+            answered = {id(item) for item, _ in answers}
+            # Requests admitted this step that the batch had not taken in yet fail too.
+            answers += [(item, RequestError(ErrorCode.internal_error, f"generation failed: {error}"))
+                        for item in admitted if id(item) not in answered]
         self._answer(answers)
         self.stats["busy_seconds"] = round(self.stats["busy_seconds"] + time.monotonic() - started, 3)
 
     def _admissions(self, backlog: list[Pending]) -> tuple[list[Pending], list[Pending]]:
-        """The waiting requests to admit now, in order: single requests first; then batch
-        lines whose prompt prefix is cached (a line passed over `max_batch_size` times goes
-        first all the same); then the oldest. Admission stops at the first request that does
-        not fit the rows or KV tokens left, so a large request is not passed for ever; prompt
-        tokens to compute are bounded per step (a prompt over the bound is admitted alone);
-        and of waiting prompts that share a first block nobody has computed yet, one goes
-        first and the others follow once its blocks are cached.
+        """The waiting requests to admit now, in `_order`. Admission stops at the first
+        request that does not fit the rows or KV tokens left, so a large request is not passed
+        for ever (one that does not fit only because of the slots' shared column is passed, up
+        to `max_batch_size` times); prompt tokens to compute are bounded per step (a prompt
+        over the bound is admitted alone); and of waiting prompts that share a first block
+        nobody has computed yet, one goes first and the others follow once its blocks are
+        cached.
 
-        Returns the requests to admit, and those answered with an error because they fit no
-        batch of this worker's."""
+        Returns the requests to admit, and a request to run per request now (one no slot can
+        hold, or a suspect to run alone), which only an empty batch gives."""
         running = self.running
-        if not backlog or any(item.alone for item in running.requests):
-            return [], []
         rows = len(running)
-        most = self._most_rows()
-        tokens = sum(item.rows * item.cost for item in running.requests)
+        if not backlog or rows >= self._most_rows() or any(item.alone for item in running.requests):
+            return [], []
         cached = {id(item): running.cached_prefix(item) for item in backlog}
-        order = sorted(
+        order = self._order(backlog, cached)
+        chosen: list[Pending] = []
+        prefill = 0
+        first_blocks: set[bytes] = set()
+        for item in order:
+            if item.alone or not running.fits_ever(item):
+                if rows or chosen:
+                    break  # the batch drains first
+                return [], [item]
+            verdict = self._admissible(item, chosen, rows, prefill, cached[id(item)])
+            if verdict == "stop":
+                break
+            if verdict == "skip":
+                continue
+            block = running.first_block(item) if not cached[id(item)] else None
+            if block is not None and block in first_blocks:
+                continue
+            if block is not None:
+                first_blocks.add(block)
+            chosen.append(item)
+            rows += item.rows
+            prefill += self._to_compute(item, cached[id(item)])
+        self._count_passed(order, chosen)
+        return chosen, []
+
+    def _order(self, backlog: list[Pending], cached: dict[int, int]) -> list[Pending]:
+        """Single requests first; then batch lines whose prompt prefix is cached (a line passed
+        over `max_batch_size` times goes first all the same); then the oldest."""
+        return sorted(
             backlog,
             key=lambda item: (
                 not item.interactive,
@@ -513,43 +539,37 @@ class Engine:
                 item.enqueued_at,
             ),
         )
-        chosen: list[Pending] = []
-        refused: list[Pending] = []
-        prefill = 0
-        first_blocks: set[bytes] = set()
-        for item in order:
-            if item.alone:
-                return ([item] if not rows and not chosen else chosen), refused
-            if not rows and not chosen:
-                pass  # an empty batch takes its first request, whatever its size
-            elif rows + item.rows > most or tokens + item.rows * item.cost > self.max_batch_tokens:
-                break
-            if not running.fits([*chosen, item]):
-                if not rows and not chosen:  # it fits no batch of this worker's
-                    refused.append(item)
-                    continue
-                break
-            compute = item.rows * (len(item.prepared.prompt_ids) - cached[id(item)]) if item.prepared is not None else item.rows
-            if chosen and prefill + compute > self.max_prefill_tokens:
-                break
-            block = running.first_block(item) if not cached[id(item)] else None
-            if block is not None and block in first_blocks:
-                continue
-            if block is not None:
-                first_blocks.add(block)
-            chosen.append(item)
-            rows, tokens, prefill = rows + item.rows, tokens + item.rows * item.cost, prefill + compute
-        taken = {id(item) for item in chosen}
-        for item in order:
-            if id(item) in taken:
-                break
-            item.passed += 1
-        return chosen, refused
 
-    def _most_rows(self) -> int:
-        """Most rows in the running batch: the configured bound, or fewer slots."""
-        capacity = self.running.capacity if self.running is not None else None
-        return min(self.max_batch_size, capacity or self.max_batch_size)
+    @staticmethod
+    def _to_compute(item: Pending, cached: int) -> int:
+        """Prompt tokens a request's prefill computes."""
+        return item.rows * (len(item.prepared.prompt_ids) - cached)
+
+    def _admissible(self, item: Pending, chosen: list[Pending], rows: int, prefill: int, cached: int) -> str:
+        """`admit`, `skip` (it waits; later ones may go) or `stop` (nothing more this step)."""
+        running = self.running
+        if not rows and not chosen:
+            return "admit" if running.fits([item]) else "stop"  # an empty batch takes its first request
+        tokens = sum(other.rows * other.cost for other in [*running.requests, *chosen])
+        if rows + item.rows > self._most_rows() or tokens + item.rows * item.cost > self.max_batch_tokens:
+            return "stop"
+        if chosen and prefill + self._to_compute(item, cached) > self.max_prefill_tokens:
+            return "stop"  # (a prompt over the bound joins alone)
+        if not running.fits([*chosen, item]):
+            return "skip" if item.passed < self.max_batch_size else "stop"
+        return "admit"
+
+    @staticmethod
+    def _count_passed(order: list[Pending], chosen: list[Pending]) -> None:
+        """Count, for each request left waiting, the requests admitted ahead of it that came
+        after it in age."""
+        if not chosen:
+            return
+        taken = {id(item) for item in chosen}
+        newest = max(item.enqueued_at for item in chosen)
+        for item in order:
+            if id(item) not in taken and item.enqueued_at < newest:
+                item.passed += 1
 
     def _begin(self, items: list[Pending]) -> list[Pending]:
         """Start requests about to join the batch: drop the cancelled, run start hooks."""
@@ -575,6 +595,11 @@ class Engine:
                 self.stats["generated_tokens"] += result.usage.completion_tokens
                 item.future.set_result(result)
             self.stats["requests"] += 1
+
+    def _most_rows(self) -> int:
+        """Most rows in the running batch: the configured bound, or fewer slots."""
+        capacity = self.running.capacity if self.running is not None else None
+        return min(self.max_batch_size, capacity or self.max_batch_size)
 
     def figures(self) -> dict[str, float | str]:
         """What the engine is doing: rows running and most rows, requests waiting, occupancy

@@ -5,9 +5,10 @@ to its end (the previous block's key and its own tokens), so a key names one exa
 the blocks of two prompts share keys exactly as far as the prompts agree, as in vLLM's
 automatic prefix caching. Each entry holds one block's keys and values for every layer.
 
-Bounded by bytes; the least recently used blocks go first. A lookup touches the blocks it
-matched in order, so a parent is never older than a child reached through it; a child whose
-parent was evicted can no longer be reached, is no longer touched, and soon goes too.
+Bounded by bytes; the least recently used blocks go first. Lookups touch, and writers put,
+the blocks of a prompt from its last to its first, so a parent is never older than its
+children: a chain is evicted from its end, and its first blocks, which most prompts share, stay
+longest.
 """
 
 from __future__ import annotations
@@ -73,24 +74,37 @@ class PrefixCache:
         return count
 
     def take(self, keys: list[bytes], prompt_length: int) -> list[list[tuple[Any, Any]]]:
-        """The cached blocks that begin a prompt, marked as just used, and counted in the hit
-        rate."""
+        """The cached blocks that begin a prompt, marked as just used (the last first), and
+        counted in the hit rate."""
         blocks: list[list[tuple[Any, Any]]] = []
         for key in keys[: reusable_blocks(prompt_length)]:
             block = self._blocks.get(key)
             if block is None:
                 break
-            self._blocks.move_to_end(key)
             blocks.append(block)
+        for key in reversed(keys[: len(blocks)]):
+            self._blocks.move_to_end(key)
         self.looked_up += prompt_length
         self.found += len(blocks) * BLOCK
         return blocks
 
+    def __contains__(self, key: bytes) -> bool:
+        return key in self._blocks
+
+    def touch(self, key: bytes) -> None:
+        """Mark a kept block as just used (nothing if it is not kept)."""
+        if key in self._blocks:
+            self._blocks.move_to_end(key)
+
     def put(self, key: bytes, block: list[tuple[Any, Any]]) -> None:
         """Keep one block (already copied out of any larger tensor), evicting the least
-        recently used blocks to stay within the bound. A block larger than the bound is not
-        kept."""
-        if not self.enabled or key in self._blocks:
+        recently used blocks to stay within the bound; a block already kept is only marked as
+        just used. A block larger than the bound is not kept. Put a prompt's blocks from its
+        last to its first."""
+        if not self.enabled:
+            return
+        if key in self._blocks:
+            self._blocks.move_to_end(key)
             return
         size = sum(k.nbytes + v.nbytes for k, v in block)
         if size > self.max_bytes:

@@ -49,8 +49,27 @@ CUDA_BATCH_SIZE = 512
 SYNC_EVERY = 16
 
 
+#: The shortest slot of a static continuous batch, where the model's context allows: fewer,
+#: longer slots rather than slots too short for common requests.
+SLOT_TOKENS = 4_096
+
+
 def _round_up(value: int, step: int) -> int:
     return -(-value // step) * step
+
+
+def slot_shape(max_rows: int, max_tokens: int, context: int) -> tuple[int, int]:
+    """Slots and tokens per slot of a static continuous batch within `max_tokens` KV tokens:
+    up to `max_rows` slots, each as long as the context where that fits, else halving the slots
+    until each holds SLOT_TOKENS (or the context, when shorter); lengths in multiples of 256."""
+    floor = min(context, SLOT_TOKENS)
+    slots = max(1, max_rows)
+    while slots > 1 and max_tokens // slots < floor:
+        slots //= 2
+    length = min(context, max_tokens // slots)
+    if length >= 256:
+        length -= length % 256
+    return slots, max(1, length)
 
 
 @dataclass
@@ -167,8 +186,9 @@ class TransformersRunner:
         None for a model whose cache is not plain per-layer tensors (sliding windows, linear
         attention): it batches per request.
 
-        Slots each hold a whole context, so every request fits one: as many as `max_rows`, and
-        as `max_tokens` allows."""
+        Slots: `max_rows` of them, each as long as `max_tokens` allows (up to the model's
+        context, at least SLOT_TOKENS where the context is that long: fewer slots then). A
+        request longer than a slot runs per request, alone."""
         from transformers.cache_utils import DynamicLayer
 
         from worker.continuous import ContinuousDecode, SlotDecode
@@ -176,11 +196,10 @@ class TransformersRunner:
         if any(type(layer) is not DynamicLayer for layer in getattr(self._new_cache(), "layers", [None])):
             return None
         if self.decode == "dynamic":
-            return ContinuousDecode(self, self.prefix_cache)
-        slots = max(1, min(max_rows, max_tokens // self.context_length))
-        if slots < max_rows:
-            logger.info("%d batch slots of %d tokens (the model's context) fit in %d KV tokens", slots, self.context_length, max_tokens)
-        return SlotDecode(self, self.prefix_cache, slots=slots, length=self.context_length)
+            return ContinuousDecode(self, self.prefix_cache, max_tokens=max_tokens)
+        slots, length = slot_shape(max_rows, max_tokens, self.context_length)
+        logger.info("continuous batch of %d slots of %d tokens (%d KV tokens)", slots, length, slots * length)
+        return SlotDecode(self, self.prefix_cache, slots=slots, length=length)
 
     def batch_limits(self, max_batch_size: int | None, max_batch_tokens: int | None) -> tuple[int, int]:
         """Most sequences and most padded tokens per batch: what was configured, else defaults;
@@ -490,7 +509,6 @@ class TransformersRunner:
         return cache
 
     def _forward_step(self, tokens: Any, positions: Any, cache_position: Any, mask: Any, cache: Any) -> Any:
-        self.decode_steps += 1
         out = self.model(
             input_ids=tokens,
             attention_mask=mask,
@@ -506,6 +524,9 @@ class TransformersRunner:
         a warning, if this model or torch cannot compile it)."""
         import torch
 
+        # Counted here, outside the compiled function: a Python int that changes every step
+        # would be a new graph input each time.
+        self.decode_steps += 1
         if self.decode != "compiled":
             return self._forward_step(*args)
         if self._compiled_step is None:

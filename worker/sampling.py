@@ -17,7 +17,11 @@ Each step, for the rows that ask for them, in this order:
 
 Only constrained rows bring tokens to the host each step, and the host waits for that copy (right
 after sampling), not for the next forward pass: rows without a grammar never wait for one. Log
-probabilities stay on the device until the batch ends.
+probabilities stay on the device until the batch ends or `flush` brings them over (with
+`host_logprobs`, every step: for a decode that checks every token on the host anyway).
+
+Rows can join (`extend`) and leave (`select`, `forget`) a running batch; each row keeps its own
+step count, so its random stream does not depend on when it joined.
 """
 
 from __future__ import annotations
@@ -132,6 +136,8 @@ class BatchSampler:
         #: `first_id` (rows added by `extend` get ids after the ones before).
         self.ids = list(range(first_id, first_id + len(params)))
         self._next_id = first_id + len(params)
+        #: Row id -> its settings, for the rows in the batch.
+        self._params = dict(zip(self.ids, params))
         self.greedy_only = all(p.temperature <= 0 for p in params)
         self.use_top_p = any(p.top_p < 1.0 for p in params if p.temperature > 0)
         self.greedy = torch.tensor([p.temperature <= 0 for p in params], device=device)
@@ -205,7 +211,21 @@ class BatchSampler:
             self.presence, self.frequency, self.counts = self.presence[index], self.frequency[index], self.counts[index]
         if self.bias is not None:
             self.bias = self.bias[index]
+        self._params = {row: self._params[row] for row in self.ids}
+        self._refresh()
         self._index_rows()
+
+    def _refresh(self) -> None:
+        """Turn off the work no row left in the batch needs (a batch that never ends would
+        otherwise sample, penalize and bias every row for ever after one row asked once)."""
+        params = self._params.values()
+        self.greedy_only = all(p.temperature <= 0 for p in params)
+        self.use_top_p = any(p.top_p < 1.0 for p in params if p.temperature > 0)
+        if self.penalized and not any(p.presence_penalty or p.frequency_penalty for p in params):
+            self.penalized = False
+            del self.presence, self.frequency, self.counts
+        if self.bias is not None and not any(p.logit_bias for p in params):
+            self.bias = None
 
     def extend(self, params: list[SamplingParams]) -> list[int]:
         """Add rows at the end of the batch (rows admitted into a running decode); returns
@@ -217,6 +237,7 @@ class BatchSampler:
         mine = len(self.ids)
         self.ids += other.ids
         self._next_id = other._next_id
+        self._params.update(other._params)
         self.greedy_only = self.greedy_only and other.greedy_only
         self.use_top_p = self.use_top_p or other.use_top_p
         for name in ("greedy", "temperatures", "top_ps", "seeds", "row_steps"):
@@ -311,6 +332,12 @@ class BatchSampler:
         if order is not None:
             picked = order.gather(-1, picked)
         return torch.where(self.greedy, tokens, picked[:, 0])
+
+    def flush(self) -> None:
+        """Bring the kept log probabilities to the host now (one transfer for all steps since
+        the last flush), so that `forget` can drop a row's."""
+        self._host_found = self._found(self._host_found)
+        self.steps = []
 
     def logprobs_of(self) -> dict[int, list[tuple[float, list[tuple[int, float]]]]]:
         """Row id -> (chosen token's log probability, [(alternative id, its log
