@@ -193,7 +193,7 @@ class TransformersRunner:
 
         from worker.continuous import ContinuousDecode, SlotDecode
 
-        if any(type(layer) is not DynamicLayer for layer in getattr(self._new_cache(), "layers", [None])):
+        if any(type(layer) is not DynamicLayer for layer in getattr(self._dynamic_cache(), "layers", [None])):
             return None
         if self.decode == "dynamic":
             return ContinuousDecode(self, self.prefix_cache, max_tokens=max_tokens)
@@ -661,12 +661,19 @@ class TransformersRunner:
         return True
 
     def _new_cache(self) -> Any:
+        """A DynamicCache whose plain layers grow in place (worker/kvcache.py)."""
+        from transformers.cache_utils import DynamicLayer
+
+        from worker.kvcache import GrowingLayer
+
+        cache = self._dynamic_cache()
+        cache.layers = [GrowingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+        return cache
+
+    def _dynamic_cache(self) -> Any:
         from transformers import DynamicCache
 
-        try:
-            return DynamicCache(config=self.model.config)
-        except TypeError:  # older transformers
-            return DynamicCache()
+        return DynamicCache(config=self.model.config)
 
 
 class PyfuncRunner:
