@@ -308,17 +308,23 @@ def pyfunc_one_at_a_time(model: str, bodies: list[dict[str, object]]) -> tuple[f
     return time.perf_counter() - started, tokens
 
 
+def served_name(model: str) -> str:
+    """The name a worker serves a local model directory under (in a subprocess: loading
+    MLflow here would weigh on the measured paths)."""
+    return str(json.loads(subprocess.run(
+        [sys.executable, "-c", "import json, sys; from mlflow.models import Model; "
+         "from worker.model import served_name_for; from pathlib import Path; "
+         "print(json.dumps(served_name_for(sys.argv[1], Path(sys.argv[1]), Model.load(sys.argv[1] + '/MLmodel'))))", model],
+        capture_output=True, text=True, check=True, cwd=ROOT).stdout))
+
+
 def throughput_mode(args: argparse.Namespace, workdir: Path) -> None:
     from chatbatch.settings import Settings
 
     harness = Harness(workdir)
     try:
         model = args.model or harness.chatbatch("model", "default")
-        name = json.loads(subprocess.run(
-            [sys.executable, "-c", "import json, sys; from mlflow.models import Model; "
-             "from worker.model import served_name_for; from pathlib import Path; "
-             "print(json.dumps(served_name_for(sys.argv[1], Path(sys.argv[1]), Model.load(sys.argv[1] + '/MLmodel'))))", model],
-            capture_output=True, text=True, check=True, cwd=ROOT).stdout)
+        name = served_name(model)
         bodies = [{"messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)] + f" (#{i})"}],
                    "max_tokens": args.max_tokens, "temperature": 0} for i in range(args.requests)]
         source = batch_file(workdir / "requests.jsonl", bodies)
@@ -522,7 +528,7 @@ def _schedules(args: argparse.Namespace, workdir: Path, source: Path, runs: dict
     best: dict[str, dict[str, Any]] = {}
     try:
         model = args.model or harness.chatbatch("model", "default")
-        name = "SmolLM2-135M-Instruct" if not args.model else args.served_name
+        name = served_name(model)
         log(step="setup", model=model, lines=args.lines, max_tokens=args.max_tokens, device=_device(), repeat=args.repeat)
         for _ in range(args.repeat):
             for label, env in runs.items():

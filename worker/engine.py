@@ -337,16 +337,16 @@ class Engine:
                     self._waiting.append(item)
             self._arrived.notify()
 
-    def _take(self, limit: int, timeout: float | None) -> list[Pending | None]:
-        """Up to `limit` waiting items, after waiting up to `timeout` seconds (None: for
+    def _take(self, limit: int, timeout: float | None, *, singles: int = 0) -> list[Pending | None]:
+        """Up to `singles` waiting single requests, then up to `limit` items in all (more
+        when the singles alone pass it), after waiting up to `timeout` seconds (None: for
         ever) for the first."""
         with self._arrived:
             if not self._waiting and not self._waiting_now and timeout != 0:
                 self._arrived.wait_for(lambda: self._waiting or self._waiting_now, timeout)
             taken: list[Pending | None] = []
-            # Every single request waiting, past the limit: they are few, and go first.
-            taken.extend(self._waiting_now)
-            self._waiting_now.clear()
+            while self._waiting_now and len(taken) < max(limit, singles):
+                taken.append(self._waiting_now.popleft())
             while self._waiting and len(taken) < limit:
                 taken.append(self._waiting.popleft())
             return taken
@@ -424,11 +424,14 @@ class Engine:
         continuous batch is running), take only what is there.
 
         The backlog holds at most a few batches' worth: the rest stays queued, so choosing a
-        batch costs the same however many requests wait. Single requests are always taken.
+        batch costs the same however many requests wait. Single requests have as much room
+        again of their own, so a backlog full of batch lines still takes them.
         """
         rows = sum(item.rows for item in backlog)
+        # Single requests have room of their own: a backlog full of batch lines still takes them.
+        singles = self._backlog_rows - sum(1 for item in backlog if item.interactive)
         deadline: float | None = None
-        while rows < self._backlog_rows or self._waiting_now:
+        while rows < self._backlog_rows or (self._waiting_now and singles > 0):
             timeout: float | None
             if not wait:
                 timeout = 0.0
@@ -440,10 +443,11 @@ class Engine:
                 if deadline is None:
                     deadline = time.monotonic() + self.batch_wait
                 timeout = max(0.0, deadline - time.monotonic())
-            taken = self._take(self._backlog_rows - rows, timeout)
+            taken = self._take(self._backlog_rows - rows, timeout, singles=singles)
             if not taken:
                 return
             fresh = [item for item in taken if item is not None and self._live(item)]
+            singles -= sum(1 for item in fresh if item.interactive)
             if fresh:
                 rows += self._prepare(fresh, backlog)
             if None in taken:
