@@ -122,12 +122,13 @@ class ContinuousDecode:
     def fits(self, items: list[Pending]) -> bool:
         """Whether these requests can join the batch together now: the cache, padded to its
         widest row and grown by every row's max_tokens, stays within `max_tokens`."""
-        if not self.rows:
-            return True
-        remaining = max(row.prepared.max_new - row.generated for row in self.rows)
+        rows = len(self.rows) + sum(item.request.n for item in items)
         longest = max(item.prepared.max_new for item in items)
+        if not self.rows:  # an empty batch takes any one request
+            return len(items) == 1 or rows * (self.prefill_width(items) + longest) <= self.max_tokens
+        remaining = max(row.prepared.max_new - row.generated for row in self.rows)
         width = max(self._mask.shape[1] + remaining, self.prefill_width(items) + longest)
-        return (len(self.rows) + sum(item.request.n for item in items)) * width <= self.max_tokens
+        return rows * width <= self.max_tokens
 
     def prefill_width(self, items: list[Pending]) -> int:
         """How wide these requests' prefill is: the longest cached prefix, then the longest
@@ -248,25 +249,26 @@ class ContinuousDecode:
 
     def _keep_blocks(self, cache: Any, prompts: list[list[int]], prefixes: list[list[Any]], starts: list[int]) -> None:
         """Copy the whole blocks just computed into the prefix cache (once per distinct
-        prompt), from each prompt's last block to its first (see worker/prefix_cache.py)."""
+        block), the last blocks of every prompt first and the first ones last, so that a
+        shared first block outlives the blocks that follow it (see worker/prefix_cache.py)."""
         if not self.prefix_cache.enabled:
             return
         layers = cache.layers
+        keys = [block_keys(prompt) for prompt in prompts]
         seen: set[bytes] = set()
-        for i, prompt in enumerate(prompts):
-            keys = block_keys(prompt)
-            done = len(prefixes[i])
-            for j in reversed(range(len(keys))):
-                if keys[j] in seen:
+        for j in reversed(range(max(len(mine) for mine in keys))):
+            for i, mine in enumerate(keys):
+                if j >= len(mine) or mine[j] in seen:
                     continue
-                seen.add(keys[j])
-                if j < done or keys[j] in self.prefix_cache:
-                    self.prefix_cache.touch(keys[j])
+                seen.add(mine[j])
+                done = len(prefixes[i])
+                if j < done or mine[j] in self.prefix_cache:
+                    self.prefix_cache.touch(mine[j])
                     continue
                 # Prompt token t (t >= the cached prefix) sits at column starts[i] + t - cached.
-                column = starts[i] + j * BLOCK - done * BLOCK
+                column = starts[i] + (j - done) * BLOCK
                 self.prefix_cache.put(
-                    keys[j],
+                    mine[j],
                     [(layer.keys[i, :, column : column + BLOCK].clone(), layer.values[i, :, column : column + BLOCK].clone()) for layer in layers],
                 )
 
@@ -280,8 +282,11 @@ class ContinuousDecode:
         width = max(self._mask.shape[1], mask.shape[1])
         old_pad, new_pad = width - self._mask.shape[1], width - mask.shape[1]
         for mine, theirs in zip(self._cache.layers, cache.layers):
-            mine.keys = torch.cat([_pad_left(mine.keys, old_pad), _pad_left(theirs.keys, new_pad)])
-            mine.values = torch.cat([_pad_left(mine.values, old_pad), _pad_left(theirs.values, new_pad)])
+            _replace(
+                mine,
+                torch.cat([_pad_left(mine.keys, old_pad), _pad_left(theirs.keys, new_pad)]),
+                torch.cat([_pad_left(mine.values, old_pad), _pad_left(theirs.values, new_pad)]),
+            )
         self._mask = torch.cat([_pad_left(self._mask, old_pad, dim=1), _pad_left(mask, new_pad, dim=1)])
         self._next_pos = torch.cat([self._next_pos, positions])
         self._logits = torch.cat([self._logits, logits])
@@ -332,7 +337,7 @@ class ContinuousDecode:
         if first:
             self._mask = self._mask[:, first:]
             for layer in self._cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+                _replace(layer, layer.keys[:, :, first:], layer.values[:, :, first:])
 
     def _settle(self, finished: list[tuple[_Row, int]]) -> None:
         """Give finished rows (with their sampler ids) their text, log probabilities and
@@ -560,6 +565,15 @@ class SlotDecode(ContinuousDecode):
         self._next_pos.zero_()
         self._sampler = None
         self._set_column(0)
+
+
+def _replace(layer: Any, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Give a cache layer new keys and values (a growing layer lets go of its buffers now)."""
+    replace = getattr(layer, "replace", None)
+    if replace is not None:
+        replace(keys, values)
+    else:
+        layer.keys, layer.values = keys, values
 
 
 def _pad_left(tensor: torch.Tensor, count: int, dim: int = 2) -> torch.Tensor:

@@ -131,7 +131,7 @@ class Pending:
     on_start: Callable[[], RequestError | None] | None = None
     #: Someone waits on it (a single request): it goes ahead of batch-file lines.
     interactive: bool = False
-    #: Times a request with a cached prompt prefix was admitted ahead of it.
+    #: Admitting steps of a continuous batch that left it waiting while others went in.
     passed: int = 0
 
 
@@ -479,7 +479,7 @@ class Engine:
                 self.stats["batches"] += 1
                 self.stats["largest_batch"] = max(self.stats["largest_batch"], len(running))
             occupied = len(running)
-            self._figures.step(occupied, self._most_rows(), waiting=bool(backlog) or bool(self._waiting))
+            self._figures.step(occupied, self._most_rows(), waiting=bool(backlog or self._waiting or self._waiting_now))
             answers = running.step() if occupied else []
         except Exception as error:  # the model failed: every request in the batch fails, not the worker
             logger.exception("the running batch of %d requests failed", len(running.requests))
@@ -494,43 +494,53 @@ class Engine:
     def _admissions(self, backlog: list[Pending]) -> tuple[list[Pending], list[Pending]]:
         """The waiting requests to admit now, in `_order`. Admission stops at the first
         request that does not fit the rows or KV tokens left, so a large request is not passed
-        for ever (one that does not fit only because of the slots' shared column is passed, up
-        to `max_batch_size` times); prompt tokens to compute are bounded per step (a prompt
-        over the bound is admitted alone); and of waiting prompts that share a first block
-        nobody has computed yet, one goes first and the others follow once its blocks are
-        cached.
+        for ever (a batch line that does not fit the cache's shape now is passed, up to
+        `max_batch_size` steps that admitted others); prompt tokens to compute are bounded per
+        step (a prompt over the bound is admitted alone); and of waiting prompts that share a
+        first block nobody has computed yet, one goes first and the others follow once its
+        blocks are cached.
 
-        Returns the requests to admit, and a request to run per request now (one no slot can
-        hold, or a suspect to run alone), which only an empty batch gives."""
+        A request the batch cannot take (a suspect to run alone, or one no slot can hold) runs
+        per request once the batch is empty: the others go on beside the batch until it has
+        waited `max_batch_size` admitting steps, then nothing is admitted until the batch has
+        emptied. Returns the requests to admit, and those to run per request now."""
         running = self.running
         rows = len(running)
         if not backlog or rows >= self._most_rows() or any(item.alone for item in running.requests):
             return [], []
+        apart = [item for item in backlog if item.alone or not running.fits_ever(item)]
+        if apart and not rows:
+            return [], self._apart_batch(apart)
+        if any(item.passed >= self.max_batch_size for item in apart):
+            return [], []  # the batch drains for them
         cached = {id(item): running.cached_prefix(item) for item in backlog}
-        order = self._order(backlog, cached)
+        order = self._order([item for item in backlog if not (item.alone or not running.fits_ever(item))], cached)
         chosen: list[Pending] = []
         prefill = 0
         first_blocks: set[bytes] = set()
         for item in order:
-            if item.alone or not running.fits_ever(item):
-                if rows or chosen:
-                    break  # the batch drains first
-                return [], [item]
             verdict = self._admissible(item, chosen, rows, prefill, cached[id(item)])
             if verdict == "stop":
                 break
-            if verdict == "skip":
-                continue
-            block = running.first_block(item) if not cached[id(item)] else None
-            if block is not None and block in first_blocks:
+            block = running.first_block(item) if verdict == "admit" and not cached[id(item)] else None
+            if verdict == "skip" or (block is not None and block in first_blocks):
                 continue
             if block is not None:
                 first_blocks.add(block)
             chosen.append(item)
             rows += item.rows
             prefill += self._to_compute(item, cached[id(item)])
-        self._count_passed(order, chosen)
+        self._count_passed([*order, *apart], chosen)
         return chosen, []
+
+    def _apart_batch(self, apart: list[Pending]) -> list[Pending]:
+        """What runs per request now: the oldest suspect alone, else the requests no slot can
+        hold, together as one per-request batch (`_choose_batch`)."""
+        suspects = [item for item in apart if item.alone]
+        if suspects:
+            return [min(suspects, key=lambda item: item.enqueued_at)]
+        batch, _ = self._choose_batch(apart)
+        return batch
 
     def _order(self, backlog: list[Pending], cached: dict[int, int]) -> list[Pending]:
         """Single requests first; then batch lines whose prompt prefix is cached (a line passed
@@ -560,19 +570,19 @@ class Engine:
         if chosen and prefill + self._to_compute(item, cached) > self.max_prefill_tokens:
             return "stop"  # (a prompt over the bound joins alone)
         if not running.fits([*chosen, item]):
-            return "skip" if item.passed < self.max_batch_size else "stop"
+            # A single request, or a line passed over long enough, is not passed again.
+            return "stop" if item.interactive or item.passed >= self.max_batch_size else "skip"
         return "admit"
 
     @staticmethod
-    def _count_passed(order: list[Pending], chosen: list[Pending]) -> None:
-        """Count, for each request left waiting, the requests admitted ahead of it that came
-        after it in age."""
+    def _count_passed(waiting: list[Pending], chosen: list[Pending]) -> None:
+        """One more pass for each request left waiting while others were admitted ahead of it
+        (after it in the order, or while it has to run apart)."""
         if not chosen:
             return
         taken = {id(item) for item in chosen}
-        newest = max(item.enqueued_at for item in chosen)
-        for item in order:
-            if id(item) not in taken and item.enqueued_at < newest:
+        for item in waiting:
+            if id(item) not in taken:
                 item.passed += 1
 
     def _begin(self, items: list[Pending]) -> list[Pending]:

@@ -25,11 +25,28 @@ _SPARE = 64
 class GrowingLayer(DynamicLayer):
     """A DynamicLayer whose keys and values are views of buffers with spare columns."""
 
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        super().lazy_initialization(key_states, value_states)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self._key_buffer: torch.Tensor | None = None
         self._value_buffer: torch.Tensor | None = None
         self._length = 0
+
+    def replace(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """New keys and values from outside; the buffers go now (the next update copies the
+        new tensors into fresh ones)."""
+        self._key_buffer = self._value_buffer = None
+        self.keys, self.values = keys, values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep these rows, in buffers with the same spare columns (one copy; the old buffers go)."""
+        if self._key_buffer is None or self.get_seq_length() == 0:
+            super().batch_select_indices(indices)
+            return
+        assert self._value_buffer is not None
+        self._key_buffer = self._key_buffer[indices]
+        self._value_buffer = self._value_buffer[indices]
+        self.keys = self._key_buffer[:, :, : self._length]
+        self.values = self._value_buffer[:, :, : self._length]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
@@ -61,6 +78,7 @@ class GrowingLayer(DynamicLayer):
         assert current is not None
         length = current.shape[-2] if current.numel() else 0
         capacity = length + coming + max(_SPARE, (length + coming) // 4)
+        self._key_buffer = self._value_buffer = None  # the old buffers go before the new come
         rows, heads = key_states.shape[:2]
         self._key_buffer = key_states.new_empty((rows, heads, capacity, key_states.shape[-1]))
         self._value_buffer = value_states.new_empty((rows, value_states.shape[1], capacity, value_states.shape[-1]))
