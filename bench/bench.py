@@ -253,7 +253,6 @@ def main() -> None:
     parser.add_argument("--skip-memory", action="store_true", help="queue: skip the producer memory run")
     parser.add_argument("--pyfunc-requests", type=int, default=0, help="throughput: requests of the pyfunc baseline (default: all)")
     parser.add_argument("--memory-requests", type=int, default=5000, help="throughput: requests of the worker memory run (0 skips it)")
-    parser.add_argument("--served-name", default="default", help="structured: the served name of --model")
     args = parser.parse_args()
     structured = args.mode == "structured"
     lines = {"structured": 64, "continuous": 128, "prefix": 128}
@@ -441,7 +440,7 @@ def structured_mode(args: argparse.Namespace, workdir: Path) -> None:
     try:
         model = args.model or harness.chatbatch("model", "default")
         log(step="setup", model=model, lines=args.lines, max_tokens=args.max_tokens, device=_device(), repeat=args.repeat)
-        harness.start_worker(model, "SmolLM2-135M-Instruct" if not args.model else args.served_name)
+        harness.start_worker(model, served_name(model))
         best: dict[str, float] = {}
         for _ in range(args.repeat):
             for mode in ("single", "plain", "mixed"):
