@@ -86,7 +86,7 @@ def test_job_record_fields_and_transitions(tiny_worker: Worker, redis_server: Re
 
 def test_cancel_a_running_job(tiny_worker: Worker, redis_server: RedisServer, base_env: dict[str, str], tmp_path: Path) -> None:
     client = Client(Settings(redis_url=redis_server.url, chunk_size=8))
-    ids = [f"s{i}" for i in range(400)]
+    ids = [f"s{i}" for i in range(2000)]  # far more than the tiny model finishes in the seconds the test leaves it
     handle = client.submit_file(str(_slow_file(tmp_path / "in.jsonl", len(ids))))
     wait_for(lambda: handle.status().request_counts.completed > 0, 60, "the first answers")
     started = time.monotonic()
@@ -111,7 +111,7 @@ def test_cancel_a_running_job(tiny_worker: Worker, redis_server: RedisServer, ba
 
 def test_expired_job_keeps_finished_lines(tiny_worker: Worker, redis_server: RedisServer, tmp_path: Path) -> None:
     client = Client(Settings(redis_url=redis_server.url, chunk_size=8))
-    ids = [f"s{i}" for i in range(400)]
+    ids = [f"s{i}" for i in range(2000)]  # far more than the tiny model finishes in the seconds the test leaves it
     source = _slow_file(tmp_path / "in.jsonl", len(ids))
     slow = source.read_text().splitlines()
     quick = [batch_line(f"s{i}", user("quick", max_tokens=2)) for i in range(8)]  # the first chunk finishes in time
