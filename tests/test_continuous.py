@@ -41,6 +41,7 @@ class Finishes:
         self.lock = threading.Lock()
         self.all_done = threading.Event()
         self.expected = 0
+        self.names: dict[int, str] = {}
 
     def __call__(self, ticket) -> None:  # type: ignore[no-untyped-def]
         with self.lock:
@@ -54,8 +55,19 @@ class Finishes:
         self.expected += len(named)
         tickets = engine.submit_many([(request, name) for name, request in named], self)
         with self.lock:
-            self.names = getattr(self, "names", {})
             self.names.update({id(ticket): name for ticket, (name, _) in zip(tickets, named)})
+
+
+def _run_lines(engine: Engine, named: list[tuple[str, ChatCompletionRequest]]) -> Finishes:
+    """Submit named batch lines before the engine starts, run them all, stop the engine."""
+    finishes = Finishes()
+    finishes.submit(engine, named)
+    engine.start()
+    try:
+        assert finishes.all_done.wait(120)
+    finally:
+        engine.stop()
+    return finishes
 
 
 def test_rows_admitted_mid_decode_answer_as_generate_alone(runner) -> None:  # type: ignore[no-untyped-def]
@@ -81,16 +93,10 @@ def test_rows_admitted_mid_decode_answer_as_generate_alone(runner) -> None:  # t
 
 def test_a_long_request_is_held_neither_behind_short_ones_nor_holds_them(runner) -> None:  # type: ignore[no-untyped-def]
     engine = Engine(runner, batch_wait=0.0, max_batch_size=2)
-    finishes = Finishes()
     early = [(f"early{i}", _request(f"short {i}", max_tokens=2)) for i in range(10)]
     long = [("long", _request("a long answer", max_tokens=60, logit_bias={str(t): -100 for t in runner.eos_ids}))]
     late = [(f"late{i}", _request(f"short {i}", max_tokens=2)) for i in range(40)]
-    finishes.submit(engine, early + long + late)
-    engine.start()
-    try:
-        assert finishes.all_done.wait(120)
-    finally:
-        engine.stop()
+    finishes = _run_lines(engine, early + long + late)
     order = finishes.order
     assert finishes.answers["long"].usage.completion_tokens == 60
     assert order.index("long") < len(order) - 1, "the long request finished while short ones were still coming"
@@ -128,13 +134,7 @@ def test_prefix_reuse_answers_as_no_reuse_and_reports_cached_tokens(runner, tiny
         settings = Settings(redis_url="redis://127.0.0.1:1/0", decode=runner.decode, prefix_cache_mb=64 if reuse else 0)
         own = load_runner(str(tiny_model), settings)
         engine = Engine(own, batch_wait=0.0)
-        finishes = Finishes()
-        finishes.submit(engine, requests)
-        engine.start()
-        try:
-            assert finishes.all_done.wait(120)
-        finally:
-            engine.stop()
+        finishes = _run_lines(engine, requests)
         figures = engine.figures()
         assert (float(figures["cached_prompt_tokens"]) > 0) is reuse
         return finishes.answers
@@ -162,14 +162,7 @@ def test_the_prefix_cache_stays_within_its_bound(tiny_model: Path) -> None:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     block = 2 * config.num_hidden_layers * (getattr(config, "num_key_value_heads", None) or heads) * BLOCK * head_dim * 4
     own.prefix_cache.max_bytes = 5 * block  # room for five blocks of the tiny model
-    engine = Engine(own, batch_wait=0.0, max_prefill_tokens=1)
-    finishes = Finishes()
-    finishes.submit(engine, [(f"p{i}", _request("go", system=f"{i} " + SYSTEM, max_tokens=2)) for i in range(12)])
-    engine.start()
-    try:
-        assert finishes.all_done.wait(120)
-    finally:
-        engine.stop()
+    _run_lines(Engine(own, batch_wait=0.0, max_prefill_tokens=1), [(f"p{i}", _request("go", system=f"{i} " + SYSTEM, max_tokens=2)) for i in range(12)])
     cache = own.prefix_cache
     assert 0 < cache.bytes <= cache.max_bytes
     assert len(cache) == 5, "older blocks were evicted, and the newest kept"

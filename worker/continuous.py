@@ -220,16 +220,9 @@ class ContinuousDecode:
         cache = runner._new_cache()
         if width_p:
             self._put_prefixes(cache, prefixes, width_p)
-        out = runner.model(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=positions,
-            use_cache=True,
-            logits_to_keep=1,
-            **{runner._cache_arg: cache},
-        )
+        logits = runner._last_logits(input_ids, mask, positions, cache, logits_to_keep=1)
         starts = [width_p + width_s - len(r) for r in rest]
-        return cache, mask, out.logits[:, -1, :].float(), starts
+        return cache, mask, logits, starts
 
     def _put_prefixes(self, cache: Any, prefixes: list[list[list[tuple[Any, Any]]]], width: int) -> None:
         """Fill the first `width` columns of a new cache with each row's cached blocks,
@@ -320,14 +313,7 @@ class ContinuousDecode:
             self._trim()
         self._mask = torch.cat([self._mask, self._mask.new_ones((self._mask.shape[0], 1))], dim=1)
         runner.decode_steps += 1
-        out = runner.model(
-            input_ids=tokens[:, None],
-            attention_mask=self._mask,
-            position_ids=self._next_pos[:, None],
-            use_cache=True,
-            **{runner._cache_arg: self._cache},
-        )
-        self._logits = out.logits[:, -1, :].float()
+        self._logits = runner._last_logits(tokens[:, None], self._mask, self._next_pos[:, None], self._cache)
         self._next_pos = self._next_pos + 1
 
     def _trim(self) -> None:

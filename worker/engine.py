@@ -517,9 +517,10 @@ class Engine:
         order = self._order([item for item in backlog if not (item.alone or not running.fits_ever(item))], cached)
         chosen: list[Pending] = []
         prefill = 0
+        tokens = sum(item.rows * item.cost for item in running.requests)
         first_blocks: set[bytes] = set()
         for item in order:
-            verdict = self._admissible(item, chosen, rows, prefill, cached[id(item)])
+            verdict = self._admissible(item, chosen, (rows, tokens, prefill), cached[id(item)])
             if verdict == "stop":
                 break
             block = running.first_block(item) if verdict == "admit" and not cached[id(item)] else None
@@ -529,6 +530,7 @@ class Engine:
                 first_blocks.add(block)
             chosen.append(item)
             rows += item.rows
+            tokens += item.rows * item.cost
             prefill += self._to_compute(item, cached[id(item)])
         self._count_passed([*order, *apart], chosen)
         return chosen, []
@@ -559,12 +561,13 @@ class Engine:
         """Prompt tokens a request's prefill computes."""
         return item.rows * (len(item.prepared.prompt_ids) - cached)
 
-    def _admissible(self, item: Pending, chosen: list[Pending], rows: int, prefill: int, cached: int) -> str:
-        """`admit`, `skip` (it waits; later ones may go) or `stop` (nothing more this step)."""
+    def _admissible(self, item: Pending, chosen: list[Pending], taken: tuple[int, int, int], cached: int) -> str:
+        """`admit`, `skip` (it waits; later ones may go) or `stop` (nothing more this step),
+        given the rows, tokens and prompt tokens to compute already `taken`."""
         running = self.running
+        rows, tokens, prefill = taken
         if not rows and not chosen:
             return "admit" if running.fits([item]) else "stop"  # an empty batch takes its first request
-        tokens = sum(other.rows * other.cost for other in [*running.requests, *chosen])
         if rows + item.rows > self._most_rows() or tokens + item.rows * item.cost > self.max_batch_tokens:
             return "stop"
         if chosen and prefill + self._to_compute(item, cached) > self.max_prefill_tokens:

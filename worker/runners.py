@@ -306,14 +306,13 @@ class TransformersRunner:
         return None
 
     def run_batch(self, items: list[Pending]) -> list[ChatCompletion | RequestError]:
+        if self.decode == "dynamic":
+            return self._run_dynamic(items)
         import torch
 
         rows = [self._row(index, choice, item) for index, item in enumerate(items) for choice in range(item.request.n)]
         with torch.inference_mode():
-            if self.decode == "dynamic":
-                self._decode(rows)
-            else:
-                self._decode_static(rows)
+            self._decode_static(rows)
         created = int(time.time())
         by_item: list[list[_Row]] = [[] for _ in items]
         for row in rows:
@@ -325,6 +324,19 @@ class TransformersRunner:
             except RequestError as error:  # this request's answer cannot be given; its neighbours' can
                 results.append(error)
         return results
+
+    def _run_dynamic(self, items: list[Pending]) -> list[ChatCompletion | RequestError]:
+        """A group in the dynamic decode: the continuous decode, given the whole group at once
+        and nothing after (rows leave as they finish; no prefix reuse)."""
+        from worker.continuous import ContinuousDecode
+        from worker.prefix_cache import PrefixCache
+
+        decode = ContinuousDecode(self, PrefixCache(0), max_tokens=0)
+        decode.admit(items)
+        answers: dict[int, ChatCompletion | RequestError] = {}
+        while len(decode):
+            answers.update((id(item), result) for item, result in decode.step())
+        return [answers[id(item)] for item in items]
 
     def _row(self, index: int, choice: int, item: Pending) -> _Row:
         stops = item.prepared.stops
@@ -431,57 +443,6 @@ class TransformersRunner:
         raw = self.grammars.token_bytes(token) or str(self.tokenizer.convert_ids_to_tokens(token)).encode()
         return {"token": raw.decode("utf-8", errors="replace"), "bytes": list(raw)}
 
-    def _decode(self, rows: list[_Row]) -> None:
-        import torch
-
-        device = self.device
-        width = max(len(row.prepared.prompt_ids) for row in rows)
-        input_ids, mask = _left_padded([row.prepared.prompt_ids for row in rows], len(rows), width, self.pad_id)
-        input_ids, mask = input_ids.to(device), mask.to(device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = self._new_cache()
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=positions,
-            use_cache=True,
-            logits_to_keep=1,
-            **{self._cache_arg: cache},
-        )
-        logits = out.logits[:, -1, :].float()
-        next_pos = positions[:, -1] + 1
-        active = list(range(len(rows)))
-        sampler = self._sampler([row.params for row in rows])
-        while active:
-            tokens = sampler.choose(logits)
-            keep: list[int] = []
-            for j, token in enumerate(tokens.tolist()):
-                if not self._advance(rows[active[j]], token):
-                    keep.append(j)
-            if not keep:
-                break
-            if len(keep) < len(active):
-                index = torch.tensor(keep, device=device)
-                cache.batch_select_indices(index)
-                sampler.select(index, keep)
-                mask, next_pos, tokens = mask[index], next_pos[index], tokens[index]
-                active = [active[j] for j in keep]
-            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
-            self.decode_steps += 1
-            out = self.model(
-                input_ids=tokens[:, None],
-                attention_mask=mask,
-                position_ids=next_pos[:, None],
-                use_cache=True,
-                **{self._cache_arg: cache},
-            )
-            logits = out.logits[:, -1, :].float()
-            next_pos = next_pos + 1
-        for row in rows:
-            if row.text is None:
-                row.text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
-        self._keep_logprobs(rows, sampler)
-
     # The static decode: fixed shapes, checks on the device.
 
     def _static_shape(self, rows: int, tokens: int) -> tuple[int, int]:
@@ -508,16 +469,20 @@ class TransformersRunner:
         self._static_caches[key] = cache
         return cache
 
-    def _forward_step(self, tokens: Any, positions: Any, cache_position: Any, mask: Any, cache: Any) -> Any:
+    def _last_logits(self, input_ids: Any, mask: Any, positions: Any, cache: Any, **extra: Any) -> Any:
+        """One forward pass that fills `cache`; the float32 logits of each row's last position."""
         out = self.model(
-            input_ids=tokens,
+            input_ids=input_ids,
             attention_mask=mask,
             position_ids=positions,
-            cache_position=cache_position,
             use_cache=True,
             **{self._cache_arg: cache},
+            **extra,
         )
         return out.logits[:, -1, :].float()
+
+    def _forward_step(self, tokens: Any, positions: Any, cache_position: Any, mask: Any, cache: Any) -> Any:
+        return self._last_logits(tokens, mask, positions, cache, cache_position=cache_position)
 
     def _step(self, *args: Any) -> Any:
         """One decode step, compiled when the decode mode says so (falling back to eager, with
@@ -558,16 +523,7 @@ class TransformersRunner:
         input_ids, mask = input_ids.to(device), mask.to(device)
         positions = (mask[:, :width].cumsum(-1) - 1).clamp(min=0)
         cache = self._static_cache(size, length)
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=positions,
-            cache_position=torch.arange(width, device=device),
-            use_cache=True,
-            logits_to_keep=1,
-            **{self._cache_arg: cache},
-        )
-        logits = out.logits[:, -1, :].float()
+        logits = self._last_logits(input_ids, mask, positions, cache, cache_position=torch.arange(width, device=device), logits_to_keep=1)
         params = [row.params for row in rows] + [SamplingParams(0.0, 1.0, 0)] * (size - count)
         sampler = self._sampler(params)
         limits = torch.tensor([row.prepared.max_new for row in rows] + [1] * (size - count), device=device)
