@@ -142,11 +142,11 @@ def test_the_openai_package_drives_every_request_feature(gateway: Gateway) -> No
     assert all(entry.logprob <= 0 and len(entry.top_logprobs) == 2 for entry in logprobs.content)
 
     required = sdk.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER_TOOL], tool_choice="required",
-                                           parallel_tool_calls=False, max_tokens=60)
+                                           parallel_tool_calls=False, max_tokens=60, temperature=0)
     call = (required.choices[0].message.tool_calls or [])[0]
     assert required.choices[0].finish_reason == "tool_calls" and call.type == "function"
     assert call.function.name == "get_weather" and "city" in json.loads(call.function.arguments)  # type: ignore[union-attr]
-    named = sdk.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER_TOOL], max_tokens=60,
+    named = sdk.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER_TOOL], max_tokens=60, temperature=0,
                                         tool_choice={"type": "function", "function": {"name": "get_weather"}})
     assert (named.choices[0].message.tool_calls or [])[0].function.name == "get_weather"  # type: ignore[union-attr]
 
