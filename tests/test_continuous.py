@@ -86,6 +86,8 @@ def test_rows_admitted_mid_decode_answer_as_generate_alone(runner) -> None:  # t
     assert engine.stats["batches"] == len(texts), "each request joined on its own step"
     if runner.decode != "dynamic":
         assert engine.running.shifts > 0, "the slots' columns were shifted to make room"
+    else:
+        assert engine.running.joined_in_place > 0, "rows joined into the places of rows that finished"
     alone = {text: _generate_alone(runner, text, 40) for text in PROMPTS}
     for text, outcome in zip(texts, outcomes):
         assert outcome.choices[0].message.content == alone[text], text

@@ -4,12 +4,19 @@ every step (the `dynamic` decode mode).
 The batch's KV lives in one DynamicCache, one row per sequence, left-padded to a common width,
 with an attention mask and explicit positions per row, so a row's answer does not depend on
 what else is in the batch. Between two steps:
-- rows that finished leave: their cache rows are dropped, and leading columns that every row
-  left masks are cut off;
+- rows that finished leave their place vacant (it decodes on, unread, until a row takes it),
+  and leading columns every running row masks are cut off;
 - waiting requests join: their prompts are prefilled together in a cache of their own (the
   blocks of their prompts found in the prefix cache are put in place first, and only the rest
-  is computed), whose rows are then padded to the batch's width (or the batch's to theirs) and
-  appended.
+  is computed), whose rows are written into vacant places, left-padded to the batch's width
+  (the batch's columns are widened first when a prompt is wider), or appended when no place is
+  vacant;
+- when a quarter of the places stay vacant after the requests that could join have joined, the
+  batch is compacted.
+
+Changing the batch in place keeps its cost to the joining rows: appending rows or dropping
+finished ones copies the whole cache, which for short answers joining every few steps costs
+more than the steps themselves.
 
 A request is answered as soon as its last row finishes; nothing waits for the batch to end.
 """
@@ -75,8 +82,9 @@ class ContinuousDecode:
         self._settled: list[tuple[Pending, ChatCompletion | RequestError]] = []
         self._keys = itertools.count()
         self._requests: dict[int, _Admitted] = {}
-        #: The rows in the batch, in cache order, and their ids in the sampler.
-        self.rows: list[_Row] = []
+        #: The rows in the batch, in cache order (None where a place is vacant), and their ids
+        #: in the sampler.
+        self.rows: list[_Row | None] = []
         self._ids: list[int] = []
         # Set while rows are in the batch (torch tensors; Any, as they are None between runs).
         self._cache: Any = None
@@ -88,14 +96,20 @@ class ContinuousDecode:
         #: Prompt tokens computed and taken from the prefix cache, since the start.
         self.prompt_tokens = 0
         self.cached_tokens = 0
+        #: Rows that joined into a vacant place, and times the vacant places were dropped.
+        self.joined_in_place = 0
+        self.compactions = 0
 
     @property
     def requests(self) -> list[Pending]:
         return [entry.item for entry in self._requests.values()]
 
     def __len__(self) -> int:
-        """Rows in the batch."""
-        return len(self.rows)
+        """Rows running in the batch."""
+        return sum(row is not None for row in self.rows)
+
+    def _running(self) -> list[_Row]:
+        return [row for row in self.rows if row is not None]
 
     def cached_prefix(self, item: Pending) -> int:
         """Prompt tokens of a prepared request the prefix cache holds now (a read)."""
@@ -122,11 +136,12 @@ class ContinuousDecode:
     def fits(self, items: list[Pending]) -> bool:
         """Whether these requests can join the batch together now: the cache, padded to its
         widest row and grown by every row's max_tokens, stays within `max_tokens`."""
-        rows = len(self.rows) + sum(item.request.n for item in items)
+        running = self._running()
+        rows = max(len(self.rows), len(running) + sum(item.request.n for item in items))
         longest = max(item.prepared.max_new for item in items)
-        if not self.rows:  # an empty batch takes any one request
+        if not running:  # an empty batch takes any one request
             return len(items) == 1 or rows * (self.prefill_width(items) + longest) <= self.max_tokens
-        remaining = max(row.prepared.max_new - row.generated for row in self.rows)
+        remaining = max(row.prepared.max_new - row.generated for row in running)
         width = max(self._mask.shape[1] + remaining, self.prefill_width(items) + longest)
         return rows * width <= self.max_tokens
 
@@ -179,19 +194,29 @@ class ContinuousDecode:
         return new_rows, prompts, prefixes
 
     def _place(self, rows: list[_Row], prompts: list[list[int]], cache: Any, mask: torch.Tensor, logits: torch.Tensor) -> None:
-        """Append prefilled rows to the batch."""
+        """Put prefilled rows in the batch: into vacant places first, then at the end."""
         import torch
 
         positions = torch.tensor([len(prompt) for prompt in prompts], device=self.runner.device)
         params = [row.params for row in rows]
-        if self._sampler is None:
+        if self._sampler is None or not self.rows:
             self._sampler = self.runner._sampler(params, host_logprobs=True)
-            ids = list(self._sampler.ids)
-        else:
-            ids = self._sampler.extend(params)
-        self._join(cache, mask, positions, logits)
-        self.rows += rows
-        self._ids += ids
+            self._cache, self._mask, self._next_pos, self._logits = cache, mask, positions, logits
+            self.rows, self._ids = list(rows), list(self._sampler.ids)
+            return
+        vacant = [j for j, row in enumerate(self.rows) if row is None][: len(rows)]
+        ids = self._sampler.extend(params)
+        # Each new row's sampler state moves to its place (the vacant row's there is dropped).
+        order = list(range(len(self.rows)))
+        for k, place in enumerate(vacant):
+            order[place] = len(self.rows) + k
+        order += [len(self.rows) + k for k in range(len(vacant), len(rows))]
+        self._sampler.select(torch.tensor(order, device=self.runner.device), order)
+        self._join(vacant, cache, mask, positions, logits)
+        for k, place in enumerate(vacant):
+            self.rows[place], self._ids[place] = rows[k], ids[k]
+        self.rows += rows[len(vacant) :]
+        self._ids += ids[len(vacant) :]
 
     def _prefill(
         self, prompts: list[list[int]], prefixes: list[list[list[tuple[Any, Any]]]]
@@ -265,24 +290,35 @@ class ContinuousDecode:
                     [(layer.keys[i, :, column : column + BLOCK].clone(), layer.values[i, :, column : column + BLOCK].clone()) for layer in layers],
                 )
 
-    def _join(self, cache: Any, mask: torch.Tensor, positions: torch.Tensor, logits: torch.Tensor) -> None:
-        """Append prefilled rows to the batch, padding the narrower side on the left."""
+    def _join(self, places: list[int], cache: Any, mask: torch.Tensor, positions: torch.Tensor, logits: torch.Tensor) -> None:
+        """Write prefilled rows' KV, mask, positions and logits into these vacant places and
+        append the rest; the batch is widened on the left first when they are wider."""
         import torch
 
-        if self._cache is None or not self.rows:
-            self._cache, self._mask, self._next_pos, self._logits = cache, mask, positions, logits
-            return
-        width = max(self._mask.shape[1], mask.shape[1])
-        old_pad, new_pad = width - self._mask.shape[1], width - mask.shape[1]
+        widen = mask.shape[1] - self._mask.shape[1]
+        if widen > 0:
+            for layer in self._cache.layers:
+                _widen(layer, widen)
+            self._mask = _pad_left(self._mask, widen, dim=1)
+        pad = self._mask.shape[1] - mask.shape[1]
+        mask = _pad_left(mask, pad, dim=1)
+        placed = len(places)
+        self.joined_in_place += placed
+        index = torch.tensor(places, device=self.runner.device, dtype=torch.long)
         for mine, theirs in zip(self._cache.layers, cache.layers):
-            _replace(
-                mine,
-                torch.cat([_pad_left(mine.keys, old_pad), _pad_left(theirs.keys, new_pad)]),
-                torch.cat([_pad_left(mine.values, old_pad), _pad_left(theirs.values, new_pad)]),
-            )
-        self._mask = torch.cat([_pad_left(self._mask, old_pad, dim=1), _pad_left(mask, new_pad, dim=1)])
-        self._next_pos = torch.cat([self._next_pos, positions])
-        self._logits = torch.cat([self._logits, logits])
+            keys, values = _pad_left(theirs.keys, pad), _pad_left(theirs.values, pad)
+            if placed:
+                mine.keys[index] = keys[:placed]
+                mine.values[index] = values[:placed]
+            if placed < len(mask):
+                _replace(mine, torch.cat([mine.keys, keys[placed:]]), torch.cat([mine.values, values[placed:]]))
+        self._mask[index] = mask[:placed]
+        self._next_pos[index] = positions[:placed]
+        self._logits[index] = logits[:placed]
+        if placed < len(mask):
+            self._mask = torch.cat([self._mask, mask[placed:]])
+            self._next_pos = torch.cat([self._next_pos, positions[placed:]])
+            self._logits = torch.cat([self._logits, logits[placed:]])
 
     # Stepping.
 
@@ -290,40 +326,56 @@ class ContinuousDecode:
         import torch
 
         runner = self.runner
+        self._compact()
         tokens = self._sampler.choose(self._logits)
-        keep: list[int] = []
         finished: list[int] = []
         for j, token in enumerate(tokens.tolist()):
-            if runner._advance(self.rows[j], token):
+            row = self.rows[j]
+            if row is not None and runner._advance(row, token):
                 finished.append(j)
-            else:
-                keep.append(j)
         if finished:
-            self._settle([(self.rows[j], self._ids[j]) for j in finished])
-        if not keep:
-            self._reset()
-            return
-        if finished:
-            index = torch.tensor(keep, device=runner.device)
-            self._cache.batch_select_indices(index)
-            self._sampler.select(index, keep)
-            self._mask, self._next_pos, tokens = self._mask[index], self._next_pos[index], tokens[index]
-            self.rows = [self.rows[j] for j in keep]
-            self._ids = [self._ids[j] for j in keep]
+            self._settle([(self.rows[j], self._ids[j]) for j in finished])  # type: ignore[misc]
+            for j in finished:
+                self.rows[j] = None
+            if not len(self):
+                self._reset()
+                return
+            # A vacant place decodes on, unread, from position 0 (never past the model's positions).
+            self._next_pos[torch.tensor(finished, device=runner.device)] = 0
             self._trim()
         self._mask = torch.cat([self._mask, self._mask.new_ones((self._mask.shape[0], 1))], dim=1)
         runner.decode_steps += 1
         self._logits = runner._last_logits(tokens[:, None], self._mask, self._next_pos[:, None], self._cache)
         self._next_pos = self._next_pos + 1
 
+    def _compact(self) -> None:
+        """Drop the vacant places when a quarter of the batch or more is vacant (no waiting
+        request took them): each costs a row of every step, dropping them copies the cache once."""
+        import torch
+
+        keep = [j for j, row in enumerate(self.rows) if row is not None]
+        vacant = len(self.rows) - len(keep)
+        if not vacant or 4 * vacant < len(self.rows):
+            return
+        self.compactions += 1
+        index = torch.tensor(keep, device=self.runner.device)
+        self._cache.batch_select_indices(index)
+        self._sampler.select(index, keep)
+        self._mask, self._next_pos, self._logits = self._mask[index], self._next_pos[index], self._logits[index]
+        self.rows = [self.rows[j] for j in keep]
+        self._ids = [self._ids[j] for j in keep]
+
     def _trim(self) -> None:
-        """Cut the leading columns every row masks (left by rows that went)."""
-        used = self._mask.any(dim=0)
+        """Cut the leading columns every running row masks (left by rows that went)."""
+        import torch
+
+        running = torch.tensor([row is not None for row in self.rows], device=self._mask.device)
+        used = self._mask[running].any(dim=0)
         first = int(used.int().argmax())
         if first:
             self._mask = self._mask[:, first:]
             for layer in self._cache.layers:
-                _replace(layer, layer.keys[:, :, first:], layer.values[:, :, first:])
+                _drop_leading(layer, first)
 
     def _settle(self, finished: list[tuple[_Row, int]]) -> None:
         """Give finished rows (with their sampler ids) their text, log probabilities and
@@ -551,6 +603,24 @@ class SlotDecode(ContinuousDecode):
         self._next_pos.zero_()
         self._sampler = None
         self._set_column(0)
+
+
+def _widen(layer: Any, count: int) -> None:
+    """`count` zero columns before a cache layer's (in place where a growing layer has room)."""
+    widen = getattr(layer, "widen", None)
+    if widen is not None:
+        widen(count)
+    else:
+        layer.keys, layer.values = _pad_left(layer.keys, count), _pad_left(layer.values, count)
+
+
+def _drop_leading(layer: Any, count: int) -> None:
+    """Cut a cache layer's first `count` columns (without a copy in a growing layer)."""
+    drop = getattr(layer, "drop_leading", None)
+    if drop is not None:
+        drop(count)
+    else:
+        layer.keys, layer.values = layer.keys[:, :, count:], layer.values[:, :, count:]
 
 
 def _replace(layer: Any, keys: torch.Tensor, values: torch.Tensor) -> None:

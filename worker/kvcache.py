@@ -5,10 +5,12 @@ the whole cache at every token: for a batch of 32 rows of 300 tokens of a small 
 memory traffic per step than the attention itself. `GrowingLayer` keeps them in buffers with
 room to spare, writes each step's token in place, and hands out views of the filled part.
 
-Whoever replaces `keys`/`values` outright (transformers' `batch_select_indices` when rows leave,
-worker/continuous.py when rows join or leading columns are cut) is followed at the next update:
-the layer sees that its views were replaced and copies the new tensors into fresh buffers,
-once, in place of the copy `torch.cat` makes at every step.
+The continuous decode changes the batch in place as well: a row that joins is written into a
+finished row's place, leading columns every row masks are cut by moving the view's start, and
+columns for a longer prompt are added before it where the buffer has room. Whoever replaces
+`keys`/`values` outright (transformers' `batch_select_indices` on other layers, or a change with
+no room) is followed at the next update: the layer sees that its views were replaced and copies
+the new tensors into fresh buffers, once, in place of the copy `torch.cat` makes at every step.
 """
 
 from __future__ import annotations
@@ -23,13 +25,19 @@ _SPARE = 64
 
 
 class GrowingLayer(DynamicLayer):
-    """A DynamicLayer whose keys and values are views of buffers with spare columns."""
+    """A DynamicLayer whose keys and values are views of buffers with spare columns.
+
+    The view covers buffer columns [start, end): steps write at `end`; `drop_leading` cuts
+    columns off the front and `widen` adds zero columns there, both without copying while the
+    buffer has room.
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._key_buffer: torch.Tensor | None = None
         self._value_buffer: torch.Tensor | None = None
-        self._length = 0
+        self._start = 0
+        self._end = 0
 
     def replace(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """New keys and values from outside; the buffers go now (the next update copies the
@@ -39,37 +47,67 @@ class GrowingLayer(DynamicLayer):
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         """Keep these rows, in buffers with the same spare columns (one copy; the old buffers go)."""
-        if self._key_buffer is None or self.get_seq_length() == 0:
+        if not self._owns_view() or self.get_seq_length() == 0:
             super().batch_select_indices(indices)
             return
-        assert self._value_buffer is not None
-        self._key_buffer = self._key_buffer[indices]
-        self._value_buffer = self._value_buffer[indices]
-        self.keys = self._key_buffer[:, :, : self._length]
-        self.values = self._value_buffer[:, :, : self._length]
+        assert self._key_buffer is not None and self._value_buffer is not None
+        self._key_buffer = self._key_buffer[indices, :, self._start :]
+        self._value_buffer = self._value_buffer[indices, :, self._start :]
+        self._end -= self._start
+        self._start = 0
+        self._set_view()
+
+    def drop_leading(self, count: int) -> None:
+        """Cut the first `count` columns (every row masks them)."""
+        if not self._owns_view():
+            assert self.keys is not None and self.values is not None
+            self.replace(self.keys[:, :, count:], self.values[:, :, count:])
+            return
+        self._start += count
+        self._set_view()
+
+    def widen(self, count: int) -> None:
+        """Add `count` zero columns before the first (for a row joining with a longer prompt)."""
+        assert self.keys is not None and self.values is not None
+        if not self._owns_view() or self._start < count:
+            self.replace(_pad_left(self.keys, count), _pad_left(self.values, count))
+            return
+        assert self._key_buffer is not None and self._value_buffer is not None
+        self._start -= count
+        self._key_buffer[:, :, self._start : self._start + count] = 0
+        self._value_buffer[:, :, self._start : self._start + count] = 0
+        self._set_view()
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         coming = key_states.shape[-2]
-        buffer, current = self._key_buffer, self.keys
-        assert current is not None
-        if (
-            buffer is None
-            or current.data_ptr() != buffer.data_ptr()  # replaced from outside
-            or current.shape[0] != buffer.shape[0]
-            or current.shape[-2] != self._length
-            or self._length + coming > buffer.shape[-2]  # full
-        ):
+        if not self._owns_view() or self._end + coming > self._key_buffer.shape[-2]:  # type: ignore[union-attr]
             self._rebuffer(key_states, value_states, coming)
-        end = self._length + coming
         keys, values = self._key_buffer, self._value_buffer
         assert keys is not None and values is not None
-        keys[:, :, self._length : end] = key_states
-        values[:, :, self._length : end] = value_states
-        self._length = end
-        self.keys, self.values = keys[:, :, :end], values[:, :, :end]
-        return self.keys, self.values
+        keys[:, :, self._end : self._end + coming] = key_states
+        values[:, :, self._end : self._end + coming] = value_states
+        self._end += coming
+        self._set_view()
+        return self.keys, self.values  # type: ignore[return-value]
+
+    def _owns_view(self) -> bool:
+        """Whether `keys` is still the view of the buffers this layer handed out (not replaced
+        from outside)."""
+        buffer, current = self._key_buffer, self.keys
+        return (
+            buffer is not None
+            and current is not None
+            and current.shape[0] == buffer.shape[0]
+            and current.shape[-2] == self._end - self._start
+            and current.data_ptr() == buffer[:, :, self._start :].data_ptr()
+        )
+
+    def _set_view(self) -> None:
+        assert self._key_buffer is not None and self._value_buffer is not None
+        self.keys = self._key_buffer[:, :, self._start : self._end]
+        self.values = self._value_buffer[:, :, self._start : self._end]
 
     def _rebuffer(self, key_states: torch.Tensor, value_states: torch.Tensor, coming: int) -> None:
         """New buffers holding the current keys and values, with room for `coming` columns and
@@ -85,4 +123,11 @@ class GrowingLayer(DynamicLayer):
         if length:
             self._key_buffer[:, :, :length] = self.keys  # type: ignore[assignment]
             self._value_buffer[:, :, :length] = self.values  # type: ignore[assignment]
-        self._length = length
+        self._start, self._end = 0, length
+
+
+def _pad_left(tensor: torch.Tensor, count: int) -> torch.Tensor:
+    """`count` zero columns before `tensor`'s (dimension 2)."""
+    shape = list(tensor.shape)
+    shape[2] = count
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=2)
