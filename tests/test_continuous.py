@@ -106,6 +106,22 @@ def test_a_long_request_is_held_neither_behind_short_ones_nor_holds_them(runner)
     assert all(order.index(f"early{i}") < order.index("late0") for i in range(10)), "first come, first admitted"
 
 
+def test_batch_lines_join_once_an_eighth_of_the_rows_is_free(runner) -> None:  # type: ignore[no-untyped-def]
+    """Rows finishing one at a time: lines join a few at a time (fewer prefill passes), with
+    the same answers as joining at every step."""
+    if runner.decode != "dynamic":
+        pytest.skip("the slot layout frees rows at host syncs; it does not hold lines")
+    lines = [(f"l{i}", _request(f"line {i}", max_tokens=2 + i % 9)) for i in range(60)]
+    runs = {}
+    for hold in (0, 8):
+        engine = Engine(runner, batch_wait=0.0, max_batch_size=16)
+        engine.running.hold_steps = hold
+        finishes = _run_lines(engine, lines)
+        runs[hold] = (engine.stats["batches"], {name: answer.choices[0].message.content for name, answer in finishes.answers.items()})
+    assert runs[8][1] == runs[0][1]
+    assert runs[8][0] < runs[0][0], f"{runs[8][0]} joins holding against {runs[0][0]} joining at every step"
+
+
 def test_a_single_request_is_admitted_ahead_of_waiting_batch_lines(runner) -> None:  # type: ignore[no-untyped-def]
     engine = Engine(runner, batch_wait=0.0, max_batch_size=2)
     finishes = Finishes()

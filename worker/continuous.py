@@ -128,6 +128,10 @@ class ContinuousDecode:
 
     #: Most rows this batch can hold, when it has a fixed number of slots.
     capacity: int | None = None
+    #: Most steps batch lines wait for an eighth of the rows to be free before they join
+    #: (each join is a prefill forward pass of its own, costing about one decode step however
+    #: few rows it brings; the engine's `_holds`).
+    hold_steps = 8
 
     def fits_ever(self, item: Pending) -> bool:
         """Whether a request can join this batch at all (else it runs per request)."""
@@ -441,6 +445,9 @@ class SlotDecode(ContinuousDecode):
     finished rows (EOS, stop strings, max_tokens) and frees their slots: a slot waits at most
     that many steps to be reused.
     """
+
+    #: Slots are freed at host syncs, every SYNC_EVERY steps: they join then.
+    hold_steps = 0
 
     def __init__(self, runner: TransformersRunner, prefix_cache: PrefixCache, *, slots: int, length: int) -> None:
         import torch

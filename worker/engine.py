@@ -252,6 +252,8 @@ class Engine:
             "busy_seconds": 0.0,
         }
         self._figures = _Figures()
+        #: Steps batch lines have waited for rows to free up (`_holds`).
+        self._held = 0
 
     def start(self) -> None:
         if self._thread is None:
@@ -513,6 +515,8 @@ class Engine:
             return [], self._apart_batch(apart)
         if any(item.passed >= self.max_batch_size for item in apart):
             return [], []  # the batch drains for them
+        if self._holds(backlog, rows):
+            return [], []
         cached = {id(item): running.cached_prefix(item) for item in backlog}
         order = self._order([item for item in backlog if not (item.alone or not running.fits_ever(item))], cached)
         chosen: list[Pending] = []
@@ -534,6 +538,25 @@ class Engine:
             prefill += self._to_compute(item, cached[id(item)])
         self._count_passed([*order, *apart], chosen)
         return chosen, []
+
+    def _holds(self, backlog: list[Pending], rows: int) -> bool:
+        """Whether batch lines wait, this step, for more rows of the running batch to free up.
+
+        Each join prefills in a forward pass of its own, which costs about as much as a decode
+        step of the whole batch however few rows it brings; a free row left for a step costs
+        one row of that step. So lines join once an eighth of the rows is free (or all that
+        wait fit), or after the decode's `hold_steps` steps, as TGI's router does with its
+        waiting-served ratio. A single request never waits for this."""
+        most = getattr(self.running, "hold_steps", 0)
+        if not rows or not most or any(item.interactive for item in backlog):
+            self._held = 0
+            return False
+        wanted = min(max(1, self._most_rows() // 8), sum(item.rows for item in backlog))
+        if self._most_rows() - rows >= wanted or self._held >= most:
+            self._held = 0
+            return False
+        self._held += 1
+        return True
 
     def _apart_batch(self, apart: list[Pending]) -> list[Pending]:
         """What runs per request now: the oldest suspect alone, else the requests no slot can
