@@ -117,3 +117,16 @@ def test_rows_that_join_a_running_batch_draw_as_they_would_alone() -> None:
     assert running.ids == [1, 2] and running.choose(torch.log(PROBS + 1e-9).repeat(2, 1)).shape == (2,)
     running.forget([2])
     assert running.logprobs_of() == {} and running.logprob_rows == []
+
+
+def test_a_vacated_row_turns_off_what_only_it_needed() -> None:
+    """A finished row whose place stays in a continuous batch samples greedily and unpenalized,
+    so the rest of the batch goes back to the greedy path."""
+    sampled = SamplingParams(1.0, 0.5, row_seed(3, 0), presence_penalty=1.0, logit_bias={2: 5.0})
+    sampler = BatchSampler([SamplingParams(0.0, 1.0, 0), sampled], CPU, vocab_size=4)
+    assert not sampler.greedy_only and sampler.penalized and sampler.bias is not None
+    sampler.vacate([1])
+    assert sampler.greedy_only and not sampler.use_top_p and not sampler.penalized and sampler.bias is None
+    assert sampler.ids == [0, 1]
+    logits = torch.log(PROBS + 1e-9).repeat(2, 1)
+    assert sampler.choose(logits.clone()).tolist() == [int(PROBS.argmax())] * 2

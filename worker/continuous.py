@@ -4,7 +4,8 @@ every step (the `dynamic` decode mode).
 The batch's KV lives in one DynamicCache, one row per sequence, left-padded to a common width,
 with an attention mask and explicit positions per row, so a row's answer does not depend on
 what else is in the batch. Between two steps:
-- rows that finished leave their place vacant (it decodes on, unread, until a row takes it),
+- rows that finished leave their place vacant (it decodes on, unread, greedy and at position
+  0, until a row takes it),
   and leading columns every running row masks are cut off;
 - waiting requests join: their prompts are prefilled together in a cache of their own (the
   blocks of their prompts found in the prefix cache are put in place first, and only the rest
@@ -344,9 +345,12 @@ class ContinuousDecode:
             if not len(self):
                 self._reset()
                 return
-            # A vacant place decodes on, unread, from position 0 (never past the model's positions).
-            self._next_pos[torch.tensor(finished, device=runner.device)] = 0
+            self._sampler.vacate(finished)
             self._trim()
+        vacant = [j for j, row in enumerate(self.rows) if row is None]
+        if vacant:
+            # A vacant place decodes on, unread, at position 0 (never past the model's positions).
+            self._next_pos[torch.tensor(vacant, device=runner.device)] = 0
         self._mask = torch.cat([self._mask, self._mask.new_ones((self._mask.shape[0], 1))], dim=1)
         runner.decode_steps += 1
         self._logits = runner._last_logits(tokens[:, None], self._mask, self._next_pos[:, None], self._cache)

@@ -498,9 +498,9 @@ class Engine:
         request that does not fit the rows or KV tokens left, so a large request is not passed
         for ever (a batch line that does not fit the cache's shape now is passed, up to
         `max_batch_size` steps that admitted others); prompt tokens to compute are bounded per
-        step (a prompt over the bound is admitted alone); and of waiting prompts that share a
+        step (a prompt over the bound is admitted alone); of waiting prompts that share a
         first block nobody has computed yet, one goes first and the others follow once its
-        blocks are cached.
+        blocks are cached; and batch lines may wait a few steps for more free rows (`_holds`).
 
         A request the batch cannot take (a suspect to run alone, or one no slot can hold) runs
         per request once the batch is empty: the others go on beside the batch until it has
@@ -509,13 +509,14 @@ class Engine:
         running = self.running
         rows = len(running)
         if not backlog or rows >= self._most_rows() or any(item.alone for item in running.requests):
+            self._held = 0
             return [], []
         apart = [item for item in backlog if item.alone or not running.fits_ever(item)]
         if apart and not rows:
             return [], self._apart_batch(apart)
         if any(item.passed >= self.max_batch_size for item in apart):
             return [], []  # the batch drains for them
-        if self._holds(backlog, rows):
+        if self._holds([item for item in backlog if not (item.alone or not running.fits_ever(item))], rows):
             return [], []
         cached = {id(item): running.cached_prefix(item) for item in backlog}
         order = self._order([item for item in backlog if not (item.alone or not running.fits_ever(item))], cached)
@@ -539,8 +540,9 @@ class Engine:
         self._count_passed([*order, *apart], chosen)
         return chosen, []
 
-    def _holds(self, backlog: list[Pending], rows: int) -> bool:
-        """Whether batch lines wait, this step, for more rows of the running batch to free up.
+    def _holds(self, joinable: list[Pending], rows: int) -> bool:
+        """Whether the waiting requests that can join wait, this step, for more rows of the
+        running batch to free up.
 
         Each join prefills in a forward pass of its own, which costs about as much as a decode
         step of the whole batch however few rows it brings; a free row left for a step costs
@@ -548,10 +550,10 @@ class Engine:
         wait fit), or after the decode's `hold_steps` steps, as TGI's router does with its
         waiting-served ratio. A single request never waits for this."""
         most = getattr(self.running, "hold_steps", 0)
-        if not rows or not most or any(item.interactive for item in backlog):
+        if not rows or not most or not joinable or any(item.interactive for item in joinable):
             self._held = 0
             return False
-        wanted = min(max(1, self._most_rows() // 8), sum(item.rows for item in backlog))
+        wanted = min(max(1, self._most_rows() // 8), sum(item.rows for item in joinable))
         if self._most_rows() - rows >= wanted or self._held >= most:
             self._held = 0
             return False

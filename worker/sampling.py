@@ -267,6 +267,22 @@ class BatchSampler:
         self._index_rows()
         return other.ids
 
+    def vacate(self, positions: list[int]) -> None:
+        """Make the rows at these batch positions plain greedy rows (their places stay in the
+        batch, unread, until a new row takes them), and turn off what no other row needs."""
+        index = torch.tensor(positions, device=self.device)
+        for position in positions:
+            self._params[self.ids[position]] = SamplingParams(0.0, 1.0, 0)
+        self.greedy[index] = True
+        self.temperatures[index] = 1.0
+        self.top_ps[index] = 1.0
+        if self.penalized:
+            self.presence[index] = 0.0
+            self.frequency[index] = 0.0
+        if self.bias is not None:
+            self.bias[index] = 0.0
+        self._refresh()
+
     def forget(self, rows: list[int]) -> None:
         """Drop what was kept for rows that left the batch for good (their matchers, their log
         probabilities): a batch that never ends must not keep its finished rows' state."""
