@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from schemas.chat import ChatCompletion, PromptTokensDetails
 from schemas.errors import ErrorCode, RequestError
 from worker.engine import Pending
+from worker.kvcache import pad_left
 from worker.prefix_cache import BLOCK, PrefixCache, block_keys, reusable_blocks
 
 if TYPE_CHECKING:
@@ -303,15 +304,15 @@ class ContinuousDecode:
         widen = mask.shape[1] - self._mask.shape[1]
         if widen > 0:
             for layer in self._cache.layers:
-                _widen(layer, widen)
-            self._mask = _pad_left(self._mask, widen, dim=1)
+                layer.widen(widen)  # every layer is a GrowingLayer (TransformersRunner._new_cache)
+            self._mask = pad_left(self._mask, widen, dim=1)
         pad = self._mask.shape[1] - mask.shape[1]
-        mask = _pad_left(mask, pad, dim=1)
+        mask = pad_left(mask, pad, dim=1)
         placed = len(places)
         self.joined_in_place += placed
         index = torch.tensor(places, device=self.runner.device, dtype=torch.long)
         for mine, theirs in zip(self._cache.layers, cache.layers):
-            keys, values = _pad_left(theirs.keys, pad), _pad_left(theirs.values, pad)
+            keys, values = pad_left(theirs.keys, pad), pad_left(theirs.values, pad)
             if placed:
                 mine.keys[index] = keys[:placed]
                 mine.values[index] = values[:placed]
@@ -383,7 +384,7 @@ class ContinuousDecode:
         if first:
             self._mask = self._mask[:, first:]
             for layer in self._cache.layers:
-                _drop_leading(layer, first)
+                layer.drop_leading(first)
 
     def _settle(self, finished: list[tuple[_Row, int]]) -> None:
         """Give finished rows (with their sampler ids) their text, log probabilities and
@@ -616,24 +617,6 @@ class SlotDecode(ContinuousDecode):
         self._set_column(0)
 
 
-def _widen(layer: Any, count: int) -> None:
-    """`count` zero columns before a cache layer's (in place where a growing layer has room)."""
-    widen = getattr(layer, "widen", None)
-    if widen is not None:
-        widen(count)
-    else:
-        layer.keys, layer.values = _pad_left(layer.keys, count), _pad_left(layer.values, count)
-
-
-def _drop_leading(layer: Any, count: int) -> None:
-    """Cut a cache layer's first `count` columns (without a copy in a growing layer)."""
-    drop = getattr(layer, "drop_leading", None)
-    if drop is not None:
-        drop(count)
-    else:
-        layer.keys, layer.values = layer.keys[:, :, count:], layer.values[:, :, count:]
-
-
 def _replace(layer: Any, keys: torch.Tensor, values: torch.Tensor) -> None:
     """Give a cache layer new keys and values (a growing layer lets go of its buffers now)."""
     replace = getattr(layer, "replace", None)
@@ -641,14 +624,3 @@ def _replace(layer: Any, keys: torch.Tensor, values: torch.Tensor) -> None:
         replace(keys, values)
     else:
         layer.keys, layer.values = keys, values
-
-
-def _pad_left(tensor: torch.Tensor, count: int, dim: int = 2) -> torch.Tensor:
-    """`count` zero columns before `tensor`'s along `dim`."""
-    import torch
-
-    if not count:
-        return tensor
-    shape = list(tensor.shape)
-    shape[dim] = count
-    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)

@@ -70,7 +70,7 @@ class GrowingLayer(DynamicLayer):
         """Add `count` zero columns before the first (for a row joining with a longer prompt)."""
         assert self.keys is not None and self.values is not None
         if not self._owns_view() or self._start < count:
-            self.replace(_pad_left(self.keys, count), _pad_left(self.values, count))
+            self.replace(pad_left(self.keys, count), pad_left(self.values, count))
             return
         assert self._key_buffer is not None and self._value_buffer is not None
         self._start -= count
@@ -126,8 +126,10 @@ class GrowingLayer(DynamicLayer):
         self._start, self._end = 0, length
 
 
-def _pad_left(tensor: torch.Tensor, count: int) -> torch.Tensor:
-    """`count` zero columns before `tensor`'s (dimension 2)."""
+def pad_left(tensor: torch.Tensor, count: int, dim: int = 2) -> torch.Tensor:
+    """`count` zero columns before `tensor`'s along `dim` (the tensor itself when none)."""
+    if not count:
+        return tensor
     shape = list(tensor.shape)
-    shape[2] = count
-    return torch.cat([tensor.new_zeros(shape), tensor], dim=2)
+    shape[dim] = count
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
