@@ -33,6 +33,7 @@ from tenacity import Retrying, retry_if_exception, stop_before_delay, wait_expon
 
 from chatbatch import keys
 from chatbatch.callbacks import callback_state
+from chatbatch.dispatch import DEFAULT_PRIORITY, Dispatcher
 from chatbatch.events import LUA_PUBLISH
 from chatbatch.exceptions import JobNotFoundError
 from chatbatch.ids import new_id
@@ -260,6 +261,7 @@ class Jobs:
         self._stop = client.register_script(_STOP)
         self._abandon = client.register_script(_ABANDON)
         self._fail = client.register_script(_FAIL)
+        self._dispatcher = Dispatcher(client, job_ttl=job_ttl)
 
     def _end_keys(self, job_id: str) -> list[str]:
         return [
@@ -394,7 +396,10 @@ class Jobs:
 
     def close(self, job_id: str, reason: StopReason, *, now: float | None = None, write_files: bool = True) -> str | None:
         """Give every enqueued line without an answer an error line for `reason`, then end the
-        job if it can end (see `finalize` for `write_files`). Returns the job's status after it."""
+        job if it can end (see `finalize` for `write_files`). Returns the job's status after it.
+        The job's chunks not released to the broker yet are dropped first: a stopped job leaves
+        nothing queued."""
+        self._dispatcher.drop(job_id, self.queues(job_id))
         inputs = self.inputs(job_id)
         numbers = sorted(inputs)
         open_lines: list[tuple[int, str | None]] = []
@@ -576,6 +581,7 @@ class Jobs:
                 failed=int(data.get("failed", 0)),
             ),
             "metadata": json.loads(data.get("metadata", "{}")) or None,
+            "priority": data.get("priority") or DEFAULT_PRIORITY,
         }
         for name in _INT_FIELDS:
             if data.get(name):

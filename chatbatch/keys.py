@@ -77,6 +77,33 @@ def job_pending(job_id: str) -> str:
 #: Set of the jobs that have pending chunks.
 PENDING_JOBS = PREFIX + "jobs:pending"
 
+# Fair share between jobs (chatbatch/dispatch.py).
+
+
+def job_backlog(job_id: str, queue: str) -> str:
+    """List: the job's chunks for `queue` not released to the broker yet, in order, each
+    "chunk id TAB line count TAB JSON [queue, lines]"."""
+    return f"{PREFIX}job:{job_id}:backlog:{queue}"
+
+
+def queue_backlogged(queue: str) -> str:
+    """Hash: job id -> "priority TAB owner TAB weight TAB created" of each job with chunks in
+    its backlog for `queue`."""
+    return f"{PREFIX}queue:{queue}:backlogged"
+
+
+def queue_in_flight(queue: str) -> str:
+    """Hash: "job TAB chunk" -> line count of each chunk released to `queue` and not yet
+    answered in full."""
+    return f"{PREFIX}queue:{queue}:inflight"
+
+
+def queue_shares(queue: str) -> str:
+    """Hash: owner -> virtual time (lines released over the owner's weight); "job TAB id" ->
+    lines released of each backlogged job; "\tclock" -> the queue's virtual clock."""
+    return f"{PREFIX}queue:{queue}:shares"
+
+
 # Single requests (chatbatch/requests.py).
 
 

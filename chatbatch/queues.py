@@ -12,18 +12,40 @@ if TYPE_CHECKING:
 
 #: Consumed by every worker unless it is started with --queue; takes requests without a model.
 DEFAULT_QUEUE = "chatbatch"
+#: Single requests without a model: workers take from it before any batch queue.
+LIVE_QUEUE = "chatbatch.live"
 #: Consumed by every worker, whatever its other queues: callback deliveries.
 CALLBACK_QUEUE = "chatbatch.callbacks"
 #: Task names: the producer sends by name and never imports the worker.
 TASK_CHAT = "chatbatch.chat"
 TASK_CHUNK = "chatbatch.chunk"
 TASK_CALLBACK = "chatbatch.callback"
+_MODEL_PREFIX = "chatbatch.model."
 
 
 def model_queue(model: str) -> str:
     """The queue of requests that name `model`."""
     safe = re.sub(r"[^A-Za-z0-9_.\-/]", "_", model)
-    return f"chatbatch.model.{safe}"
+    return f"{_MODEL_PREFIX}{safe}"
+
+
+def live_queue(queue: str) -> str:
+    """The queue of single requests (someone waits on each) beside a batch queue: a worker
+    consumes it first (`worker_queues`). A queue of another name has none."""
+    if queue == DEFAULT_QUEUE:
+        return LIVE_QUEUE
+    if queue.startswith(_MODEL_PREFIX):
+        return "chatbatch.live." + queue.removeprefix(_MODEL_PREFIX)
+    return queue
+
+
+def worker_queues(batch_queues: list[str]) -> list[str]:
+    """The queues a worker consumes, in the order it takes from them: the single requests'
+    queues, then callbacks (quick), then the batch queues given (the broker is asked for them in
+    this order, `queue_order_strategy` "priority")."""
+    ordered = [live_queue(queue) for queue in batch_queues if live_queue(queue) != queue]
+    ordered += [CALLBACK_QUEUE, *batch_queues]
+    return list(dict.fromkeys(ordered))
 
 
 def chunk_argsrepr(job_id: str, chunk: str, lines: int) -> str:
@@ -52,7 +74,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
     return {
         "broker_url": settings.redis_url,
-        "broker_transport_options": transport,
+        # A worker asks for its queues in the order it lists them (single requests first),
+        # not in kombu's default round robin (docs/scheduling.md).
+        "broker_transport_options": {**transport, "queue_order_strategy": "priority"},
         "result_backend_transport_options": transport,
         # JSON only: a pickled message is refused by the worker, never run.
         "task_serializer": "json",

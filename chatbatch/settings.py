@@ -85,6 +85,9 @@ class Settings(BaseSettings):
     files_dir: Path | None = None
     #: How long `POST /v1/chat/completions` waits for the answer before it returns 504.
     gateway_timeout: float = Field(default=600.0, gt=0)
+    #: Weights of owners in the fair share between jobs, "owner=weight,..." (others: 1); an
+    #: owner of weight 2 gets twice the lines of one of weight 1 while both have jobs waiting.
+    owner_weights: str = ""
     #: Seconds between a worker's heartbeats in the model registry.
     heartbeat_interval: float = Field(default=5.0, gt=0)
 
@@ -95,6 +98,14 @@ class Settings(BaseSettings):
             raise ValueError(
                 "CHATBATCH_REDIS_URL must start with redis://, rediss:// or unix://"
             )
+        return value
+
+    @field_validator("owner_weights")
+    @classmethod
+    def _weights(cls, value: str) -> str:
+        from chatbatch.dispatch import parse_weights
+
+        parse_weights(value)
         return value
 
     @property

@@ -244,9 +244,12 @@ def _metadata(pairs: tuple[str, ...]) -> dict[str, str] | None:
 @click.option("--completion-window", default="24h", show_default=True)
 @click.option("--timeout", type=click.FloatRange(min=0), help="With --wait: give up after this many seconds.")
 @click.option("--callback-url", help="POST the signed batch object here when the job ends (needs CHATBATCH_CALLBACK_SECRET).")
+@click.option("--priority", type=click.Choice(["high", "normal", "low"]), default="normal", show_default=True,
+              help="Higher jobs' lines are taken first (docs/scheduling.md).")
+@click.option("--owner", help="Whose job it is: jobs of different owners share the workers fairly (default: 'default').")
 def submit(
     file: str, output: str | None, errors: str | None, wait: bool, job_id: str | None, metadata: tuple[str, ...],
-    completion_window: str, timeout: float | None, callback_url: str | None,
+    completion_window: str, timeout: float | None, callback_url: str | None, priority: str, owner: str | None,
 ) -> None:
     """Submit a JSONL file in the OpenAI Batch API format; prints the job id."""
     from producer.client import Client
@@ -266,6 +269,8 @@ def submit(
         errors=errors,
         completion_window=completion_window,
         callback_url=callback_url,
+        priority=priority,
+        owner=owner,
     )
     click.echo(handle.id)
     if not wait:

@@ -9,14 +9,23 @@ from typing import IO, Any
 
 import redis
 
-from chatbatch import registry
+from chatbatch import keys, registry
 from chatbatch.callbacks import check_url, initial_fields
+from chatbatch.dispatch import (
+    DEFAULT_OWNER,
+    DEFAULT_PRIORITY,
+    Dispatcher,
+    Share,
+    check_owner,
+    check_priority,
+    parse_weights,
+)
 from chatbatch.exceptions import ConfigurationError, JobNotFoundError
 from chatbatch.ids import new_id
 from chatbatch.jobs import Jobs
 from chatbatch.ledger import Ledger
-from chatbatch.queues import DEFAULT_QUEUE, TASK_CHAT, make_celery, model_queue, request_argsrepr
-from chatbatch.redisconn import connect
+from chatbatch.queues import DEFAULT_QUEUE, TASK_CHAT, live_queue, make_celery, model_queue, request_argsrepr
+from chatbatch.redisconn import connect, maybe_text
 from chatbatch.requests import Requests
 from chatbatch.settings import Settings, get_settings
 from chatbatch.storage import open_input
@@ -29,6 +38,18 @@ from schemas.errors import ErrorCode, RequestError
 from schemas.job import BatchJob, JobStatus
 
 logger = logging.getLogger(__name__)
+
+
+def share_fields(priority: str | None, owner: str | None) -> dict[str, str]:
+    """The job record's fields for its turn between jobs.
+
+    Raises:
+        ConfigurationError: an unknown priority or a malformed owner.
+    """
+    try:
+        return {"priority": check_priority(priority), "owner": check_owner(owner)}
+    except ValueError as error:
+        raise ConfigurationError(str(error)) from None
 
 
 def window_seconds(window: str) -> int:
@@ -60,6 +81,8 @@ class Client:
         self.jobs = Jobs(self.redis, job_ttl=self.settings.job_ttl, upload_retry_seconds=self.settings.s3_retry_seconds)
         self.requests = Requests(self.redis, result_ttl=self.settings.result_ttl)
         self.ledger = Ledger(self.redis, job_ttl=self.settings.job_ttl)
+        self.dispatcher = Dispatcher(self.redis, job_ttl=self.settings.job_ttl)
+        self._weights = parse_weights(self.settings.owner_weights)
         self._celery: Any = None
         self._live: tuple[float, set[str]] = (0.0, set())
 
@@ -130,7 +153,8 @@ class Client:
                 f"the request is {size:,} bytes, over the limit of {self.settings.max_line_bytes:,}: "
                 "shorten the messages or raise CHATBATCH_MAX_LINE_BYTES",
             )
-        queue = self.queue_for(request.model)
+        # Someone waits on it: it goes to the queue workers take from first.
+        queue = live_queue(self.queue_for(request.model))
         request_id = request_id or new_id("chatcmpl-")
         sent = request.model_dump(exclude_none=True)
         self.requests.record(request_id, queue=queue, body=sent, owner=owner, callback_url=callback_url)
@@ -166,6 +190,8 @@ class Client:
         errors: str | None = None,
         completion_window: str = "24h",
         callback_url: str | None = None,
+        priority: str | None = None,
+        owner: str | None = None,
     ) -> JobHandle:
         """Validate a JSONL file of batch lines as a stream and enqueue its valid lines.
 
@@ -175,6 +201,9 @@ class Client:
 
         Args:
             callback_url: POSTed the signed batch object when the job ends.
+            priority: `high`, `normal` (default) or `low`: higher jobs' chunks go first.
+            owner: whose job it is: jobs of different owners share the workers fairly
+                (docs/scheduling.md).
 
         Raises:
             ConfigurationError: unreadable file, bad metadata or callback URL, or a resumed job
@@ -188,7 +217,9 @@ class Client:
             except ValueError as error:
                 raise ConfigurationError(f"--metadata: {error}") from None
         callback_url = check_url(callback_url, settings.callback_secret, option="--callback-url")
-        extra = initial_fields(callback_url) if callback_url else None
+        extra = share_fields(priority, owner)
+        if callback_url:
+            extra.update(initial_fields(callback_url))
         with open_input(source) as (stream, size, name):
             check_size(source, size, settings.max_file_bytes)
             lines = count_lines(stream)
@@ -288,12 +319,19 @@ class Client:
             producer.enqueue.Interrupted: `stop` was set before the end.
         """
         enqueuer = Enqueuer(
-            self.settings, self.jobs, self.ledger, self.celery.send_task, self.queue_for,
-            job_id=job_id, per_chunk=self.settings.chunk_size or chunk_lines(lines), stop=stop, holder=holder,
+            self.settings, self.jobs, self.dispatcher, self.celery.send_task, self.queue_for,
+            job_id=job_id, share=self.share(job_id), per_chunk=self.settings.chunk_size or chunk_lines(lines), stop=stop,
+            holder=holder,
         )
         status = enqueuer.run(stream)
         logger.info("job %s: %d lines enqueued (%s)", job_id, enqueuer.total, status)
         return status
+
+    def share(self, job_id: str) -> Share:
+        """The job's priority, owner and the owner's weight (CHATBATCH_OWNER_WEIGHTS)."""
+        priority, owner = (maybe_text(value) for value in self.redis.hmget(keys.job(job_id), ["priority", "owner"]))
+        owner = owner or DEFAULT_OWNER
+        return Share(priority=priority or DEFAULT_PRIORITY, owner=owner, weight=self._weights.get(owner, 1.0))
 
     def cancel(self, job_id: str) -> BatchJob:
         """Cancel a job: no new line starts; unanswered lines become `cancelled` error lines.

@@ -1,5 +1,6 @@
 """Enqueueing a job's lines: read them as a stream, turn each bad one into its error line, and
-send the good ones to the workers in chunks, one queue per model."""
+put the good ones in chunks, one queue per model, in the job's backlog, from which the
+dispatcher releases them to the workers a window at a time (chatbatch/dispatch.py)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+from chatbatch.dispatch import Dispatcher, Share
 from chatbatch.ids import new_id
 from chatbatch.jobs import Jobs, StopReason
-from chatbatch.ledger import Ledger
-from chatbatch.queues import TASK_CHUNK, chunk_argsrepr
 from chatbatch.settings import Settings
 from chatbatch.structured import check_schema
 from producer.reader import iter_lines
@@ -57,8 +57,10 @@ class Enqueuer:
     """Reads one job's lines and enqueues them; one instance per submission.
 
     Args:
-        jobs, ledger: the job and chunk-ledger stores.
+        jobs: the job store.
+        dispatcher: holds the job's chunks and releases them to the broker.
         send: sends a Celery task by name (`celery.send_task`).
+        share: the job's priority, owner and weight.
         queue_for: the queue of a request naming a model (None: the default queue); raises
             RequestError(model_not_found) for a model no worker serves.
         stop: set to stop at the next line (SIGTERM on a gateway); the job can be resumed.
@@ -69,19 +71,21 @@ class Enqueuer:
         self,
         settings: Settings,
         jobs: Jobs,
-        ledger: Ledger,
+        dispatcher: Dispatcher,
         send: Callable[..., Any],
         queue_for: Callable[[str | None], str],
         *,
         job_id: str,
+        share: Share,
         per_chunk: int,
         stop: threading.Event | None = None,
         holder: str | None = None,
     ) -> None:
         self.settings = settings
         self.jobs = jobs
-        self.ledger = ledger
+        self.dispatcher = dispatcher
         self.send = send
+        self.share = share
         self.queue_for = queue_for
         self.job_id = job_id
         self.per_chunk = per_chunk
@@ -95,6 +99,7 @@ class Enqueuer:
         self._renewed = 0.0
         # Chunks of a resumed submission get new ids, so their deliveries count afresh.
         self._submission = new_id("")[:12]
+        self._created = 0
 
     def run(self, stream: IO[bytes]) -> str | None:
         """Enqueue every line of `stream`, then record the total; returns the job's status.
@@ -103,6 +108,10 @@ class Enqueuer:
             Interrupted: `stop` was set; what was enqueued stays, and a resume goes on.
         """
         self._renew()
+        # A resumed job's chunks still held are made again from the file, with the lines that
+        # have no answer yet.
+        self.dispatcher.drop(self.job_id, self.jobs.queues(self.job_id))
+        self._created = int(self.jobs.field(self.job_id, "created_at") or time.time())
         for number, raw, length in iter_lines(stream, max_line_bytes=self.settings.max_line_bytes):
             if raw is not None and not raw.strip():
                 continue  # blank lines carry no request and get no answer
@@ -187,7 +196,8 @@ class Enqueuer:
         # The lines go as one JSON string: the worker's Celery thread then decodes one string,
         # not hundreds of small objects through kombu's per-object hook.
         payload = "[" + ",".join(text for _, _, text in items) + "]"
-        # Kept until answered: a chunk whose message the broker loses is sent again.
-        self.ledger.add_pending(self.job_id, chunk_id, queue, payload)
-        self.send(TASK_CHUNK, args=[self.job_id, chunk_id, payload], queue=queue, argsrepr=chunk_argsrepr(self.job_id, chunk_id, len(items)))
+        # Held in the job's backlog, then released as the queue's window has room; once
+        # released, kept until answered (a chunk whose message the broker loses is sent again).
+        self.dispatcher.hold(self.job_id, queue, chunk_id, payload, len(items), self.share, self._created)
         self.jobs.start(self.job_id)
+        self.dispatcher.dispatch(queue, self.send)

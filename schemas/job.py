@@ -83,6 +83,8 @@ class BatchJob(BaseModel):
     cancelled_at: int | None = None
     request_counts: RequestCounts
     metadata: dict[str, str] | None = None
+    #: chatbatch's own: the job's turn between jobs (docs/scheduling.md).
+    priority: Literal["high", "normal", "low"] = "normal"
 
     # Not in chatbatch's core contract: jobs created through the HTTP API also carry OpenAI's
     # file ids, and the state of their callback.

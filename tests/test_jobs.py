@@ -39,8 +39,8 @@ BATCH_FIELDS = {
     "completed_at", "failed_at", "expired_at", "cancelling_at", "cancelled_at",
     "request_counts", "metadata", "input_file_id", "output_file_id", "error_file_id",
 }
-# chatbatch's own addition: the state of a callback the job named (HTTP API).
-CHATBATCH_FIELDS = {"callback"}
+# chatbatch's own additions: the state of a callback the job named (HTTP API), its priority.
+CHATBATCH_FIELDS = {"callback", "priority"}
 
 
 def _slow_file(path: Path, lines: int, max_tokens: int = 200) -> Path:

@@ -134,8 +134,20 @@ class ChunkRun:
             self._run()
             if all(self.state.jobs.recorded(self.job_id, [item["line"] for item in self.items])):
                 self.state.ledger.forget_chunk(self.job_id, self.chunk)
+                self.release_next()
         finally:
             self.state.running_chunks.leave(key, mine)
+
+    def release_next(self) -> None:
+        """The chunk left its queue's window: release the next chunk of the jobs waiting there
+        (a failure here only delays it until the next sweep)."""
+        queue = (self.task.request.delivery_info or {}).get("routing_key")
+        if not queue:
+            return
+        try:
+            self.state.dispatcher.dispatch(queue, self.task.app.send_task)
+        except Exception:
+            logger.warning("releasing the next chunks of %s failed; the next sweep releases them", queue, exc_info=True)
 
     def _run(self) -> None:
         jobs = self.state.jobs

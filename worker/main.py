@@ -19,13 +19,13 @@ from celery import signals
 from chatbatch import keys, registry
 from chatbatch.ids import new_id
 from chatbatch.queues import (
-    CALLBACK_QUEUE,
     DEFAULT_QUEUE,
     TASK_CHAT,
     TASK_CHUNK,
     chunk_argsrepr,
     model_queue,
     request_argsrepr,
+    worker_queues,
 )
 from chatbatch.redisconn import connect
 from chatbatch.settings import Settings
@@ -90,6 +90,10 @@ class Background:
         next_recovery = time.monotonic() + recovery_interval
         while not self.stop.wait(job_interval):
             self._locked(keys.SWEEP_LOCK, job_interval, self._sweep_jobs)
+            try:
+                self._release()
+            except Exception:  # Redis away: the next sweep tries again
+                logger.warning("releasing chunks failed", exc_info=True)
             if time.monotonic() >= next_recovery:
                 next_recovery = time.monotonic() + recovery_interval
                 self._locked(keys.RECOVERY_LOCK, recovery_interval, self._recover)
@@ -97,6 +101,12 @@ class Background:
     def _sweep_jobs(self) -> None:
         self.state.jobs.sweep()
         callbacks.send_due(self.state, self.app)
+
+    def _release(self) -> None:
+        """Release chunks into the windows of this worker's queues: those a worker that died
+        did not release, and the room a worker that joined makes (chatbatch/dispatch.py)."""
+        for queue in self.queues:
+            self.state.dispatcher.dispatch(queue, self.app.send_task)
 
     def _locked(self, lock: str, seconds: float, work: Any) -> None:
         try:
@@ -162,9 +172,7 @@ def run_worker(
     if added := state.jobs.backfill_open():
         logger.info("%d jobs created before the job sweep's set existed were added to it", added)
     app = create_app(settings, state)
-    queues = list(queues or [DEFAULT_QUEUE, model_queue(runner.served_name)])
-    if CALLBACK_QUEUE not in queues:
-        queues.append(CALLBACK_QUEUE)
+    queues = worker_queues(list(queues or [model_queue(runner.served_name), DEFAULT_QUEUE]))
     hostname = hostname or f"chatbatch-{runner.served_name.replace('/', '_')}-{os.getpid()}@{socket.gethostname()}"
     # One thread per task that may wait on the engine: enough to fill a batch from single
     # requests, while prefetch (multiplier 1) keeps other workers fed.

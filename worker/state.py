@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import redis
 
 from chatbatch.callbacks import Callbacks
+from chatbatch.dispatch import Dispatcher
 from chatbatch.jobs import Jobs, StopReason
 from chatbatch.ledger import Ledger
 from chatbatch.requests import Requests
@@ -80,6 +81,7 @@ class WorkerState:
     requests: Requests = field(init=False)
     ledger: Ledger = field(init=False)
     callbacks: Callbacks = field(init=False)
+    dispatcher: Dispatcher = field(init=False)
     stop_reasons: StopReasons = field(init=False)
     running_chunks: RunningChunks = field(default_factory=RunningChunks)
     #: Suspect lines run one at a time per worker process, so a crash is charged to one line.
@@ -91,4 +93,5 @@ class WorkerState:
         self.requests = Requests(self.redis, result_ttl=settings.result_ttl)
         self.ledger = Ledger(self.redis, job_ttl=settings.job_ttl)
         self.callbacks = Callbacks(self.redis)
+        self.dispatcher = Dispatcher(self.redis, job_ttl=settings.job_ttl)
         self.stop_reasons = StopReasons(self.jobs)

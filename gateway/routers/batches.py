@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Header, Query
 
 from chatbatch.callbacks import check_url, initial_fields
+from chatbatch.dispatch import check_priority
 from chatbatch.ids import new_id
 from chatbatch.jobs import batch_object
 from gateway.bodies import BatchCreate, BatchList
@@ -23,6 +24,9 @@ from schemas.chat import check_metadata
 from schemas.job import BatchJob
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
+
+#: The batch's priority (`high`, `normal`, `low`); `metadata.priority` says the same.
+PRIORITY_HEADER = "X-Chatbatch-Priority"
 
 
 def owned_job(state: Gateway, job_id: str, who: str) -> BatchJob:
@@ -38,8 +42,14 @@ def create_batch(
     state: Gateway = Depends(gateway),
     who: str = Depends(owner),
     callback: str | None = Header(default=None, alias=CALLBACK_HEADER),
+    priority: str | None = Header(default=None, alias=PRIORITY_HEADER),
 ) -> dict[str, Any]:
     url = check_url(callback, state.settings.callback_secret, option=CALLBACK_HEADER)
+    wanted = priority if priority is not None else (body.metadata or {}).get("priority")
+    try:
+        priority = check_priority(wanted, option=f"{PRIORITY_HEADER} (or metadata.priority)")
+    except ValueError as error:
+        raise ApiError(400, str(error), param="priority", code="invalid_request") from None
     if body.endpoint != CHAT_COMPLETIONS_URL:
         raise ApiError(400, f"'endpoint' must be '{CHAT_COMPLETIONS_URL}'", param="endpoint", code="invalid_url")
     if body.metadata is not None:
@@ -51,7 +61,8 @@ def create_batch(
     if record is None or record["owner"] != who:
         raise not_found("file", body.input_file_id)
     job_id = new_id("batch_")
-    extra = {"owner": who, "input_file_id": body.input_file_id}
+    # The owner (the API key) is the unit of fair share between jobs (docs/scheduling.md).
+    extra = {"owner": who, "input_file_id": body.input_file_id, "priority": priority}
     if url:
         extra.update(initial_fields(url))
     state.client.create_job(

@@ -1,0 +1,279 @@
+"""Fair share between jobs: each job's chunks wait in its backlog, and a small window of them is
+released to the broker at a time, in priority order, then by weighted fair share between
+owners, then between an owner's jobs.
+
+A producer puts a job's chunks in the job's backlog (one Redis list per job and queue) instead
+of on the broker. `Dispatcher.dispatch(queue)` then releases chunks until the lines in flight on
+that queue fill its window (`window`: twice the rows of the live workers that consume it, and
+at least two chunks per worker), so the workers always have the next chunk at hand while most
+of the job waits off the broker. It runs wherever a window may have room: after a producer adds
+chunks, after a worker finishes a chunk, and on every worker's sweep (a chunk finished by a
+worker that died, a worker that joined). Each release is one Lua step:
+
+- the in-flight set drops the chunks that are no longer pending (answered in full, or their job
+  ended);
+- the next job is chosen: the highest priority first (`high`, `normal`, `low`); among equals,
+  the owner whose virtual time is least (start-time fair queueing: an owner's virtual time
+  grows by the lines released to it over its weight, and an owner that comes back from idle
+  starts at the queue's clock, with no credit for the time it was away); among that owner's
+  jobs, the one with the fewest lines released, then the oldest;
+- the chunk moves from the backlog to the chunk ledger's pending entries (`chatbatch/ledger.py`)
+  in the same step, so from then on it is exactly as a chunk sent at submit always was: if its
+  message is lost before or after it is sent, the recovery sweep sends it again.
+
+A job that is no longer `validating` or `in_progress` (cancelled, expired, ended) has its
+backlog dropped at its next look, and `drop` drops it at once when the job is cancelled or
+expires (`Jobs.close`), so a stopped job leaves nothing queued behind it.
+
+The Lua scripts read job keys they are not given (standalone Redis and Sentinel allow it; Redis
+Cluster, which Celery's Redis transport does not support either, would not).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Final
+
+import redis
+
+from chatbatch import keys, registry
+from chatbatch.queues import TASK_CHUNK, chunk_argsrepr
+from chatbatch.redisconn import text
+
+logger = logging.getLogger(__name__)
+
+#: Job priorities, as `--priority` and the HTTP API name them, and their order.
+PRIORITIES: Final = {"high": 2, "normal": 1, "low": 0}
+DEFAULT_PRIORITY: Final = "normal"
+#: The owner of jobs submitted without one (the CLI without --owner).
+DEFAULT_OWNER: Final = "default"
+_OWNER = re.compile(r"[A-Za-z0-9_.@:\-]{1,64}")
+#: Seconds the live workers' figures are reused between windows.
+_WINDOW_SECONDS = 1.0
+
+# KEYS: the queue's backlogged jobs, its in-flight chunks, its shares, the pending-jobs set.
+# ARGV: key prefix, queue, window lines, least chunks in flight, job TTL.
+# Returns job, chunk, line count, pending value for each chunk released.
+_RELEASE = """
+local prefix, queue = ARGV[1], ARGV[2]
+local window, least, ttl = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local function before(a, b)
+  for i = 1, #a do
+    if a[i] ~= b[i] then return a[i] < b[i] end
+  end
+  return false
+end
+local function forget(job)
+  redis.call('HDEL', KEYS[1], job)
+  redis.call('HDEL', KEYS[3], 'job\\t' .. job)
+end
+local lines, chunks = 0, 0
+local flat = redis.call('HGETALL', KEYS[2])
+for i = 1, #flat, 2 do
+  local tab = string.find(flat[i], '\\t', 1, true)
+  local job, chunk = string.sub(flat[i], 1, tab - 1), string.sub(flat[i], tab + 1)
+  if redis.call('HEXISTS', prefix .. 'job:' .. job .. ':pending', chunk) == 1 then
+    lines = lines + tonumber(flat[i + 1])
+    chunks = chunks + 1
+  else
+    redis.call('HDEL', KEYS[2], flat[i])
+  end
+end
+local clock = tonumber(redis.call('HGET', KEYS[3], '\\tclock') or '0')
+local released = {}
+local looks = 0
+while (lines < window or chunks < least) and looks < 10000 do
+  looks = looks + 1
+  local best, best_key
+  local jobs = redis.call('HGETALL', KEYS[1])
+  for i = 1, #jobs, 2 do
+    local job = jobs[i]
+    local status = redis.call('HGET', prefix .. 'job:' .. job, 'status')
+    if status ~= 'validating' and status ~= 'in_progress' then
+      forget(job)
+      redis.call('DEL', prefix .. 'job:' .. job .. ':backlog:' .. queue)
+    else
+      local priority, owner, weight, created = string.match(jobs[i + 1], '^([^\\t]*)\\t([^\\t]*)\\t([^\\t]*)\\t([^\\t]*)$')
+      local start = math.max(tonumber(redis.call('HGET', KEYS[3], owner) or '0'), clock)
+      local served = tonumber(redis.call('HGET', KEYS[3], 'job\\t' .. job) or '0')
+      local key = {-tonumber(priority), start, served, tonumber(created)}
+      if best == nil or before(key, best_key) or (not before(best_key, key) and job < best[1]) then
+        best, best_key = {job, owner, tonumber(weight), start}, key
+      end
+    end
+  end
+  if best == nil then break end
+  local job, owner, weight, start = best[1], best[2], best[3], best[4]
+  local backlog = prefix .. 'job:' .. job .. ':backlog:' .. queue
+  local entry = redis.call('LPOP', backlog)
+  if not entry then
+    forget(job)
+  else
+    local a = string.find(entry, '\\t', 1, true)
+    local b = string.find(entry, '\\t', a + 1, true)
+    local chunk, count, value = string.sub(entry, 1, a - 1), tonumber(string.sub(entry, a + 1, b - 1)), string.sub(entry, b + 1)
+    local pending = prefix .. 'job:' .. job .. ':pending'
+    redis.call('HSET', pending, chunk, value)
+    redis.call('EXPIRE', pending, ttl)
+    redis.call('SADD', KEYS[4], job)
+    redis.call('HSET', KEYS[2], job .. '\\t' .. chunk, count)
+    clock = start
+    redis.call('HSET', KEYS[3], owner, tostring(start + count / weight), '\\tclock', tostring(clock))
+    redis.call('HINCRBY', KEYS[3], 'job\\t' .. job, count)
+    if redis.call('LLEN', backlog) == 0 then forget(job) end
+    lines = lines + count
+    chunks = chunks + 1
+    table.insert(released, job)
+    table.insert(released, chunk)
+    table.insert(released, count)
+    table.insert(released, value)
+  end
+end
+return released
+"""
+
+
+@dataclass(frozen=True)
+class Share:
+    """How a job takes its turns: its priority, its owner and the owner's weight."""
+
+    priority: str = DEFAULT_PRIORITY
+    owner: str = DEFAULT_OWNER
+    weight: float = 1.0
+
+
+def check_priority(value: str | None, *, option: str = "--priority") -> str:
+    """The priority named, or `normal` for none.
+
+    Raises:
+        ValueError: not one of high, normal, low.
+    """
+    if value is None or value == "":
+        return DEFAULT_PRIORITY
+    if value not in PRIORITIES:
+        raise ValueError(f"{option} must be one of high, normal, low, not {value!r}")
+    return value
+
+
+def check_owner(value: str | None) -> str:
+    """The owner named, or `default` for none.
+
+    Raises:
+        ValueError: not 1 to 64 letters, digits and `_.@:-`.
+    """
+    if value is None or value == "":
+        return DEFAULT_OWNER
+    if not _OWNER.fullmatch(value):
+        raise ValueError(f"--owner must be 1 to 64 letters, digits and _.@:- (got {value!r})")
+    return value
+
+
+def parse_weights(spec: str) -> dict[str, float]:
+    """`CHATBATCH_OWNER_WEIGHTS`, "owner=weight,owner=weight", as a mapping.
+
+    Raises:
+        ValueError: an entry that is not owner=positive number.
+    """
+    weights: dict[str, float] = {}
+    for part in (piece.strip() for piece in spec.split(",")):
+        if not part:
+            continue
+        owner, _, value = part.rpartition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = 0.0
+        if not owner or not weight > 0:
+            raise ValueError(f"CHATBATCH_OWNER_WEIGHTS entry {part!r} is not owner=weight with a positive weight")
+        weights[owner] = weight
+    return weights
+
+
+def window(heartbeats: Iterable[dict[str, Any]]) -> tuple[int, int]:
+    """(lines, chunks) a queue keeps in flight, from the heartbeats of the live workers that
+    consume it: twice their rows (a batch running and the next one waiting on each worker),
+    and at least two chunks per worker (one running, one at hand); with no live worker, two
+    chunks, ready for the first to come."""
+    workers = list(heartbeats)
+    rows = sum(int((info.get("engine") or {}).get("max_rows", 0)) for info in workers)
+    return 2 * rows, 2 * max(1, len(workers))
+
+
+class Dispatcher:
+    """The backlogs of jobs and their release to the broker. Thread-safe.
+
+    Args:
+        client: the Redis connection (decoded replies or not).
+        job_ttl: seconds a job's backlog may outlive its last write.
+    """
+
+    def __init__(self, client: redis.Redis, *, job_ttl: int) -> None:
+        self.redis = client
+        self.job_ttl = job_ttl
+        self._release = client.register_script(_RELEASE)
+        self._windows: dict[str, tuple[float, tuple[int, int]]] = {}
+
+    def hold(self, job_id: str, queue: str, chunk: str, lines: str, count: int, share: Share, created: int) -> None:
+        """Put a chunk (its lines as one JSON string, `count` of them) at the end of the job's
+        backlog for `queue`."""
+        entry = f"{chunk}\t{count}\t{json.dumps([queue, lines])}"
+        value = f"{PRIORITIES[share.priority]}\t{share.owner}\t{share.weight!r}\t{created}"
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.rpush(keys.job_backlog(job_id, queue), entry)
+        pipe.expire(keys.job_backlog(job_id, queue), self.job_ttl)
+        pipe.hset(keys.queue_backlogged(queue), job_id, value)
+        pipe.execute()
+
+    def drop(self, job_id: str, queues: Iterable[str]) -> None:
+        """Drop the job's backlog on these queues (it was cancelled, expired, or is resumed)."""
+        pipe = self.redis.pipeline(transaction=True)
+        for queue in queues:
+            pipe.delete(keys.job_backlog(job_id, queue))
+            pipe.hdel(keys.queue_backlogged(queue), job_id)
+            pipe.hdel(keys.queue_shares(queue), f"job\t{job_id}")
+        pipe.execute()
+
+    def backlog(self, job_id: str, queues: Iterable[str]) -> int:
+        """Chunks of the job not released yet."""
+        pipe = self.redis.pipeline(transaction=False)
+        for queue in queues:
+            pipe.llen(keys.job_backlog(job_id, queue))
+        return sum(int(count) for count in pipe.execute())
+
+    def window(self, queue: str) -> tuple[int, int]:
+        """`window()` of the queue's live consumers, read at most once a second."""
+        now = time.monotonic()
+        found = self._windows.get(queue)
+        if found is None or now - found[0] > _WINDOW_SECONDS:
+            heartbeats = [info for infos in registry.live_models(self.redis).values() for info in infos if queue in info.get("queues", ())]
+            found = (now, window(heartbeats))
+            self._windows[queue] = found
+        return found[1]
+
+    def release(self, queue: str) -> list[tuple[str, str, int, str]]:
+        """Move chunks from the backlogs to the pending chunks until the queue's window is
+        full; (job, chunk, line count, lines JSON) of each, to send."""
+        lines, least = self.window(queue)
+        flat = self._release(
+            keys=[keys.queue_backlogged(queue), keys.queue_in_flight(queue), keys.queue_shares(queue), keys.PENDING_JOBS],
+            args=[keys.PREFIX, queue, lines, least, self.job_ttl],
+        )
+        released = []
+        for index in range(0, len(flat), 4):
+            job, chunk, count, value = text(flat[index]), text(flat[index + 1]), int(flat[index + 2]), text(flat[index + 3])
+            released.append((job, chunk, count, json.loads(value)[1]))
+        return released
+
+    def dispatch(self, queue: str, send: Callable[..., Any]) -> int:
+        """Release what the queue's window has room for and send it (`send` is Celery's
+        `send_task`); returns the chunks sent. A chunk released but not sent (this process
+        died in between) is pending, so the recovery sweep sends it."""
+        released = self.release(queue)
+        for job, chunk, count, lines in released:
+            send(TASK_CHUNK, args=[job, chunk, lines], queue=queue, argsrepr=chunk_argsrepr(job, chunk, count))
+        return len(released)
