@@ -14,6 +14,10 @@ the ratios, which are measured in the same run.
                                       # rest at max_tokens 256: continuous vs per-request batching
     python bench/bench.py prefix      # default model, 128 lines sharing a ~1,000-token system
                                       # prompt, max_tokens 16: prefix reuse vs none
+    python bench/bench.py mixed       # tiny model, one worker: a 20,000-line job (max_tokens 4), then
+                                      # a 50-line job of another owner and 30 streamed single
+                                      # requests (one every 200 ms) while it runs, each against
+                                      # itself alone on an idle worker
 
 Options: --lines, --requests, --max-tokens, --model (an MLflow model URI), --skip-memory,
 --pyfunc-requests, --memory-requests. On CUDA: `chatbatch model tinyllama-shape DIR`, then
@@ -244,7 +248,7 @@ def queue_mode(args: argparse.Namespace, workdir: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=["queue", "throughput", "structured", "continuous", "prefix"])
+    parser.add_argument("mode", choices=["queue", "throughput", "structured", "continuous", "prefix", "mixed"])
     parser.add_argument("--lines", type=int, help="queue: lines of the file (20,000); structured: lines per file (64)")
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, help="throughput: max_tokens (32); structured: max_tokens (192)")
@@ -256,7 +260,7 @@ def main() -> None:
     args = parser.parse_args()
     structured = args.mode == "structured"
     lines = {"structured": 64, "continuous": 128, "prefix": 128}
-    max_tokens = {"structured": 192, "continuous": 256, "prefix": 16}
+    max_tokens = {"structured": 192, "continuous": 256, "prefix": 16, "mixed": 4}
     args.lines = args.lines or lines.get(args.mode, 20_000)
     args.max_tokens = args.max_tokens or max_tokens.get(args.mode, 32)
     args.repeat = args.repeat or (2 if structured else 1 if args.mode in ("continuous", "prefix") else 3)
@@ -267,7 +271,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="chatbatch-bench-") as tmp:
         modes = {"queue": queue_mode, "throughput": throughput_mode, "structured": structured_mode,
-                 "continuous": continuous_mode, "prefix": prefix_mode}
+                 "continuous": continuous_mode, "prefix": prefix_mode, "mixed": mixed_mode}
         modes[args.mode](args, Path(tmp))
 
 
@@ -591,6 +595,104 @@ def prefix_mode(args: argparse.Namespace, workdir: Path) -> None:
     log(step="ratios", reuse_speedup_end_to_end=round(ratio, 2), prompt_tokens=engine.get("prompt_tokens"),
         cached_prompt_tokens=engine.get("cached_prompt_tokens"), hit_rate=engine.get("prefix_cache_hit_rate"),
         targets={"reuse_speedup_end_to_end": 3.0}, met=ratio >= 3.0)
+
+
+def _stream_ttft(client: Any, body: dict[str, object]) -> float:
+    """Seconds from submitting a streamed request to its first chunk with text; the stream is
+    read to its end."""
+    started = time.perf_counter()
+    first: float | None = None
+    for chunk in client.stream(body):
+        if first is None and any((choice.get("delta") or {}).get("content") for choice in chunk.get("choices", [])):
+            first = time.perf_counter() - started
+    if first is None:
+        raise RuntimeError("a streamed request gave no text")
+    return first
+
+
+def _singles(client: Any, count: int, every: float, max_tokens: int) -> list[float]:
+    """`count` streamed single requests, one every `every` seconds (each in its own thread);
+    their times to first token."""
+    import threading
+
+    ttft: list[float] = []
+    threads = []
+    for i in range(count):
+        body = {"messages": [{"role": "user", "content": f"{PROMPTS[i % len(PROMPTS)]} (single {i})"}], "max_tokens": max_tokens, "temperature": 0}
+        thread = threading.Thread(target=lambda b=body: ttft.append(_stream_ttft(client, b)))
+        thread.start()
+        threads.append(thread)
+        time.sleep(every)
+    for thread in threads:
+        thread.join(300)
+    if len(ttft) != count:
+        raise RuntimeError(f"{count - len(ttft)} streamed requests failed")
+    return ttft
+
+
+def _job_seconds(client: Any, source: Path, owner: str) -> tuple[float, int]:
+    """Seconds from submitting a job to its end, and its completed lines."""
+    started = time.perf_counter()
+    job = client.submit_file(str(source), owner=owner).wait(3600, poll=0.05)
+    return time.perf_counter() - started, job.request_counts.completed
+
+
+def _percentile(values: list[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(share * (len(ordered) - 1))))]
+
+
+def mixed_mode(args: argparse.Namespace, workdir: Path) -> None:
+    """One worker, tiny model: a large job, a small job of another owner and streamed single
+    requests at once, against each of them alone on an idle worker."""
+    import threading
+
+    from chatbatch.settings import Settings
+    from producer import Client
+
+    harness = Harness(workdir)
+    try:
+        model = args.model or harness.chatbatch("model", "tiny", str(workdir / "tiny"))
+        name = served_name(model)
+        def lines(count: int, tag: str) -> list[dict[str, object]]:
+            return [{"messages": [{"role": "user", "content": f"{PROMPTS[i % len(PROMPTS)]} ({tag} {i})"}],
+                     "max_tokens": args.max_tokens, "temperature": 0} for i in range(count)]
+        big = batch_file(workdir / "big.jsonl", lines(args.lines, "big"))
+        small = batch_file(workdir / "small.jsonl", lines(50, "small"))
+        harness.start_worker(model, name)
+        client = Client(Settings(redis_url=harness.url))
+        log(step="setup", model=model, big_lines=args.lines, small_lines=50, singles=30, max_tokens=args.max_tokens, device=_device())
+
+        _singles(client, 4, 0.05, 8)  # warm-up: the first requests load what is loaded lazily
+        idle_ttft = _singles(client, 30, 0.2, 8)
+        idle_small, _ = _job_seconds(client, small, "small")
+        solo_s, solo_lines = _job_seconds(client, big, "big")
+        log(step="alone", small_job_s=round(idle_small, 2), ttft_p50_s=round(_percentile(idle_ttft, 0.5), 3),
+            ttft_p95_s=round(_percentile(idle_ttft, 0.95), 3), big_job_s=round(solo_s, 1), big_lines_s=round(solo_lines / solo_s, 1))
+
+        outcome: dict[str, tuple[float, int]] = {}
+        runner = threading.Thread(target=lambda: outcome.update(big=_job_seconds(client, big, "big")))
+        runner.start()
+        time.sleep(max(2.0, solo_s / 10))  # the big job is enqueued and running
+        small_thread = threading.Thread(target=lambda: outcome.update(small=_job_seconds(client, small, "small")))
+        small_thread.start()
+        busy_ttft = _singles(client, 30, 0.2, 8)
+        small_thread.join(3600)
+        busy_small = outcome["small"][0]
+        runner.join(3600)
+        mixed_s, mixed_lines = outcome["big"]
+        log(step="mixed", small_job_s=round(busy_small, 2), ttft_p50_s=round(_percentile(busy_ttft, 0.5), 3),
+            ttft_p95_s=round(_percentile(busy_ttft, 0.95), 3), big_job_s=round(mixed_s, 1), big_lines_s=round(mixed_lines / mixed_s, 1))
+        small_ratio = busy_small / idle_small
+        ttft_ratio = _percentile(busy_ttft, 0.95) / _percentile(idle_ttft, 0.95)
+        big_ratio = (mixed_lines / mixed_s) / (solo_lines / solo_s)
+        log(step="ratios", small_job_over_idle=round(small_ratio, 2), ttft_p95_over_idle=round(ttft_ratio, 2),
+            ttft_p50_over_idle=round(_percentile(busy_ttft, 0.5) / _percentile(idle_ttft, 0.5), 2),
+            big_job_over_solo=round(big_ratio, 2),
+            targets={"small_job_over_idle": 3, "ttft_p95_over_idle": 3, "big_job_over_solo": 0.9},
+            met=small_ratio <= 3 and ttft_ratio <= 3 and big_ratio >= 0.9)
+    finally:
+        harness.close()
 
 
 def _device() -> str:

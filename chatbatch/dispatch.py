@@ -53,6 +53,8 @@ DEFAULT_PRIORITY: Final = "normal"
 #: The owner of jobs submitted without one (the CLI without --owner).
 DEFAULT_OWNER: Final = "default"
 _OWNER = re.compile(r"[A-Za-z0-9_.@:\-]{1,64}")
+#: Rows assumed for a queue no live worker consumes (a worker's default on CPU).
+IDLE_ROWS = 32
 #: Seconds the live workers' figures are reused between windows.
 _WINDOW_SECONDS = 1.0
 
@@ -194,13 +196,13 @@ def parse_weights(spec: str) -> dict[str, float]:
     return weights
 
 
-def window(heartbeats: Iterable[dict[str, Any]]) -> tuple[int, int]:
+def window(heartbeats: Iterable[dict[str, Any]], *, idle_rows: int = IDLE_ROWS) -> tuple[int, int]:
     """(lines, chunks) a queue keeps in flight, from the heartbeats of the live workers that
     consume it: twice their rows (a batch running and the next one waiting on each worker),
-    and at least two chunks per worker (one running, one at hand); with no live worker, two
-    chunks, ready for the first to come."""
+    and at least two chunks per worker (one running, one at hand). With no live worker, the
+    window of one worker of `idle_rows` rows: the first worker to start finds it full."""
     workers = list(heartbeats)
-    rows = sum(int((info.get("engine") or {}).get("max_rows", 0)) for info in workers)
+    rows = sum(int((info.get("engine") or {}).get("max_rows", 0)) for info in workers) if workers else idle_rows
     return 2 * rows, 2 * max(1, len(workers))
 
 
@@ -212,9 +214,10 @@ class Dispatcher:
         job_ttl: seconds a job's backlog may outlive its last write.
     """
 
-    def __init__(self, client: redis.Redis, *, job_ttl: int) -> None:
+    def __init__(self, client: redis.Redis, *, job_ttl: int, idle_rows: int = IDLE_ROWS) -> None:
         self.redis = client
         self.job_ttl = job_ttl
+        self.idle_rows = idle_rows
         self._release = client.register_script(_RELEASE)
         self._windows: dict[str, tuple[float, tuple[int, int]]] = {}
 
@@ -251,7 +254,7 @@ class Dispatcher:
         found = self._windows.get(queue)
         if found is None or now - found[0] > _WINDOW_SECONDS:
             heartbeats = [info for infos in registry.live_models(self.redis).values() for info in infos if queue in info.get("queues", ())]
-            found = (now, window(heartbeats))
+            found = (now, window(heartbeats, idle_rows=self.idle_rows))
             self._windows[queue] = found
         return found[1]
 

@@ -10,10 +10,9 @@ if TYPE_CHECKING:
 
     from chatbatch.settings import Settings
 
-#: Consumed by every worker unless it is started with --queue; takes requests without a model.
+#: Consumed by every worker unless it is started with --queue; takes requests without a model
+#: (single requests and batch lines alike).
 DEFAULT_QUEUE = "chatbatch"
-#: Single requests without a model: workers take from it before any batch queue.
-LIVE_QUEUE = "chatbatch.live"
 #: Consumed by every worker, whatever its other queues: callback deliveries.
 CALLBACK_QUEUE = "chatbatch.callbacks"
 #: Task names: the producer sends by name and never imports the worker.
@@ -30,10 +29,10 @@ def model_queue(model: str) -> str:
 
 
 def live_queue(queue: str) -> str:
-    """The queue of single requests (someone waits on each) beside a batch queue: a worker
-    consumes it first (`worker_queues`). A queue of another name has none."""
-    if queue == DEFAULT_QUEUE:
-        return LIVE_QUEUE
+    """The queue of single requests (someone waits on each) beside a model's batch queue: a
+    worker consumes it first (`worker_queues`). Other queues have none: requests without a
+    model share the default queue with batch lines without one, where the dispatcher's window
+    keeps few chunks ahead of them (docs/scheduling.md)."""
     if queue.startswith(_MODEL_PREFIX):
         return "chatbatch.live." + queue.removeprefix(_MODEL_PREFIX)
     return queue

@@ -32,7 +32,7 @@ def _job(jobs: Jobs, job_id: str) -> str:
     return job_id
 
 
-def _hold(dispatcher: Dispatcher, job_id: str, chunks: int, share: Share, *, lines: int = 4, created: int = 0) -> None:
+def _hold(dispatcher: Dispatcher, job_id: str, chunks: int, share: Share, *, lines: int = 40, created: int = 0) -> None:
     for number in range(chunks):
         payload = json.dumps([{"line": number, "custom_id": f"{job_id}-{number}", "body": {}}] * lines)
         dispatcher.hold(job_id, QUEUE, f"{job_id}-{number}", payload, lines, share, created)
@@ -40,7 +40,8 @@ def _hold(dispatcher: Dispatcher, job_id: str, chunks: int, share: Share, *, lin
 
 def _turns(dispatcher: Dispatcher, ledger: Ledger, count: int) -> list[str]:
     """The jobs of the next `count` chunks released, finishing the oldest chunk in flight
-    before each release after the first (the window holds two chunks with no live worker)."""
+    before each release after the first (with no live worker, the window of 64 lines holds
+    two chunks of 40)."""
     order: list[str] = []
     in_flight: list[tuple[str, str]] = []
     while len(order) < count:
@@ -56,7 +57,7 @@ def _turns(dispatcher: Dispatcher, ledger: Ledger, count: int) -> list[str]:
 
 
 def test_the_window_holds_two_chunks_per_worker_and_twice_their_rows() -> None:
-    assert window([]) == (0, 2)
+    assert window([]) == (64, 2), "as for one worker of 32 rows"
     assert window([{"engine": {"max_rows": 32}}, {"engine": {"max_rows": 64}}]) == (192, 4)
 
 
