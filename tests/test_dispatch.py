@@ -195,3 +195,19 @@ def test_a_high_priority_job_overtakes_a_normal_one(narrow_worker: Worker, redis
     r = redis_server.client()
     wait_for(lambda: not r.hlen(keys.queue_backlogged("chatbatch.model.narrow")), 10, "the backlog to empty")
     wait_for(lambda: not r.hlen(keys.queue_in_flight("chatbatch.model.narrow")) or not client.dispatcher.release("chatbatch.model.narrow"), 10, "the window to empty")
+
+
+def test_a_worker_sweep_releases_chunks_nobody_released(narrow_worker: Worker, redis_server: RedisServer) -> None:
+    """Chunks held with no release after them (their producer died right after holding them)
+    are released by the sweep of a worker that consumes their queue."""
+    client = Client(Settings(redis_url=redis_server.url))
+    job_id = "batch_unreleased"
+    assert client.jobs.create(job_id, input_file="held.jsonl")
+    queue = "chatbatch.model.narrow"
+    items = [{"line": n, "custom_id": f"h{n}", "body": user(f"held {n}", model="narrow", max_tokens=3)} for n in range(1, 7)]
+    client.jobs.add_inputs(job_id, {item["line"]: item["custom_id"] for item in items}, queues={queue})
+    for start in (0, 3):
+        client.dispatcher.hold(job_id, queue, f"held-{start}", json.dumps(items[start : start + 3]), 3, Share(), 0)
+    client.jobs.finish_enqueueing(job_id, len(items))
+    job = client.job(job_id).wait(timeout=60)
+    assert job.status.value == "completed" and job.request_counts.completed == 6
