@@ -205,7 +205,7 @@ def test_a_worker_sweep_releases_chunks_nobody_released(narrow_worker: Worker, r
     assert client.jobs.create(job_id, input_file="held.jsonl")
     queue = "chatbatch.model.narrow"
     items = [{"line": n, "custom_id": f"h{n}", "body": user(f"held {n}", model="narrow", max_tokens=3)} for n in range(1, 7)]
-    client.jobs.add_inputs(job_id, {item["line"]: item["custom_id"] for item in items}, queues={queue})
+    client.jobs.add_inputs(job_id, {n: f"h{n}" for n in range(1, 7)}, queues={queue})
     for start in (0, 3):
         client.dispatcher.hold(job_id, queue, f"held-{start}", json.dumps(items[start : start + 3]), 3, Share(), 0)
     client.jobs.finish_enqueueing(job_id, len(items))
