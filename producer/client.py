@@ -5,14 +5,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
 from typing import IO, Any
 
 import redis
 
 from chatbatch import registry
 from chatbatch.callbacks import check_url, initial_fields
-from chatbatch.exceptions import ConfigurationError, JobNotFoundError
+from chatbatch.exceptions import ConfigurationError, JobNotFoundError, RequestFailedError
 from chatbatch.ids import new_id
 from chatbatch.jobs import Jobs
 from chatbatch.ledger import Ledger
@@ -45,17 +45,15 @@ def window_seconds(window: str) -> int:
     return int(window[:-1]) * units[window[-1]]
 
 
-def _chunks(requests: Requests, request_id: str, *, usage: bool, timeout: float | None) -> Iterator[dict[str, Any]]:
-    """A streamed request's chunks; an error event raises RequestError, and closing the
+def _chunks(requests: Requests, request_id: str, *, usage: bool, timeout: float | None) -> Generator[dict[str, Any], None, None]:
+    """A streamed request's chunks; an error event raises RequestFailedError, and closing the
     iterator early marks the request disconnected (its worker cancels it)."""
     ended = False
     try:
         for event in follow(requests, request_id, usage=usage, timeout=timeout):
             if "error" in event:
                 ended = True
-                error = event["error"]
-                code = error.get("code")
-                raise RequestError(ErrorCode(code) if code in ErrorCode.__members__ else ErrorCode.internal_error, str(error.get("message")))
+                raise RequestFailedError(str(event["error"].get("code")), str(event["error"].get("message")))
             yield event
         ended = True
     finally:
@@ -157,14 +155,17 @@ class Client:
         self.celery.send_task(TASK_CHAT, args=[request_id, sent], queue=queue, argsrepr=request_argsrepr(request_id))
         return RequestHandle(request_id, self, queue=queue)
 
-    def stream(self, body: dict[str, Any], *, timeout: float | None = None, callback_url: str | None = None) -> Iterator[dict[str, Any]]:
+    def stream(
+        self, body: dict[str, Any], *, timeout: float | None = None, callback_url: str | None = None
+    ) -> Generator[dict[str, Any], None, None]:
         """Submit one request with `stream: true` and iterate over its chat.completion.chunk
         objects as they are generated (read from Redis with blocking XREAD). Closing the
         iterator before its end (`break`, `close()`) cancels the request.
 
         Raises:
-            RequestError: the body is invalid or names a model no worker serves (at once), or
-                the request failed, or no end came within `timeout` seconds (while iterating).
+            RequestError: the body is invalid, or names a model no worker serves (at once).
+            RequestFailedError: while iterating: the request failed, or its stream had no end
+                within `timeout` seconds (code `timeout`).
         """
         handle = self.submit({**body, "stream": True}, callback_url=callback_url)
         options = body.get("stream_options") or {}
