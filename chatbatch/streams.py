@@ -77,11 +77,12 @@ def completion_chunks(request_id: str, completion: dict[str, Any], *, usage: boo
 
 
 def final_delta(content: str | None, tool_calls: list[dict[str, Any]] | None) -> dict[str, Any]:
-    """The delta of a choice's last content: its text, or its tool calls in one delta (each
+    """The delta of a choice's last content: its text, and its tool calls in one delta (each
     with its index, as OpenAI streams them)."""
+    delta: dict[str, Any] = {"content": content} if content else {}
     if tool_calls:
-        return {"tool_calls": [{"index": i, **call} for i, call in enumerate(tool_calls)]}
-    return {"content": content} if content else {}
+        delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(tool_calls)]
+    return delta
 
 
 class StreamFollower:

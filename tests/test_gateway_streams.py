@@ -154,3 +154,28 @@ def test_a_client_that_disconnects_frees_its_row(gateway: Gateway, tiny_worker: 
 
     info = wait_for(counted, 30, "the engine's count of cancelled requests")
     assert info["engine"]["rows_running"] == 0
+
+
+def test_tool_calls_and_logprobs_come_with_the_last_content(gateway: Gateway) -> None:
+    sdk = _sdk(gateway)
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {
+        "type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}}, "required": ["city"], "additionalProperties": False}}}]
+    body = _body("weather?", max_tokens=100, tools=tools, tool_choice="required", parallel_tool_calls=False)
+    whole = sdk.chat.completions.create(**body)
+    chunks = list(sdk.chat.completions.create(**body, stream=True))
+    assert whole.choices[0].finish_reason == "tool_calls" and whole.choices[0].message.tool_calls
+    calls = [call for chunk in chunks for choice in chunk.choices for call in choice.delta.tool_calls or []]
+    assert [(c.index, c.function.name, c.function.arguments) for c in calls] == [  # type: ignore[union-attr]
+        (i, c.function.name, c.function.arguments) for i, c in enumerate(whole.choices[0].message.tool_calls)  # type: ignore[union-attr]
+    ]
+    assert all(call.id and call.id.startswith("call_") and call.type == "function" for call in calls)
+    assert not any(choice.delta.content for chunk in chunks for choice in chunk.choices)  # held, then none
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+    body = _body("hello", max_tokens=10, logprobs=True, top_logprobs=2)
+    whole = sdk.chat.completions.create(**body)
+    chunks = list(sdk.chat.completions.create(**body, stream=True))
+    with_logprobs = [choice for chunk in chunks for choice in chunk.choices if choice.logprobs is not None]
+    assert len(with_logprobs) == 1 and whole.choices[0].logprobs is not None
+    assert with_logprobs[0].logprobs.model_dump() == whole.choices[0].logprobs.model_dump()  # type: ignore[union-attr]
+    assert _joined(chunks) == {0: whole.choices[0].message.content}

@@ -73,6 +73,13 @@ def test_a_result_stored_without_a_stream_end() -> None:
     error = {"code": "context_length_exceeded", "message": "too long", "param": "messages"}
     assert refused.settle({"error": error}) == [{"error": error}]
 
+    calls = [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
+    called = {**COMPLETION, "choices": [{"index": 0, "message": {"role": "assistant", "content": None, "tool_calls": calls},
+                                         "finish_reason": "tool_calls", "logprobs": None}]}
+    deltas = [c["choices"][0] for c in completion_chunks("r", called, usage=False)]
+    assert deltas[1]["delta"] == {"tool_calls": [{"index": 0, **calls[0]}]}
+    assert deltas[2]["finish_reason"] == "tool_calls"
+
     halfway = StreamFollower("r")
     halfway.take(_entry(1, CHUNKS, [_chunk("h")]))
     assert halfway.settle(COMPLETION)[0]["error"]["message"] == stopped_message("r")
