@@ -104,6 +104,10 @@ def answer_request(task: Any, state: WorkerState, request_id: str, body: dict[st
         record: dict[str, Any] = future.result().model_dump() | {"id": request_id}
     except RequestError as error:
         record = {"error": error.to_dict()}
+    except BaseException:  # the task fails (and is delivered again): its stream is let go
+        if stream is not None:
+            stream.close()
+        raise
     if stream is not None:
         stream.finish(record)
     requests.store_result(request_id, record)
