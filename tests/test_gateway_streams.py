@@ -84,7 +84,9 @@ def test_chunks_come_as_generated_and_join_to_the_answer(gateway: Gateway, redis
     last = chunks[-1].choices[0]
     assert last.finish_reason == "length" and last.delta.content is None
     assert all(chunk.choices[0].finish_reason is None for chunk in chunks[:-1])
-    assert redis_server.client().exists(keys.result(first.id))
+    # The stream's end is written just before the result is stored; the stored result is the answer.
+    stored = Requests(redis_server.client(), result_ttl=60).wait(first.id, 30)
+    assert stored is not None and stored["choices"][0]["message"]["content"] == whole.choices[0].message.content
 
 
 def test_stop_strings_and_undecodable_bytes_stream_as_the_answer(gateway: Gateway) -> None:
