@@ -123,6 +123,13 @@ def result_ready(request_id: str) -> str:
     return f"{PREFIX}result:{request_id}:ready"
 
 
+def result_stream(request_id: str) -> str:
+    """Stream: a streamed request's chat.completion.chunk objects as they are generated, then
+    its end or error entry, each entry with the delivery that wrote it; written by the worker
+    (worker/publisher.py), read with blocking XREAD (chatbatch/streams.py), with the result's TTL."""
+    return f"{PREFIX}result:{request_id}:stream"
+
+
 def request_deliveries(request_id: str) -> str:
     """String counter: times a single request's task was delivered."""
     return f"{PREFIX}result:{request_id}:deliveries"

@@ -9,6 +9,11 @@ with XREAD, which reads without consuming), publishes the request's id on the
 `chatbatch:answered` channel (a gateway waits on many requests over one subscription), adds
 the notification, and drops the pending entry.
 
+A streamed request whose reader went away (the HTTP client disconnected, or `Client.stream`'s
+iterator was closed early) is marked in its record (`disconnect`); the worker streaming it reads
+the mark and cancels the request (worker/publisher.py), whose result is then a `cancelled`
+error record.
+
 Reads (`result`, `wait`, `get`) never write.
 """
 
@@ -39,6 +44,15 @@ local events, record, due, kind, object_id, status, now = KEYS[5], KEYS[3], KEYS
 return 1
 """
 
+# KEYS: the record. ARGV: now. Marks a recorded request disconnected (an expired record is not
+# made again, without a TTL).
+_DISCONNECT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'disconnected', ARGV[1]) end
+"""
+
+#: Field of a request's record: unix seconds at which its stream's reader went away.
+DISCONNECTED: Final = "disconnected"
+
 #: Status of a request's record as the HTTP API shows it.
 QUEUED: Final = "queued"
 COMPLETED: Final = "completed"
@@ -57,6 +71,7 @@ class Requests:
         self.redis = client
         self.result_ttl = result_ttl
         self._store = client.register_script(_STORE)
+        self._disconnect = client.register_script(_DISCONNECT)
 
     # Writes.
 
@@ -103,6 +118,10 @@ class Requests:
             args=[json.dumps(record), self.result_ttl, status, request_id, int(time.time()), keys.ANSWERED],
         )
         return bool(stored)
+
+    def disconnect(self, request_id: str) -> None:
+        """Mark a streamed request as no longer read: its worker cancels it."""
+        self._disconnect(keys=[keys.request(request_id)], args=[int(time.time())])
 
     def resend(self, request_id: str, queue: str, body: dict[str, Any], sent: float) -> None:
         """Stamp a pending request as sent again at `sent` (the recovery sweep's next look is a

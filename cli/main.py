@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -179,11 +180,14 @@ def models() -> None:
 @click.option("--json", "json_object", is_flag=True, help="Answer with a JSON object (response_format json_object).")
 @click.option("--schema", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Answer with JSON that validates against this JSON Schema file.")
 @click.option("--logprobs", type=click.IntRange(0, 20), help="Return log probabilities, with this many alternatives per token.")
+@click.option("--stream", is_flag=True, help="Print the answer's text as it is generated (not the JSON).")
 def chat(
     text: str, model_name: str | None, system: str | None, max_tokens: int | None, temperature: float | None,
     seed: int | None, timeout: float, callback_url: str | None, json_object: bool, schema: Path | None, logprobs: int | None,
+    stream: bool,
 ) -> None:
-    """Send one chat request, wait, and print the chat.completion JSON."""
+    """Send one chat request, wait, and print the chat.completion JSON (with --stream: its
+    text, as it comes)."""
     from producer.client import Client
 
     messages = ([{"role": "system", "content": system}] if system else []) + [
@@ -194,10 +198,24 @@ def chat(
         if value is not None:
             body[key] = value
     body.update(_answer_format(json_object, schema, logprobs))
+    if stream:
+        _print_stream(Client().stream(body, timeout=timeout, callback_url=callback_url))
+        return
     handle = Client().submit(body, callback_url=callback_url)
     _notice(handle.waiting_notice())
     completion = handle.result(timeout=timeout)
     click.echo(completion.model_dump_json(indent=2))
+
+
+def _print_stream(chunks: Iterator[dict[str, Any]]) -> None:
+    """Print the content of the first choice's chunks as they come, then a newline."""
+    for chunk in chunks:
+        for choice in chunk["choices"]:
+            content = choice["delta"].get("content")
+            if choice["index"] == 0 and content:
+                click.echo(content, nl=False)
+                sys.stdout.flush()
+    click.echo()
 
 
 def _answer_format(json_object: bool, schema: Path | None, logprobs: int | None) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """The HTTP API's app factory.
 
-Endpoints: `/v1/models`, `/v1/chat/completions` (waits, like OpenAI; or answers at once with
-`X-Chatbatch-Async: true`), `/v1/chat/requests/{id}`, `/v1/files`, `/v1/batches`. Errors use
+Endpoints: `/v1/models`, `/v1/chat/completions` (waits, like OpenAI, or streams server-sent
+events with `stream: true`; or answers at once with `X-Chatbatch-Async: true`), `/v1/chat/requests/{id}`, `/v1/files`, `/v1/batches`. Errors use
 OpenAI's body. Auth: bearer keys from CHATBATCH_API_KEYS; each key sees only its own files,
 batches and requests (another key's objects answer 404, as if absent).
 

@@ -18,6 +18,7 @@ from chatbatch.jobs import JobError
 from chatbatch.settings import Settings
 from gateway.errors import ApiError
 from gateway.files import FileStore
+from gateway.streams import Streams
 from gateway.waiters import Waiters
 from producer.client import Client
 from producer.enqueue import Interrupted
@@ -42,6 +43,8 @@ class Gateway:
     #: Set with `stopping`, for enqueueing threads: they stop at the next line.
     stop_enqueueing: threading.Event = field(default_factory=threading.Event)
     waiters: Waiters | None = None
+    #: The open streams of `stream: true` requests (each with its own Redis connection).
+    streams: Streams | None = None
     executor: ThreadPoolExecutor | None = None
     name: str = field(default_factory=lambda: new_id("gateway-"))
     #: Enqueueing under way or queued here, by job id.
@@ -59,6 +62,7 @@ class Gateway:
         self.stopping = asyncio.Event()
         self.waiters = Waiters(self.settings.redis_url)
         self.waiters.start()
+        self.streams = Streams(self.settings.redis_url, self.client.requests)
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="chatbatch-enqueue")
 
     def begin_stopping(self) -> None:
@@ -75,6 +79,8 @@ class Gateway:
                     self.client.jobs.release_enqueuer(job_id, unfinished=True)
         if self.waiters is not None:
             await self.waiters.close()
+        if self.streams is not None:
+            await self.streams.close()
 
     # Enqueueing uploaded files, in the background.
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Generator
 from typing import IO, Any
 
 import redis
@@ -20,7 +21,7 @@ from chatbatch.dispatch import (
     check_priority,
     parse_weights,
 )
-from chatbatch.exceptions import ConfigurationError, JobNotFoundError
+from chatbatch.exceptions import ConfigurationError, JobNotFoundError, RequestFailedError
 from chatbatch.ids import new_id
 from chatbatch.jobs import Jobs
 from chatbatch.ledger import Ledger
@@ -29,6 +30,7 @@ from chatbatch.redisconn import connect, maybe_text
 from chatbatch.requests import Requests
 from chatbatch.settings import Settings, get_settings
 from chatbatch.storage import open_input
+from chatbatch.streams import follow
 from chatbatch.structured import check_schema
 from producer.enqueue import Enqueuer, chunk_lines
 from producer.handles import JobHandle, RequestHandle
@@ -62,6 +64,22 @@ def window_seconds(window: str) -> int:
     if len(window) < 2 or window[-1] not in units or not window[:-1].isdigit() or int(window[:-1]) < 1:
         raise ConfigurationError(f"completion window {window!r} is not a duration: use e.g. 24h, 90m or 3600s")
     return int(window[:-1]) * units[window[-1]]
+
+
+def _chunks(requests: Requests, request_id: str, *, usage: bool, timeout: float | None) -> Generator[dict[str, Any], None, None]:
+    """A streamed request's chunks; an error event raises RequestFailedError, and closing the
+    iterator early marks the request disconnected (its worker cancels it)."""
+    ended = False
+    try:
+        for event in follow(requests, request_id, usage=usage, timeout=timeout):
+            if "error" in event:
+                ended = True
+                raise RequestFailedError(str(event["error"].get("code")), str(event["error"].get("message")))
+            yield event
+        ended = True
+    finally:
+        if not ended:
+            requests.disconnect(request_id)
 
 
 class Client:
@@ -144,7 +162,7 @@ class Client:
             ConfigurationError: a callback URL that cannot be used.
         """
         callback_url = check_url(callback_url, self.settings.callback_secret)
-        request = parse_chat_request(body)
+        request = parse_chat_request(body, streamable=True)
         check_schema(request)
         size = len(request.model_dump_json())
         if size > self.settings.max_line_bytes:
@@ -160,6 +178,22 @@ class Client:
         self.requests.record(request_id, queue=queue, body=sent, owner=owner, callback_url=callback_url)
         self.celery.send_task(TASK_CHAT, args=[request_id, sent], queue=queue, argsrepr=request_argsrepr(request_id))
         return RequestHandle(request_id, self, queue=queue)
+
+    def stream(
+        self, body: dict[str, Any], *, timeout: float | None = None, callback_url: str | None = None
+    ) -> Generator[dict[str, Any], None, None]:
+        """Submit one request with `stream: true` and iterate over its chat.completion.chunk
+        objects as they are generated (read from Redis with blocking XREAD). Closing the
+        iterator before its end (`break`, `close()`) cancels the request.
+
+        Raises:
+            RequestError: the body is invalid, or names a model no worker serves (at once).
+            RequestFailedError: while iterating: the request failed, or its stream had no end
+                within `timeout` seconds (code `timeout`).
+        """
+        handle = self.submit({**body, "stream": True}, callback_url=callback_url)
+        options = body.get("stream_options") or {}
+        return _chunks(self.requests, handle.id, usage=bool(options.get("include_usage")), timeout=timeout)
 
     def chat(self, body: dict[str, Any], *, timeout: float | None = None) -> ChatCompletion:
         """Submit one request and wait for its chat.completion."""

@@ -24,8 +24,6 @@ MAX_TOP_LOGPROBS = 20
 # means "not used": a request that sends exactly that value is accepted, anything else is
 # rejected with `unsupported_parameter` rather than silently ignored.
 UNSUPPORTED_FIELDS: dict[str, Any] = {
-    "stream": False,
-    "stream_options": None,
     "functions": None,
     "function_call": None,
     "modalities": None,
@@ -38,8 +36,6 @@ UNSUPPORTED_FIELDS: dict[str, Any] = {
 }
 #: Why a known field is refused, for the error message.
 UNSUPPORTED_WHY: dict[str, str] = {
-    "stream": "batch lines and queued requests are answered whole",
-    "stream_options": "batch lines and queued requests are answered whole",
     "functions": "it is the legacy form of 'tools': send 'tools' and 'tool_choice'",
     "function_call": "it is the legacy form of 'tool_choice': send 'tools' and 'tool_choice'",
     "modalities": "the models chatbatch serves answer in text only",
@@ -169,6 +165,13 @@ class NamedToolChoice(_Strict):
     function: ChosenFunction
 
 
+class StreamOptions(_Strict):
+    """`stream_options` of a streamed request."""
+
+    # Add a last chunk with the request's usage (and `"usage": null` in every other chunk).
+    include_usage: bool = False
+
+
 class JsonSchemaFormat(_Strict):
     """The schema of a `json_schema` response format."""
 
@@ -246,6 +249,11 @@ class ChatCompletionRequest(_Strict):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     # Whether the model may call several tools in one answer (default true).
     parallel_tool_calls: bool | None = None
+    # Send the answer as server-sent events of chat.completion.chunk objects as it is
+    # generated (single requests only: batch lines are answered whole, as with OpenAI).
+    stream: bool = False
+    # Options of a streamed answer (only with stream: true).
+    stream_options: StreamOptions | None = None
 
     @field_validator("temperature", "top_p", "presence_penalty", "frequency_penalty")
     @classmethod
@@ -505,12 +513,14 @@ def _refuse_media(request: ChatCompletionRequest, prefix: str) -> None:
                 )
 
 
-def parse_chat_request(data: Any, *, prefix: str = "") -> ChatCompletionRequest:
+def parse_chat_request(data: Any, *, prefix: str = "", streamable: bool = False) -> ChatCompletionRequest:
     """Validate a decoded request body.
 
     Args:
         data: the decoded JSON body.
         prefix: prepended to field names in messages, e.g. ``"body."`` for batch lines.
+        streamable: the body is a single request, which may ask for `stream: true`; a batch
+            line may not (as with OpenAI's Batch API).
 
     Raises:
         RequestError: with `unsupported_parameter` for a known OpenAI field chatbatch does not
@@ -527,4 +537,22 @@ def parse_chat_request(data: Any, *, prefix: str = "") -> ChatCompletionRequest:
     except ValidationError as error:
         raise describe_validation_error(error, prefix=prefix) from None
     _refuse_media(request, prefix)
+    _check_stream(request, prefix, streamable)
     return request
+
+
+def _check_stream(request: ChatCompletionRequest, prefix: str, streamable: bool) -> None:
+    """`stream: true` only where the answer can be streamed; `stream_options` only with it."""
+    if request.stream and not streamable:
+        raise RequestError(
+            ErrorCode.unsupported_parameter,
+            f"'{prefix}stream' is not supported in batch lines, which are answered whole; only "
+            "stream=False is accepted: remove 'stream' from the request",
+            param=prefix + "stream",
+        )
+    if request.stream_options is not None and not request.stream:
+        raise RequestError(
+            ErrorCode.invalid_request,
+            f"'{prefix}stream_options' is only allowed when 'stream' is true: send stream: true or remove 'stream_options'",
+            param=prefix + "stream_options",
+        )

@@ -38,6 +38,13 @@ def test_chat_prints_a_chat_completion(tiny_worker: Worker, base_env: dict[str, 
     assert again.id != completion.id
 
 
+def test_chat_stream_prints_the_text_as_it_comes(tiny_worker: Worker, base_env: dict[str, str]) -> None:
+    whole = ChatCompletion.model_validate_json(run_cli(base_env, "chat", "--max-tokens", "30", "--temperature", "0", "stream this").stdout)
+    done = run_cli(base_env, "chat", "--stream", "--max-tokens", "30", "--temperature", "0", "stream this")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"{whole.choices[0].message.content}\n"
+
+
 def test_submit_wait_writes_one_output_line_per_input_line(tiny_worker: Worker, base_env: dict[str, str], tmp_path: Path) -> None:
     source = tmp_path / "in.jsonl"
     ids = [f"req-{i}" for i in range(40)]

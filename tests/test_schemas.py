@@ -43,6 +43,7 @@ def _code(body: object) -> tuple[ErrorCode, str]:
         ({"messages": MESSAGES, "stop": ["a", "b", "c", "d", "e"]}, ErrorCode.invalid_request, "stop"),
         ({"messages": MESSAGES, "colour": "red"}, ErrorCode.invalid_request, "colour"),
         ({"messages": MESSAGES, "stream": True}, ErrorCode.unsupported_parameter, "stream"),
+        ({"messages": MESSAGES, "stream_options": {"include_usage": True}}, ErrorCode.invalid_request, "stream_options"),
         ({"messages": MESSAGES, "functions": [{"name": "f"}]}, ErrorCode.unsupported_parameter, "functions"),
         ({"messages": MESSAGES, "modalities": ["audio"]}, ErrorCode.unsupported_parameter, "modalities"),
         ({"messages": MESSAGES, "tools": [{"type": "function"}]}, ErrorCode.invalid_request, "tools[0].function"),
@@ -66,6 +67,15 @@ def test_bad_bodies_name_the_field(body: object, code: ErrorCode, names: str) ->
     got, message = _code(body)
     assert got is code
     assert names in message
+
+
+def test_single_requests_may_stream() -> None:
+    body = {"messages": MESSAGES, "stream": True, "stream_options": {"include_usage": True}}
+    request = parse_chat_request(body, streamable=True)
+    assert request.stream and request.stream_options is not None and request.stream_options.include_usage
+    with pytest.raises(RequestError) as caught:
+        parse_chat_request(body, prefix="body.")
+    assert caught.value.code is ErrorCode.unsupported_parameter and caught.value.param == "body.stream"
 
 
 def test_harmless_known_fields_and_content_parts_are_accepted() -> None:

@@ -133,6 +133,10 @@ class Pending:
     interactive: bool = False
     #: Admitting steps of a continuous batch that left it waiting while others went in.
     passed: int = 0
+    #: A streamed request's sink (worker/publisher.py RequestStream): the runner hands it each
+    #: generated token (`put(choice, token)`), and ends the request's rows at their next token
+    #: once its `cancelled` is set (the client went away).
+    stream: Any = None
 
 
 class _Figures:
@@ -250,6 +254,8 @@ class Engine:
             # Seconds the engine spent running batches: compared with wall time, how busy the
             # device was kept.
             "busy_seconds": 0.0,
+            # Streamed requests ended because their client went away (rows freed, or never run).
+            "cancelled": 0,
         }
         self._figures = _Figures()
         #: Steps batch lines have waited for rows to free up (`_holds`).
@@ -287,18 +293,19 @@ class Engine:
         *,
         alone: bool = False,
         on_start: Callable[[], RequestError | None] | None = None,
+        stream: Any = None,
     ) -> Future[ChatCompletion]:
         """Queue one request; the future holds its ChatCompletion or raises RequestError.
 
         `alone` runs it in a batch of its own; `on_start` runs in the engine thread right
-        before its batch does.
+        before its batch does; `stream` is a streamed request's sink (see `Pending.stream`).
 
         The engine thread prepares it (chat template, tokenization, context check) when it
         takes it from the queue: preparing in many task threads at once would interleave with
         the decode loop under the GIL and slow every batch down.
         """
         future: Future[ChatCompletion] = Future()
-        self._enqueue([Pending(request=request, request_id=request_id, future=future, alone=alone, on_start=on_start, interactive=True)])
+        self._enqueue([Pending(request=request, request_id=request_id, future=future, alone=alone, on_start=on_start, interactive=True, stream=stream)])
         return future
 
     def submit_many(
@@ -621,6 +628,7 @@ class Engine:
         started = []
         for item in items:
             if not item.future.set_running_or_notify_cancel():
+                self._count_cancelled(item)
                 continue
             refusal = self._start(item) if item.on_start is not None else None
             if refusal is not None:
@@ -632,11 +640,18 @@ class Engine:
     def _answer(self, answers: list[tuple[Pending, ChatCompletion | RequestError]]) -> None:
         for item, result in answers:
             if isinstance(result, RequestError):
+                if result.code is ErrorCode.cancelled:
+                    self._count_cancelled(item)
                 item.future.set_exception(result)
             else:
                 self.stats["generated_tokens"] += result.usage.completion_tokens
                 item.future.set_result(result)
             self.stats["requests"] += 1
+
+    def _count_cancelled(self, item: Pending) -> None:
+        """Count a request ended because its stream's client went away."""
+        if item.stream is not None and item.stream.cancelled:
+            self.stats["cancelled"] += 1
 
     def _most_rows(self) -> int:
         """Most rows in the running batch: the configured bound, or fewer slots."""
@@ -729,7 +744,13 @@ class Engine:
         if self._draining.is_set():
             self._cancel(batch)
             return
-        batch = [item for item in batch if item.future.set_running_or_notify_cancel()]
+        running = []
+        for item in batch:
+            if item.future.set_running_or_notify_cancel():
+                running.append(item)
+            else:
+                self._count_cancelled(item)
+        batch = running
         for item in [item for item in batch if item.on_start is not None]:
             refusal = self._start(item)
             if refusal is not None:
@@ -749,6 +770,8 @@ class Engine:
         generated = 0
         for item, result in zip(batch, results):
             if isinstance(result, RequestError):
+                if result.code is ErrorCode.cancelled:
+                    self._count_cancelled(item)
                 item.future.set_exception(result)
             else:
                 generated += result.usage.completion_tokens

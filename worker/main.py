@@ -2,7 +2,8 @@
 
 Beside Celery's consumer, a worker runs a few threads of its own (`Background`): its registry
 heartbeat, the sweeps (jobs past their window, stalled file writes, lost tasks), the callback
-relay, and a watchdog that ends the process when the engine thread dies.
+relay, and a watchdog that ends the process when the engine thread dies; and, from the first
+streamed request on, the stream publisher (worker/publisher.py).
 """
 
 from __future__ import annotations

@@ -101,6 +101,8 @@ class _Row:
     grammar_error: str | None = None
     #: Watches the text for the row's stop strings, when it has some.
     finder: StopFinder | None = None
+    #: The request's stream sink, when it is streamed (`Pending.stream`).
+    stream: Any = None
 
 
 class TransformersRunner:
@@ -341,7 +343,7 @@ class TransformersRunner:
     def _row(self, index: int, choice: int, item: Pending) -> _Row:
         stops = item.prepared.stops
         return _Row(item=index, choice=choice, prepared=item.prepared, params=self._params(item, choice),
-                    finder=StopFinder(self.tokenizer, stops) if stops else None)
+                    finder=StopFinder(self.tokenizer, stops) if stops else None, stream=item.stream)
 
     def _completion(self, item: Pending, rows: list[_Row], created: int) -> ChatCompletion:
         """A request's chat.completion, built without validation (model_construct): every value
@@ -351,6 +353,9 @@ class TransformersRunner:
             RequestError: internal_error, when a row's grammar failed.
         """
         for row in rows:
+            if row.finish == "cancelled":
+                generated = sum(row.generated for row in rows)
+                raise RequestError(ErrorCode.cancelled, f"the client disconnected ({generated} tokens generated)")
             if row.grammar_error:
                 raise RequestError(ErrorCode.internal_error, f"the answer's grammar failed: {row.grammar_error}")
         prompt_tokens = len(item.prepared.prompt_ids)
@@ -587,12 +592,19 @@ class TransformersRunner:
 
     def _advance(self, row: _Row, token: int) -> bool:
         """Add one generated token to a row; True once the row is finished (EOS, a stop
-        string or its max_tokens), with its finish reason set."""
+        string, its max_tokens, or its stream's client gone: `cancelled`), with its finish
+        reason set. A streamed row's token goes to its stream's sink (a queue append)."""
+        stream = row.stream
+        if stream is not None and stream.cancelled:
+            row.finish = "cancelled"
+            return True
         row.generated += 1
         if token in self.eos_ids:
             row.finish = "stop"
             return True
         row.tokens.append(token)
+        if stream is not None:
+            stream.put(row.choice, token)
         if row.finder is not None and row.finder.feed(token) and self._hit_stop(row):
             return True
         if row.generated >= row.prepared.max_new:

@@ -15,6 +15,7 @@ from chatbatch.ledger import Ledger
 from chatbatch.requests import Requests
 from chatbatch.settings import Settings
 from worker.engine import Engine
+from worker.publisher import Publisher
 
 #: How often a task waiting on the engine checks whether its job was cancelled or expired, or
 #: its worker is stopping.
@@ -83,6 +84,8 @@ class WorkerState:
     callbacks: Callbacks = field(init=False)
     dispatcher: Dispatcher = field(init=False)
     stop_reasons: StopReasons = field(init=False)
+    #: Writes streamed requests' chunks to Redis (its thread starts with the first stream).
+    publisher: Publisher = field(init=False)
     running_chunks: RunningChunks = field(default_factory=RunningChunks)
     #: Suspect lines run one at a time per worker process, so a crash is charged to one line.
     alone: threading.Lock = field(default_factory=threading.Lock)
@@ -95,3 +98,4 @@ class WorkerState:
         self.callbacks = Callbacks(self.redis)
         self.dispatcher = Dispatcher(self.redis, job_ttl=settings.job_ttl)
         self.stop_reasons = StopReasons(self.jobs)
+        self.publisher = Publisher(self.redis, getattr(self.engine.runner, "tokenizer", None), ttl=settings.result_ttl)

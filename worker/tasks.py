@@ -23,6 +23,7 @@ from schemas.chat import parse_chat_request
 from schemas.errors import ErrorCode, RequestError
 from worker import callbacks
 from worker.chunks import ChunkRun, check_model, send_back
+from worker.publisher import RequestStream
 from worker.state import WorkerState
 
 logger = logging.getLogger(__name__)
@@ -81,12 +82,21 @@ def answer_request(task: Any, state: WorkerState, request_id: str, body: dict[st
         requests.store_result(request_id, {"error": error.to_dict()})
         return
     started = time.monotonic()
+    stream: RequestStream | None = None
     try:
-        request = parse_chat_request(body)
+        request = parse_chat_request(body, streamable=True)
         check_model(request.model, state.served_name)
-        future = state.engine.submit(request, request_id)
+        if request.stream:
+            stream = state.publisher.open(request_id, deliveries, request, state.served_name)
+        future = state.engine.submit(request, request_id, stream=stream)
+        if stream is not None:
+            stream.attach(future)
         wait([future])
+        if future.cancelled() and stream is not None and stream.cancelled:  # its client went away before it ran
+            raise RequestError(ErrorCode.cancelled, "the client disconnected")
         if future.cancelled():  # the worker is draining: another worker answers it
+            if stream is not None:
+                stream.close()
             requests.uncount_delivery(request_id)
             send_back(task, [request_id, body], request_argsrepr(request_id))
             return
@@ -94,5 +104,11 @@ def answer_request(task: Any, state: WorkerState, request_id: str, body: dict[st
         record: dict[str, Any] = future.result().model_dump() | {"id": request_id}
     except RequestError as error:
         record = {"error": error.to_dict()}
+    except BaseException:  # the task fails (and is delivered again): its stream is let go
+        if stream is not None:
+            stream.close()
+        raise
+    if stream is not None:
+        stream.finish(record)
     requests.store_result(request_id, record)
     logger.info("request %s answered in %.2fs", request_id, time.monotonic() - started)

@@ -4,6 +4,12 @@
 Redis connection: the gateway's waiters share one subscription (gateway/waiters.py). With `X-Chatbatch-Async: true` it answers 202 at once
 with the request record. When the gateway stops (SIGTERM), a waiting request answers 503 at
 once; its work goes on in the fleet, and its result stays readable by id.
+
+With `stream: true` it answers with server-sent events of chat.completion.chunk objects as
+they are generated, ending with `data: [DONE]` (gateway/streams.py); a request refused before
+the stream begins gets an ordinary JSON error, and an error after it began is sent as a
+`data: {"error": ...}` event that ends the stream. A client that disconnects cancels its
+request.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Depends, Header
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from chatbatch.callbacks import callback_state, check_url
@@ -64,7 +70,7 @@ async def create_completion(
     who: str = Depends(owner),
     asynchronous: str | None = Header(default=None, alias=ASYNC_HEADER),
     callback: str | None = Header(default=None, alias=CALLBACK_HEADER),
-) -> JSONResponse:
+) -> Response:
     request_id = new_id("chatcmpl-")
     headers = {REQUEST_ID_HEADER: request_id}
     try:
@@ -78,6 +84,8 @@ async def create_completion(
     if asynchronous and asynchronous.lower() in ("1", "true", "yes"):
         record = await run_in_threadpool(_record, state, request_id)
         return JSONResponse(status_code=202, content=record.model_dump(), headers=headers)
+    if body.get("stream") is True:  # (submit accepted it: a valid streamed request)
+        return _stream(state, request_id, body, headers)
     if state.waiters is None:
         raise RuntimeError("the gateway's lifespan has not started")
     waiter = asyncio.ensure_future(state.waiters.wait(request_id, state.settings.gateway_timeout))
@@ -104,6 +112,16 @@ async def create_completion(
         failed = from_request_error(RequestError(ErrorCode(result["error"]["code"]), result["error"]["message"]))
         raise ApiError(failed.status, failed.message, kind=failed.kind, code=failed.code, headers=headers)
     return JSONResponse(content=result, headers=headers)
+
+
+def _stream(state: Gateway, request_id: str, body: dict[str, Any], headers: dict[str, str]) -> StreamingResponse:
+    if state.streams is None:
+        raise RuntimeError("the gateway's lifespan has not started")
+    options = body.get("stream_options") or {}
+    events = state.streams.events(
+        request_id, usage=bool(options.get("include_usage")), timeout=state.settings.gateway_timeout, stopping=state.stopping
+    )
+    return StreamingResponse(events, media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"})
 
 
 @router.get("/requests/{request_id}", response_model=RequestRecord)

@@ -1,0 +1,254 @@
+"""Streaming single requests' answers to Redis as they are generated.
+
+The engine thread must stay fast: for a streamed request it only hands each generated token to
+the request's `RequestStream` (an append to a deque). One publisher thread per worker process
+(started with the first streamed request) drains that queue: it decodes each row's text
+incrementally (worker/detokenizer.py, stop strings held back), and adds the new text of every
+open stream as chat.completion.chunk objects to the request's Redis stream
+(`chatbatch:result:<id>:stream`), all streams in one pipelined round trip per cycle. The same
+round trip reads the cancel marks of the open streams (`Requests.disconnect`; every
+CANCEL_CHECK_SECONDS when idle): a cancelled stream makes the engine finish its rows at their
+next token, or cancels its future when it has not started.
+
+When the request's answer is known, the task hands it to `RequestStream.finish`, which queues
+it behind the request's tokens and waits until it is written: per choice the rest of the final
+content (the text streamed so far is a prefix of it), the finish chunk, the usage chunk when
+asked, then the end entry (or the error entry) — all before the result is stored.
+
+Two choices, documented in docs/http-api.md: a request with tools holds its content until the
+end (it may turn into tool calls, sent in one delta), and log probabilities, when asked, come
+with each choice's last content chunk.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import deque
+from typing import Any
+
+import redis
+
+from chatbatch import keys
+from chatbatch.requests import DISCONNECTED
+from chatbatch.streams import CHUNKS, DATA, DELIVERY, END, ERROR, KIND, choice_delta, chunk, final_delta
+from schemas.chat import ChatCompletionRequest
+from worker.detokenizer import Detokenizer
+
+logger = logging.getLogger(__name__)
+
+#: How often the cancel marks of open streams are read while no token comes.
+CANCEL_CHECK_SECONDS = 0.5
+#: Longest a task waits for its stream's last entries to be written before it stores the result
+#: anyway (readers then answer from the stored result).
+FINISH_SECONDS = 30.0
+
+
+class RequestStream:
+    """The sink of one streamed request: the engine thread's `put`, the task's `attach` and
+    `finish`; everything else is the publisher thread's.
+
+    Args:
+        publisher: the worker's publisher.
+        request_id: the request.
+        delivery: the delivery of the task streaming it (written with every entry).
+        request: the parsed request.
+        model: the served model name.
+    """
+
+    def __init__(self, publisher: Publisher, request_id: str, delivery: int, request: ChatCompletionRequest, model: str) -> None:
+        self._publisher = publisher
+        self.request_id = request_id
+        self.delivery = delivery
+        self.model = model
+        self.created = int(time.time())
+        self.usage = bool(request.stream_options and request.stream_options.include_usage)
+        #: Content is held to the end: it may become tool calls.
+        self.holds = bool(request.tools)
+        self.stops = request.stop_sequences
+        #: Set by the publisher when the client went away; the engine reads it at every token.
+        self.cancelled = False
+        self.future: Any = None
+        # The publisher thread's own state, per choice: its text, what was released of it, and
+        # whether its first (role) chunk went out.
+        self.texts: dict[int, Detokenizer] = {}
+        self.emitted: dict[int, str] = {}
+        self.begun: set[int] = set()
+
+    def put(self, choice: int, token: int) -> None:
+        """Hand over a generated token of a choice (engine thread; cheap)."""
+        self._publisher.push((self, choice, token))
+
+    def attach(self, future: Any) -> None:
+        """The request's future in the engine, so that a cancel before it starts cancels it."""
+        self.future = future
+        if self.cancelled:
+            future.cancel()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        if self.future is not None:
+            self.future.cancel()  # False once it runs: its rows then finish at their next token
+
+    def close(self) -> None:
+        """Forget the stream without writing its end (the request was handed back: the worker
+        that takes it streams it)."""
+        self._publisher.push((self, None, None))
+
+    def finish(self, record: dict[str, Any]) -> None:
+        """Write the end of the stream for the request's answer (a chat.completion or an error
+        record), after every token it streamed; returns once written (or FINISH_SECONDS)."""
+        done = threading.Event()
+        self._publisher.push((self, record, done))
+        if not done.wait(FINISH_SECONDS):
+            logger.warning("request %s: its stream's end was not written within %.0fs", self.request_id, FINISH_SECONDS)
+
+    def chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return chunk(self.request_id, self.created, self.model, choices, usage=self.usage)
+
+
+class Publisher:
+    """The worker's publisher thread and its queue.
+
+    Args:
+        client: the Redis connection.
+        tokenizer: the model's tokenizer (None for a model without token access: its streams
+            get the whole text at the end).
+        ttl: seconds a stream stays readable (the result's TTL).
+    """
+
+    def __init__(self, client: redis.Redis, tokenizer: Any, *, ttl: int) -> None:
+        self.redis = client
+        self.tokenizer = tokenizer
+        self.ttl = ttl
+        self._queue: deque[tuple[Any, ...]] = deque()
+        self._wake = threading.Event()
+        self._open: dict[str, RequestStream] = {}
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._checked = 0.0
+
+    def open(self, request_id: str, delivery: int, request: ChatCompletionRequest, model: str) -> RequestStream:
+        """A stream for a request about to be submitted (starts the thread the first time)."""
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="chatbatch-publisher", daemon=True)
+                self._thread.start()
+        stream = RequestStream(self, request_id, delivery, request, model)
+        self.push((stream,))
+        return stream
+
+    def push(self, item: tuple[Any, ...]) -> None:
+        self._queue.append(item)
+        if not self._wake.is_set():
+            self._wake.set()
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait(CANCEL_CHECK_SECONDS)
+            self._wake.clear()
+            try:
+                self.cycle()
+            except Exception:  # one bad cycle must not end streaming for the process
+                logger.exception("the stream publisher's cycle failed")
+
+    def cycle(self) -> None:
+        """Publish what is queued and read the cancel marks, in one round trip."""
+        tokens: dict[tuple[RequestStream, int], list[int]] = {}
+        finals: list[tuple[RequestStream, dict[str, Any], threading.Event]] = []
+        while self._queue:
+            item = self._queue.popleft()
+            if len(item) == 1:
+                self._open[item[0].request_id] = item[0]
+            elif isinstance(item[1], int):
+                tokens.setdefault((item[0], item[1]), []).append(item[2])
+            elif item[1] is None:
+                self._open.pop(item[0].request_id, None)
+            else:
+                finals.append(item)  # type: ignore[arg-type]
+        entries: dict[RequestStream, list[tuple[str, Any]]] = {}
+        for (stream, choice), taken in tokens.items():
+            chunks = self._deltas(stream, choice, taken)
+            if chunks:
+                entries.setdefault(stream, []).append((CHUNKS, chunks))
+        for stream, record, _ in finals:
+            entries.setdefault(stream, []).extend(self._ending(stream, record))
+            self._open.pop(stream.request_id, None)
+        checking = list(self._open.values()) if entries or time.monotonic() - self._checked >= CANCEL_CHECK_SECONDS else []
+        try:
+            self._write(entries, checking)
+        except redis.RedisError as error:
+            logger.warning("could not publish %d streams (%s)", len(entries), type(error).__name__)
+        for _, _, done in finals:
+            done.set()
+
+    def _write(self, entries: dict[RequestStream, list[tuple[str, Any]]], checking: list[RequestStream]) -> None:
+        if not entries and not checking:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for stream, added in entries.items():
+            key = keys.result_stream(stream.request_id)
+            for kind, data in added:
+                fields = {DELIVERY: stream.delivery, KIND: kind}
+                if data is not None:
+                    fields[DATA] = json.dumps(data)
+                pipe.xadd(key, fields)  # type: ignore[arg-type]
+            pipe.expire(key, self.ttl)
+        for stream in checking:
+            pipe.hexists(keys.request(stream.request_id), DISCONNECTED)
+        replies = pipe.execute()
+        if checking:
+            self._checked = time.monotonic()
+            for stream, gone in zip(checking, replies[-len(checking) :]):
+                if gone and not stream.cancelled:
+                    logger.info("request %s: its client disconnected; cancelling it", stream.request_id)
+                    stream.cancel()
+
+    def _deltas(self, stream: RequestStream, choice: int, tokens: list[int]) -> list[dict[str, Any]]:
+        """The chunks of a choice's new tokens: its first chunk (the role), then its new text
+        (none while the request holds its content)."""
+        text = stream.texts.get(choice)
+        if text is None:
+            text = stream.texts[choice] = Detokenizer(self.tokenizer, stream.stops)
+        piece = text.feed(tokens)
+        chunks = self._begin(stream, choice)
+        if piece and not stream.holds:
+            stream.emitted[choice] = stream.emitted.get(choice, "") + piece
+            chunks.append(stream.chunk([choice_delta(choice, {"content": piece})]))
+        return chunks
+
+    @staticmethod
+    def _begin(stream: RequestStream, choice: int) -> list[dict[str, Any]]:
+        if choice in stream.begun:
+            return []
+        stream.begun.add(choice)
+        return [stream.chunk([choice_delta(choice, {"role": "assistant", "content": ""})])]
+
+    def _ending(self, stream: RequestStream, record: dict[str, Any]) -> list[tuple[str, Any]]:
+        """The last entries of a stream: the rest of each choice, its finish, the usage, the end."""
+        if "error" in record:
+            return [(ERROR, record["error"])]
+        chunks: list[dict[str, Any]] = []
+        for choice in record["choices"]:
+            index, message = choice["index"], choice["message"]
+            chunks += self._begin(stream, index)
+            delta = final_delta(self._rest(stream, index, message.get("content")), message.get("tool_calls"))
+            if delta or choice.get("logprobs"):
+                chunks.append(stream.chunk([choice_delta(index, delta or {"content": ""}, logprobs=choice.get("logprobs"))]))
+            chunks.append(stream.chunk([choice_delta(index, {}, choice["finish_reason"])]))
+        if stream.usage:
+            chunks.append(chunk(stream.request_id, stream.created, stream.model, [], usage=True, totals=record["usage"]))
+        return [(CHUNKS, chunks), (END, None)]
+
+    @staticmethod
+    def _rest(stream: RequestStream, index: int, content: str | None) -> str | None:
+        """What of a choice's final content was not streamed yet."""
+        emitted = stream.emitted.get(index, "")
+        if content is None or not emitted:
+            return content
+        if not content.startswith(emitted):
+            logger.warning("request %s: choice %d streamed text that its answer does not begin with", stream.request_id, index)
+            return ""
+        return content[len(emitted) :]
