@@ -181,3 +181,17 @@ def test_tool_calls_and_logprobs_come_with_the_last_content(gateway: Gateway) ->
     assert len(with_logprobs) == 1 and whole.choices[0].logprobs is not None
     assert with_logprobs[0].logprobs.model_dump() == whole.choices[0].logprobs.model_dump()  # type: ignore[union-attr]
     assert _joined(chunks) == {0: whole.choices[0].message.content}
+
+
+def test_multi_byte_characters_stream_as_the_answer(gateway: Gateway) -> None:
+    """A schema's enum makes the random model write real multi-byte characters (whose bytes its
+    byte-level tokens split): the stream joins to the same text, character for character."""
+    sdk = _sdk(gateway)
+    schema = {"type": "object", "properties": {"word": {"enum": ["日本語のテキスト", "Grüße aus Köln €"]}},
+              "required": ["word"], "additionalProperties": False}
+    body = _body("a word", max_tokens=80, response_format={"type": "json_schema", "json_schema": {"name": "word", "schema": schema}})
+    whole = sdk.chat.completions.create(**body).choices[0].message.content or ""
+    assert any(word in whole for word in ("日本語のテキスト", "Grüße aus Köln €")), whole
+    chunks = list(sdk.chat.completions.create(**body, stream=True))
+    assert _joined(chunks) == {0: whole}
+    assert sum(1 for chunk in chunks if chunk.choices and chunk.choices[0].delta.content) > 3, "it came in pieces"
