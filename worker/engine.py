@@ -133,6 +133,9 @@ class Pending:
     interactive: bool = False
     #: Admitting steps of a continuous batch that left it waiting while others went in.
     passed: int = 0
+    #: Its place among the requests queued with it (a chunk's lines: 0, 1, 2, ...): batch lines
+    #: of different chunks are admitted in turn, by place, not chunk after chunk.
+    rank: int = 0
     #: A streamed request's sink (worker/publisher.py RequestStream): the runner hands it each
     #: generated token (`put(choice, token)`), and ends the request's rows at their next token
     #: once its `cancelled` is set (the client went away).
@@ -231,10 +234,12 @@ class Engine:
         # Requests looked at when choosing a batch: enough for length bucketing to find
         # similar lengths, few enough that choosing stays cheap.
         self._backlog_rows = 4 * self.max_batch_size
-        # Requests waiting for the engine thread; None wakes it (to stop, or to drain). One lock
-        # for many requests at a time: a chunk's lines go in, and a batch's worth comes out,
-        # in one acquisition each.
-        self._waiting: deque[Pending | None] = deque()
+        # Requests waiting for the engine thread, a group per `submit_many` (a chunk's lines),
+        # taken from the groups in turn, so that a small job's chunk does not wait behind a
+        # large one's (docs/scheduling.md); a group [None] wakes the thread (to stop, or to
+        # drain). One lock for many requests at a time: a chunk's lines go in, and a batch's
+        # worth comes out, in one acquisition each.
+        self._waiting: deque[deque[Pending | None]] = deque()
         #: Single requests (someone waits on each): taken before `_waiting`.
         self._waiting_now: deque[Pending] = deque()
         self._arrived = threading.Condition(threading.Lock())
@@ -317,8 +322,8 @@ class Engine:
         tickets = [Ticket(on_done) for _ in requests]
         self._enqueue(
             [
-                Pending(request=request, request_id=request_id, future=ticket)
-                for (request, request_id), ticket in zip(requests, tickets)
+                Pending(request=request, request_id=request_id, future=ticket, rank=rank)
+                for rank, ((request, request_id), ticket) in enumerate(zip(requests, tickets))
             ]
         )
         return tickets
@@ -339,11 +344,16 @@ class Engine:
 
     def _put(self, items: Iterable[Pending | None]) -> None:
         with self._arrived:
+            group: deque[Pending | None] = deque()
             for item in items:
                 if item is not None and item.interactive:
                     self._waiting_now.append(item)
+                elif item is None:
+                    self._waiting.append(deque([None]))
                 else:
-                    self._waiting.append(item)
+                    group.append(item)
+            if group:
+                self._waiting.append(group)
             self._arrived.notify()
 
     def _take(self, limit: int, timeout: float | None, *, singles: int = 0) -> list[Pending | None]:
@@ -356,8 +366,14 @@ class Engine:
             taken: list[Pending | None] = []
             while self._waiting_now and len(taken) < max(limit, singles):
                 taken.append(self._waiting_now.popleft())
-            while self._waiting and len(taken) < limit:
-                taken.append(self._waiting.popleft())
+            groups = self._waiting
+            while groups and len(taken) < limit:
+                # One from each group in turn.
+                taken.append(groups[0].popleft())
+                if groups[0]:
+                    groups.rotate(-1)
+                else:
+                    groups.popleft()
             return taken
 
     def _prepare(self, items: list[Pending], backlog: list[Pending]) -> int:
@@ -420,7 +436,7 @@ class Engine:
         # Everything not run gets an answer, what is still queued too: a task waiting on it
         # must not wait for ever (a request cancelled meanwhile keeps its cancellation).
         with self._arrived:
-            queued = [item for item in [*self._waiting_now, *self._waiting] if item is not None]
+            queued = [item for item in [*self._waiting_now, *(item for group in self._waiting for item in group)] if item is not None]
             self._waiting_now.clear()
             self._waiting.clear()
         stopped = RequestError(ErrorCode.internal_error, "the worker stopped before this request ran")
@@ -578,12 +594,15 @@ class Engine:
 
     def _order(self, backlog: list[Pending], cached: dict[int, int]) -> list[Pending]:
         """Single requests first; then batch lines whose prompt prefix is cached (a line passed
-        over `max_batch_size` times goes first all the same); then the oldest."""
+        over `max_batch_size` times goes first all the same); then by place in their chunk, so
+        that chunks go in turn (a chunk that came later does not wait for the whole of an
+        earlier one); then the oldest."""
         return sorted(
             backlog,
             key=lambda item: (
                 not item.interactive,
                 not (cached[id(item)] or item.passed >= self.max_batch_size),
+                item.rank,
                 item.enqueued_at,
             ),
         )
@@ -667,7 +686,7 @@ class Engine:
         running = self.running
         rows = len(running) if running is not None else 0
         with self._arrived:
-            waiting = len(self._waiting_now) + sum(1 for item in self._waiting if item is not None)
+            waiting = len(self._waiting_now) + sum(len(group) for group in self._waiting if group[0] is not None)
         prompt = running.prompt_tokens if running is not None else 0
         cached = running.cached_tokens if running is not None else 0
         steps = getattr(self.runner, "decode_steps", 0)
