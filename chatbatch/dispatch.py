@@ -12,6 +12,9 @@ worker that died, a worker that joined). Each release is one Lua step:
 
 - the in-flight set drops the chunks that are no longer pending (answered in full, or their job
   ended);
+- while the window is full, an owner with no chunk in flight still gets one, if its job is of
+  the highest priority waiting: a new owner's job starts at once, beside the others, instead of
+  waiting for a chunk of theirs to finish (the engine then takes the chunks' lines in turn);
 - the next job is chosen: the highest priority first (`high`, `normal`, `low`); among equals,
   the owner whose virtual time is least (start-time fair queueing: an owner's virtual time
   grows by the lines released to it over its weight, and an owner that comes back from idle
@@ -74,14 +77,16 @@ local function forget(job)
   redis.call('HDEL', KEYS[1], job)
   redis.call('HDEL', KEYS[3], 'job\\t' .. job)
 end
-local lines, chunks = 0, 0
+local lines, chunks, busy = 0, 0, {}
 local flat = redis.call('HGETALL', KEYS[2])
 for i = 1, #flat, 2 do
   local tab = string.find(flat[i], '\\t', 1, true)
   local job, chunk = string.sub(flat[i], 1, tab - 1), string.sub(flat[i], tab + 1)
   if redis.call('HEXISTS', prefix .. 'job:' .. job .. ':pending', chunk) == 1 then
-    lines = lines + tonumber(flat[i + 1])
+    local count, owner = string.match(flat[i + 1], '^([^\\t]*)\\t(.*)$')
+    lines = lines + tonumber(count)
     chunks = chunks + 1
+    busy[owner] = true
   else
     redis.call('HDEL', KEYS[2], flat[i])
   end
@@ -89,9 +94,12 @@ end
 local clock = tonumber(redis.call('HGET', KEYS[3], '\\tclock') or '0')
 local released = {}
 local looks = 0
-while (lines < window or chunks < least) and looks < 10000 do
+while looks < 10000 do
   looks = looks + 1
-  local best, best_key
+  -- A full window still takes one chunk for an owner with none in flight, of the highest
+  -- priority waiting: a new owner's job starts at once, beside the others.
+  local full = lines >= window and chunks >= least
+  local best, best_key, top
   local jobs = redis.call('HGETALL', KEYS[1])
   for i = 1, #jobs, 2 do
     local job = jobs[i]
@@ -101,15 +109,18 @@ while (lines < window or chunks < least) and looks < 10000 do
       redis.call('DEL', prefix .. 'job:' .. job .. ':backlog:' .. queue)
     else
       local priority, owner, weight, created = string.match(jobs[i + 1], '^([^\\t]*)\\t([^\\t]*)\\t([^\\t]*)\\t([^\\t]*)$')
-      local start = math.max(tonumber(redis.call('HGET', KEYS[3], owner) or '0'), clock)
-      local served = tonumber(redis.call('HGET', KEYS[3], 'job\\t' .. job) or '0')
-      local key = {-tonumber(priority), start, served, tonumber(created)}
-      if best == nil or before(key, best_key) or (not before(best_key, key) and job < best[1]) then
-        best, best_key = {job, owner, tonumber(weight), start}, key
+      if top == nil or tonumber(priority) > top then top = tonumber(priority) end
+      if not full or not busy[owner] then
+        local start = math.max(tonumber(redis.call('HGET', KEYS[3], owner) or '0'), clock)
+        local served = tonumber(redis.call('HGET', KEYS[3], 'job\\t' .. job) or '0')
+        local key = {-tonumber(priority), start, served, tonumber(created)}
+        if best == nil or before(key, best_key) or (not before(best_key, key) and job < best[1]) then
+          best, best_key = {job, owner, tonumber(weight), start}, key
+        end
       end
     end
   end
-  if best == nil then break end
+  if best == nil or (full and -best_key[1] < top) then break end
   local job, owner, weight, start = best[1], best[2], best[3], best[4]
   local backlog = prefix .. 'job:' .. job .. ':backlog:' .. queue
   local entry = redis.call('LPOP', backlog)
@@ -123,7 +134,8 @@ while (lines < window or chunks < least) and looks < 10000 do
     redis.call('HSET', pending, chunk, value)
     redis.call('EXPIRE', pending, ttl)
     redis.call('SADD', KEYS[4], job)
-    redis.call('HSET', KEYS[2], job .. '\\t' .. chunk, count)
+    redis.call('HSET', KEYS[2], job .. '\\t' .. chunk, count .. '\\t' .. owner)
+    busy[owner] = true
     clock = start
     redis.call('HSET', KEYS[3], owner, tostring(start + count / weight), '\\tclock', tostring(clock))
     redis.call('HINCRBY', KEYS[3], 'job\\t' .. job, count)

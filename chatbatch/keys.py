@@ -93,8 +93,8 @@ def queue_backlogged(queue: str) -> str:
 
 
 def queue_in_flight(queue: str) -> str:
-    """Hash: "job TAB chunk" -> line count of each chunk released to `queue` and not yet
-    answered in full."""
+    """Hash: "job TAB chunk" -> "line count TAB owner" of each chunk released to `queue` and not
+    yet answered in full."""
     return f"{PREFIX}queue:{queue}:inflight"
 
 

@@ -84,20 +84,28 @@ def test_a_higher_priority_job_goes_first(client: redis.Redis) -> None:
     assert _turns(dispatcher, ledger, 9) == ["high"] * 3 + ["normal"] * 3 + ["low"] * 3
 
 
-def test_a_second_owners_job_starts_within_the_window_and_owners_alternate(client: redis.Redis) -> None:
+def test_a_second_owners_job_starts_at_once_and_owners_alternate(client: redis.Redis) -> None:
     jobs, ledger, dispatcher = Jobs(client, job_ttl=600), Ledger(client, job_ttl=600), Dispatcher(client, job_ttl=600)
     _hold(dispatcher, _job(jobs, "big"), 20, Share(owner="team-a"), created=1)
     assert [job for job, _, _, _ in dispatcher.release(QUEUE)] == ["big", "big"]
+    assert dispatcher.release(QUEUE) == [], "the window is full"
     _hold(dispatcher, _job(jobs, "small"), 3, Share(owner="team-b"), created=2)
-    # The small job's chunks go next: an owner that comes from idle starts at the queue's
-    # clock (the start of the last chunk released), so it catches up with the chunk in flight
-    # and no more: then owners alternate.
+    # An owner with nothing in flight gets a chunk at once, beside the window.
+    assert [job for job, _, _, _ in dispatcher.release(QUEUE)] == ["small"]
+    assert dispatcher.release(QUEUE) == [], "then it waits its turn"
+    # Its next chunk comes with the next room: an owner that comes from idle starts at the
+    # queue's clock, so it catches up with the chunk in flight, and no more.
     ledger.forget_chunk("big", "big-0")
     ledger.forget_chunk("big", "big-1")
-    assert [job for job, _, _, _ in dispatcher.release(QUEUE)] == ["small", "small"]
-    ledger.forget_chunk("small", "small-0")
-    ledger.forget_chunk("small", "small-1")
-    assert _turns(dispatcher, ledger, 4) == ["big", "small", "big", "big"]
+    assert [job for job, _, _, _ in dispatcher.release(QUEUE)] == ["small", "big"]
+
+
+def test_a_lower_priority_owner_gets_no_chunk_beside_a_full_window(client: redis.Redis) -> None:
+    jobs, dispatcher = Jobs(client, job_ttl=600), Dispatcher(client, job_ttl=600)
+    _hold(dispatcher, _job(jobs, "urgent"), 5, Share(owner="team-a", priority="high"), created=1)
+    assert [job for job, _, _, _ in dispatcher.release(QUEUE)] == ["urgent", "urgent"]
+    _hold(dispatcher, _job(jobs, "later"), 3, Share(owner="team-b", priority="low"), created=2)
+    assert dispatcher.release(QUEUE) == []
 
 
 def test_an_owners_weight_is_its_share_of_the_lines(client: redis.Redis) -> None:

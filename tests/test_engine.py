@@ -420,3 +420,31 @@ def test_stop_strings_do_not_cut_an_answer_a_grammar_shapes(runner) -> None:  # 
     (outcome,), _ = _run_together(runner, [_request("json", response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}},
                                                     stop=["\""], max_tokens=40, temperature=0)])
     assert outcome.choices[0].finish_reason == "stop" and set(json.loads(outcome.choices[0].message.content)) == {"c", "n"}
+
+
+def test_a_later_chunk_goes_in_turn_with_an_earlier_one(runner) -> None:  # type: ignore[no-untyped-def]
+    """Batch lines of two chunks are taken and admitted in turn, so a small chunk queued behind
+    a large one is answered early, not after the whole of it (docs/scheduling.md)."""
+    from worker.engine import Ticket
+
+    finished: list[str] = []
+    lock = threading.Lock()
+    everything = threading.Event()
+
+    def on_done(ticket: Ticket) -> None:
+        with lock:
+            finished.append(names[id(ticket)])
+            if len(finished) == 44:
+                everything.set()
+
+    engine = Engine(runner, batch_wait=0.0, max_batch_size=4)
+    large = engine.submit_many([(_request(f"large {i}", max_tokens=6, temperature=0), f"l{i}") for i in range(40)], on_done)
+    small = engine.submit_many([(_request(f"small {i}", max_tokens=6, temperature=0), f"s{i}") for i in range(4)], on_done)
+    names = {**{id(t): "large" for t in large}, **{id(t): "small" for t in small}}
+    engine.start()
+    try:
+        assert everything.wait(120)
+    finally:
+        engine.stop()
+    last_small = max(i for i, name in enumerate(finished) if name == "small")
+    assert last_small < 16, finished
