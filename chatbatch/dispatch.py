@@ -62,11 +62,13 @@ IDLE_ROWS = 32
 _WINDOW_SECONDS = 1.0
 
 # KEYS: the queue's backlogged jobs, its in-flight chunks, its shares, the pending-jobs set.
-# ARGV: key prefix, queue, window lines, least chunks in flight, job TTL.
-# Returns job, chunk, line count, pending value for each chunk released.
+# ARGV: key prefix, queue, window lines, least chunks in flight, job TTL, the live workers'
+# names (one per line). Returns job, chunk, line count, pending value for each chunk released.
 _RELEASE = """
 local prefix, queue = ARGV[1], ARGV[2]
 local window, least, ttl = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local live = {}
+for name in string.gmatch(ARGV[6], '[^\\n]+') do live[name] = true end
 local function before(a, b)
   for i = 1, #a do
     if a[i] ~= b[i] then return a[i] < b[i] end
@@ -75,7 +77,6 @@ local function before(a, b)
 end
 local function forget(job)
   redis.call('HDEL', KEYS[1], job)
-  redis.call('HDEL', KEYS[3], 'job\\t' .. job)
 end
 local lines, chunks, busy = 0, 0, {}
 local flat = redis.call('HGETALL', KEYS[2])
@@ -83,10 +84,14 @@ for i = 1, #flat, 2 do
   local tab = string.find(flat[i], '\\t', 1, true)
   local job, chunk = string.sub(flat[i], 1, tab - 1), string.sub(flat[i], tab + 1)
   if redis.call('HEXISTS', prefix .. 'job:' .. job .. ':pending', chunk) == 1 then
-    local count, owner = string.match(flat[i + 1], '^([^\\t]*)\\t(.*)$')
-    lines = lines + tonumber(count)
-    chunks = chunks + 1
-    busy[owner] = true
+    local count, owner, worker = string.match(flat[i + 1], '^([^\\t]*)\\t([^\\t]*)\\t?(.*)$')
+    -- A chunk taken by a worker that is no longer live waits for the broker to give it back
+    -- (after the visibility timeout): meanwhile it holds no room in the window.
+    if worker == '' or live[worker] then
+      lines = lines + tonumber(count)
+      chunks = chunks + 1
+      busy[owner] = true
+    end
   else
     redis.call('HDEL', KEYS[2], flat[i])
   end
@@ -112,7 +117,7 @@ while looks < 10000 do
       if top == nil or tonumber(priority) > top then top = tonumber(priority) end
       if not full or not busy[owner] then
         local start = math.max(tonumber(redis.call('HGET', KEYS[3], owner) or '0'), clock)
-        local served = tonumber(redis.call('HGET', KEYS[3], 'job\\t' .. job) or '0')
+        local served = tonumber(redis.call('HGET', prefix .. 'job:' .. job, 'released_lines') or '0')
         local key = {-tonumber(priority), start, served, tonumber(created)}
         if best == nil or before(key, best_key) or (not before(best_key, key) and job < best[1]) then
           best, best_key = {job, owner, tonumber(weight), start}, key
@@ -134,11 +139,11 @@ while looks < 10000 do
     redis.call('HSET', pending, chunk, value)
     redis.call('EXPIRE', pending, ttl)
     redis.call('SADD', KEYS[4], job)
-    redis.call('HSET', KEYS[2], job .. '\\t' .. chunk, count .. '\\t' .. owner)
+    redis.call('HSET', KEYS[2], job .. '\\t' .. chunk, count .. '\\t' .. owner .. '\\t')
     busy[owner] = true
     clock = start
     redis.call('HSET', KEYS[3], owner, tostring(start + count / weight), '\\tclock', tostring(clock))
-    redis.call('HINCRBY', KEYS[3], 'job\\t' .. job, count)
+    redis.call('HINCRBY', prefix .. 'job:' .. job, 'released_lines', count)
     if redis.call('LLEN', backlog) == 0 then forget(job) end
     lines = lines + count
     chunks = chunks + 1
@@ -149,6 +154,17 @@ while looks < 10000 do
   end
 end
 return released
+"""
+
+
+# KEYS: the queue's in-flight chunks. ARGV: "job TAB chunk", the worker's name. Names the
+# worker that runs a chunk in flight.
+_STARTED = """
+local value = redis.call('HGET', KEYS[1], ARGV[1])
+if value then
+  local count, owner = string.match(value, '^([^\\t]*)\\t([^\\t]*)')
+  redis.call('HSET', KEYS[1], ARGV[1], count .. '\\t' .. owner .. '\\t' .. ARGV[2])
+end
 """
 
 
@@ -231,7 +247,8 @@ class Dispatcher:
         self.job_ttl = job_ttl
         self.idle_rows = idle_rows
         self._release = client.register_script(_RELEASE)
-        self._windows: dict[str, tuple[float, tuple[int, int]]] = {}
+        self._started = client.register_script(_STARTED)
+        self._windows: dict[str, tuple[float, tuple[int, int, list[str]]]] = {}
 
     def hold(self, job_id: str, queue: str, chunk: str, lines: str, count: int, share: Share, created: int) -> None:
         """Put a chunk (its lines as one JSON string, `count` of them) at the end of the job's
@@ -250,7 +267,6 @@ class Dispatcher:
         for queue in queues:
             pipe.delete(keys.job_backlog(job_id, queue))
             pipe.hdel(keys.queue_backlogged(queue), job_id)
-            pipe.hdel(keys.queue_shares(queue), f"job\t{job_id}")
         pipe.execute()
 
     def backlog(self, job_id: str, queues: Iterable[str]) -> int:
@@ -260,23 +276,29 @@ class Dispatcher:
             pipe.llen(keys.job_backlog(job_id, queue))
         return sum(int(count) for count in pipe.execute())
 
-    def window(self, queue: str) -> tuple[int, int]:
-        """`window()` of the queue's live consumers, read at most once a second."""
+    def window(self, queue: str) -> tuple[int, int, list[str]]:
+        """`window()` of the queue's live consumers, and their names; read at most once a
+        second."""
         now = time.monotonic()
         found = self._windows.get(queue)
         if found is None or now - found[0] > _WINDOW_SECONDS:
             heartbeats = [info for infos in registry.live_models(self.redis).values() for info in infos if queue in info.get("queues", ())]
-            found = (now, window(heartbeats, idle_rows=self.idle_rows))
+            found = (now, (*window(heartbeats, idle_rows=self.idle_rows), [str(info["worker"]) for info in heartbeats]))
             self._windows[queue] = found
         return found[1]
+
+    def started(self, queue: str, job_id: str, chunk: str, worker: str) -> None:
+        """A worker took a chunk in flight: while that worker is live, the chunk holds room in
+        the window; once it is not, its room goes to the live workers."""
+        self._started(keys=[keys.queue_in_flight(queue)], args=[f"{job_id}\t{chunk}", worker])
 
     def release(self, queue: str) -> list[tuple[str, str, int, str]]:
         """Move chunks from the backlogs to the pending chunks until the queue's window is
         full; (job, chunk, line count, lines JSON) of each, to send."""
-        lines, least = self.window(queue)
+        lines, least, live = self.window(queue)
         flat = self._release(
             keys=[keys.queue_backlogged(queue), keys.queue_in_flight(queue), keys.queue_shares(queue), keys.PENDING_JOBS],
-            args=[keys.PREFIX, queue, lines, least, self.job_ttl],
+            args=[keys.PREFIX, queue, lines, least, self.job_ttl, "\n".join(live)],
         )
         released = []
         for index in range(0, len(flat), 4):

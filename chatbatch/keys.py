@@ -93,14 +93,14 @@ def queue_backlogged(queue: str) -> str:
 
 
 def queue_in_flight(queue: str) -> str:
-    """Hash: "job TAB chunk" -> "line count TAB owner" of each chunk released to `queue` and not
-    yet answered in full."""
+    """Hash: "job TAB chunk" -> "line count TAB owner TAB worker running it (empty until one
+    takes it)" of each chunk released to `queue` and not yet answered in full."""
     return f"{PREFIX}queue:{queue}:inflight"
 
 
 def queue_shares(queue: str) -> str:
-    """Hash: owner -> virtual time (lines released over the owner's weight); "job TAB id" ->
-    lines released of each backlogged job; "\tclock" -> the queue's virtual clock."""
+    """Hash: owner -> virtual time (lines released over the owner's weight); "\\tclock" -> the
+    queue's virtual clock. (A job's lines released so far are its record's `released_lines`.)"""
     return f"{PREFIX}queue:{queue}:shares"
 
 

@@ -133,6 +133,10 @@ class Requests:
 
     # Reads.
 
+    def disconnected(self, request_id: str) -> bool:
+        """Whether the client of a streamed request went away."""
+        return bool(self.redis.hexists(keys.request(request_id), DISCONNECTED))
+
     def answered(self, request_id: str) -> bool:
         return bool(self.redis.exists(keys.result(request_id)))
 

@@ -122,7 +122,7 @@ def model_save(name: str, out: Path, served_model_name: str | None) -> None:
 
 @cli.command()
 @click.option("--model", "model_uri", default="", help="MLflow model URI: path, runs:/, models:/, s3://. Default: CHATBATCH_MODEL_URI, else the default model.")
-@click.option("--queue", "queues", multiple=True, help="Consume only this queue (repeatable). Default: the default queue and the model's queue.")
+@click.option("--queue", "queues", multiple=True, help="Consume this batch queue (repeatable), with its live queue and the callback queue. Default: the model's queue and the default queue.")
 @click.option("--served-model-name", help="Name the model is served under (default: the name MLflow records, else 'default').")
 @click.option("--concurrency", type=click.IntRange(min=1), help="Task threads (default: CHATBATCH_MAX_BATCH_SIZE).")
 @click.option("--hostname", help="Celery node name.")

@@ -65,16 +65,26 @@ class Streams:
 
     async def close(self) -> None:
         await self.redis.aclose()
+        await self.redis.connection_pool.disconnect()
 
     async def events(self, request_id: str, *, usage: bool, timeout: float, stopping: asyncio.Event) -> AsyncIterator[bytes]:
         """The request's events as SSE bytes, ending with `data: [DONE]` (or after an error
-        event); a client that goes away marks the request disconnected."""
+        event); a client that goes away marks the request disconnected. Redis lost mid-stream
+        ends the stream with an error event; the request goes on, readable by id."""
         follower = StreamFollower(request_id, usage=usage)
         failed = False
         try:
-            async for event in self._follow(follower, timeout, stopping):
-                failed = "error" in event
-                yield sse(openai_error(event["error"]) if failed else event)
+            try:
+                async for event in self._follow(follower, timeout, stopping):
+                    failed = "error" in event
+                    yield sse(openai_error(event["error"]) if failed else event)
+            except redis.RedisError as error:
+                follower.ended = failed = True
+                logger.warning("request %s: its stream was lost (%s)", request_id, type(error).__name__)
+                yield sse(openai_error({
+                    "code": "stream_unavailable", "param": None,
+                    "message": f"the gateway lost Redis while streaming; request {request_id} goes on: read it at /v1/chat/completions/{request_id}",
+                }))
             if not failed:
                 yield sse("[DONE]")
         finally:

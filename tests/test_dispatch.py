@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from chatbatch import keys
+from chatbatch import keys, registry
 from chatbatch.dispatch import Dispatcher, Share, parse_weights, window
 from chatbatch.jobs import Jobs
 from chatbatch.ledger import Ledger
@@ -74,6 +74,21 @@ def test_released_chunks_are_pending_and_the_rest_wait_in_the_backlog(client: re
     assert dispatcher.release(QUEUE) == [], "the window is full"
     ledger.forget_chunk(job, "batch_window-0")
     assert [chunk for _, chunk, _, _ in dispatcher.release(QUEUE)] == ["batch_window-2"]
+
+
+def test_chunks_held_by_a_worker_that_died_leave_the_window(client: redis.Redis) -> None:
+    """A dead worker's chunks wait for the broker to give them back (the visibility timeout):
+    meanwhile the live workers get their room."""
+    jobs, dispatcher = Jobs(client, job_ttl=600), Dispatcher(client, job_ttl=600)
+    registry.heartbeat(client, "fair", "alive@host", {"queues": [QUEUE], "engine": {"max_rows": 20}}, 5.0)
+    job = _job(jobs, "batch_dead")
+    _hold(dispatcher, job, 6, Share())
+    first = dispatcher.release(QUEUE)
+    assert len(first) == 2 and dispatcher.release(QUEUE) == []
+    dispatcher.started(QUEUE, job, first[0][1], "alive@host")
+    assert dispatcher.release(QUEUE) == [], "a live worker's chunk holds its room"
+    dispatcher.started(QUEUE, job, first[1][1], "gone@host")
+    assert [chunk for _, chunk, _, _ in dispatcher.release(QUEUE)] == ["batch_dead-2"]
 
 
 def test_a_higher_priority_job_goes_first(client: redis.Redis) -> None:

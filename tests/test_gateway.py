@@ -406,3 +406,23 @@ def test_a_batch_whose_gateway_stopped_mid_enqueue_is_resumed_by_another(
             second.wait(10)
     finally:
         worker.stop()
+
+
+def test_a_batch_takes_its_priority_from_the_header_or_its_metadata(gateway: Gateway) -> None:
+    sdk = _sdk(gateway)
+    uploaded = sdk.files.create(file=("p.jsonl", _batch_file([batch_line("p0", user("hi", max_tokens=2))])), purpose="batch")
+
+    def create(**extra: Any) -> Any:
+        return sdk.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h", **extra)
+
+    def priority(batch: Any) -> str:
+        return str((batch.model_extra or {})["priority"])
+
+    assert priority(create(extra_headers={"X-Chatbatch-Priority": "high"})) == "high"
+    assert priority(create(metadata={"priority": "low"})) == "low"
+    # Another value there is the caller's own metadata.
+    mine = create(metadata={"priority": "urgent"})
+    assert priority(mine) == "normal" and mine.metadata == {"priority": "urgent"}
+    with pytest.raises(openai.BadRequestError) as caught:
+        create(extra_headers={"X-Chatbatch-Priority": "urgent"})
+    assert "X-Chatbatch-Priority" in str(caught.value)

@@ -131,23 +131,25 @@ class ChunkRun:
             # this one answers only what it left (usually nothing). Not counted as a delivery.
             logger.info("job %s chunk %s was delivered again while this worker runs it: waiting for that run", self.job_id, self.chunk)
         try:
+            self._in_window(lambda queue: self.state.dispatcher.started(queue, self.job_id, self.chunk, self.task.request.hostname))
             self._run()
             if all(self.state.jobs.recorded(self.job_id, [item["line"] for item in self.items])):
                 self.state.ledger.forget_chunk(self.job_id, self.chunk)
-                self.release_next()
+                # The chunk left its queue's window: the next chunks of the jobs waiting there go.
+                self._in_window(lambda queue: self.state.dispatcher.dispatch(queue, self.task.app.send_task))
         finally:
             self.state.running_chunks.leave(key, mine)
 
-    def release_next(self) -> None:
-        """The chunk left its queue's window: release the next chunk of the jobs waiting there
-        (a failure here only delays it until the next sweep)."""
+    def _in_window(self, step: Any) -> None:
+        """Tell the dispatcher about this chunk's place in its queue's window (`step(queue)`);
+        a failure only delays a release until the next sweep."""
         queue = (self.task.request.delivery_info or {}).get("routing_key")
         if not queue:
             return
         try:
-            self.state.dispatcher.dispatch(queue, self.task.app.send_task)
+            step(queue)
         except Exception:
-            logger.warning("releasing the next chunks of %s failed; the next sweep releases them", queue, exc_info=True)
+            logger.warning("the window of %s could not be updated; the next sweep releases its chunks", queue, exc_info=True)
 
     def _run(self) -> None:
         jobs = self.state.jobs

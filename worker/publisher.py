@@ -41,6 +41,9 @@ logger = logging.getLogger(__name__)
 
 #: How often the cancel marks of open streams are read while no token comes.
 CANCEL_CHECK_SECONDS = 0.5
+#: The error entry of a stream whose text was lost: its result is still stored whole.
+_LOST = {"code": "internal_error", "param": None,
+         "message": "the worker could not stream this answer to the end; the whole answer is read by the request's id"}
 #: Longest a task waits for its stream's last entries to be written before it stores the result
 #: anyway (readers then answer from the stored result).
 FINISH_SECONDS = 30.0
@@ -70,6 +73,9 @@ class RequestStream:
         self.stops = request.stop_sequences
         #: Set by the publisher when the client went away; the engine reads it at every token.
         self.cancelled = False
+        #: Set by the publisher when this stream's text could not be made or written: it wrote
+        #: (or tries to write) an error entry, and writes nothing more.
+        self.broken = False
         self.future: Any = None
         # The publisher thread's own state, per choice: its text, what was released of it, and
         # whether its first (role) chunk went out.
@@ -129,6 +135,8 @@ class Publisher:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._checked = 0.0
+        #: Streams whose entries a failed write lost: their error entry goes with the next write.
+        self._lost: list[RequestStream] = []
 
     def open(self, request_id: str, delivery: int, request: ChatCompletionRequest, model: str) -> RequestStream:
         """A stream for a request about to be submitted (starts the thread the first time)."""
@@ -155,9 +163,18 @@ class Publisher:
                 logger.exception("the stream publisher's cycle failed")
 
     def cycle(self) -> None:
-        """Publish what is queued and read the cancel marks, in one round trip."""
-        tokens: dict[tuple[RequestStream, int], list[int]] = {}
+        """Publish what is queued and read the cancel marks, in one round trip. A stream whose
+        text fails, or whose entries a failed write lost, ends with an error entry; the others
+        go on. Every finished task is let go, whatever happened."""
         finals: list[tuple[RequestStream, dict[str, Any], threading.Event]] = []
+        try:
+            self._publish(finals)
+        finally:
+            for _, _, done in finals:
+                done.set()
+
+    def _publish(self, finals: list[tuple[RequestStream, dict[str, Any], threading.Event]]) -> None:
+        tokens: dict[tuple[RequestStream, int], list[int]] = {}
         while self._queue:
             item = self._queue.popleft()
             if len(item) == 1:
@@ -168,21 +185,37 @@ class Publisher:
                 self._open.pop(item[0].request_id, None)
             else:
                 finals.append(item)  # type: ignore[arg-type]
-        entries: dict[RequestStream, list[tuple[str, Any]]] = {}
+        entries: dict[RequestStream, list[tuple[str, Any]]] = {stream: [(ERROR, _LOST)] for stream in self._lost}
+        self._lost = []
         for (stream, choice), taken in tokens.items():
-            chunks = self._deltas(stream, choice, taken)
-            if chunks:
-                entries.setdefault(stream, []).append((CHUNKS, chunks))
+            if not stream.broken:
+                self._guarded(stream, entries, lambda s=stream, c=choice, t=taken: [(CHUNKS, self._deltas(s, c, t))])
         for stream, record, _ in finals:
-            entries.setdefault(stream, []).extend(self._ending(stream, record))
+            if not stream.broken:
+                self._guarded(stream, entries, lambda s=stream, r=record: self._ending(s, r))
             self._open.pop(stream.request_id, None)
         checking = list(self._open.values()) if entries or time.monotonic() - self._checked >= CANCEL_CHECK_SECONDS else []
         try:
             self._write(entries, checking)
         except redis.RedisError as error:
-            logger.warning("could not publish %d streams (%s)", len(entries), type(error).__name__)
-        for _, _, done in finals:
-            done.set()
+            logger.warning("could not publish %d streams (%s): they end with an error", len(entries), type(error).__name__)
+            for stream in entries:
+                if not stream.broken:
+                    stream.broken = True
+                    self._lost.append(stream)
+
+    @staticmethod
+    def _guarded(stream: RequestStream, entries: dict[RequestStream, list[tuple[str, Any]]], make: Any) -> None:
+        """Add a stream's entries from `make()`; an error there ends that stream alone."""
+        try:
+            added = [(kind, data) for kind, data in make() if kind != CHUNKS or data]
+        except Exception:
+            logger.exception("request %s: its stream failed; it ends with an error", stream.request_id)
+            stream.broken = True
+            entries[stream] = [(ERROR, _LOST)]
+            return
+        if added:
+            entries.setdefault(stream, []).extend(added)
 
     def _write(self, entries: dict[RequestStream, list[tuple[str, Any]]], checking: list[RequestStream]) -> None:
         if not entries and not checking:

@@ -87,6 +87,8 @@ def answer_request(task: Any, state: WorkerState, request_id: str, body: dict[st
         request = parse_chat_request(body, streamable=True)
         check_model(request.model, state.served_name)
         if request.stream:
+            if requests.disconnected(request_id):  # its client went away while it was queued
+                raise RequestError(ErrorCode.cancelled, "the client disconnected")
             stream = state.publisher.open(request_id, deliveries, request, state.served_name)
         future = state.engine.submit(request, request_id, stream=stream)
         if stream is not None:

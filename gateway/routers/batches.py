@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Header, Query
 
 from chatbatch.callbacks import check_url, initial_fields
-from chatbatch.dispatch import check_priority
+from chatbatch.dispatch import PRIORITIES, check_priority
 from chatbatch.ids import new_id
 from chatbatch.jobs import batch_object
 from gateway.bodies import BatchCreate, BatchList
@@ -45,9 +45,11 @@ def create_batch(
     priority: str | None = Header(default=None, alias=PRIORITY_HEADER),
 ) -> dict[str, Any]:
     url = check_url(callback, state.settings.callback_secret, option=CALLBACK_HEADER)
-    wanted = priority if priority is not None else (body.metadata or {}).get("priority")
+    # The header, else `metadata.priority` when it names a priority (any other value there is
+    # the caller's own metadata, kept as it is).
+    named = (body.metadata or {}).get("priority")
     try:
-        priority = check_priority(wanted, option=f"{PRIORITY_HEADER} (or metadata.priority)")
+        priority = check_priority(priority if priority is not None else named if named in PRIORITIES else None, option=PRIORITY_HEADER)
     except ValueError as error:
         raise ApiError(400, str(error), param="priority", code="invalid_request") from None
     if body.endpoint != CHAT_COMPLETIONS_URL:
