@@ -127,7 +127,11 @@ def model_save(name: str, out: Path, served_model_name: str | None) -> None:
 @click.option("--concurrency", type=click.IntRange(min=1), help="Task threads (default: CHATBATCH_MAX_BATCH_SIZE).")
 @click.option("--hostname", help="Celery node name.")
 @click.option("--loglevel", default="INFO", show_default=True)
-def worker(model_uri: str, queues: tuple[str, ...], served_model_name: str | None, concurrency: int | None, hostname: str | None, loglevel: str) -> None:
+@click.option("--metrics-port", type=click.IntRange(1, 65_535), help="Serve Prometheus metrics on this port (default: CHATBATCH_METRICS_PORT, else none).")
+def worker(
+    model_uri: str, queues: tuple[str, ...], served_model_name: str | None, concurrency: int | None, hostname: str | None, loglevel: str,
+    metrics_port: int | None,
+) -> None:
     """Run a Celery worker that serves one model (one worker per GPU)."""
     _logging(loglevel)
     from worker.main import run_worker
@@ -141,6 +145,7 @@ def worker(model_uri: str, queues: tuple[str, ...], served_model_name: str | Non
             concurrency=concurrency,
             hostname=hostname,
             loglevel=loglevel,
+            metrics_port=metrics_port,
         )
     except (FileNotFoundError, ValueError) as error:
         raise ConfigurationError(str(error)) from None

@@ -1,7 +1,7 @@
 """The HTTP API's app factory.
 
 Endpoints: `/v1/models`, `/v1/chat/completions` (waits, like OpenAI, or streams server-sent
-events with `stream: true`; or answers at once with `X-Chatbatch-Async: true`), `/v1/chat/requests/{id}`, `/v1/files`, `/v1/batches`. Errors use
+events with `stream: true`; or answers at once with `X-Chatbatch-Async: true`), `/v1/chat/requests/{id}`, `/v1/files`, `/v1/batches`, and `/metrics` (Prometheus). Errors use
 OpenAI's body. Auth: bearer keys from CHATBATCH_API_KEYS; each key sees only its own files,
 batches and requests (another key's objects answer 404, as if absent).
 
@@ -24,6 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from chatbatch import __version__
 from chatbatch.settings import Settings, get_settings
 from gateway import errors
+from gateway.metrics import GatewayMetrics, HttpMetrics
 from gateway.routers import batches, chat, files, models
 from gateway.state import Gateway
 
@@ -73,4 +74,7 @@ def create_app(settings: Settings | None = None, *, sweeps: bool = True) -> Fast
     errors.install(app)
     for router in (models.router, chat.router, files.router, batches.router):
         app.include_router(router)
+    metrics = GatewayMetrics(state.client.redis)
+    app.add_route("/metrics", metrics.endpoint, methods=["GET"], include_in_schema=False)
+    app.add_middleware(HttpMetrics, metrics=metrics)
     return app

@@ -106,6 +106,11 @@ class ContinuousDecode:
     def requests(self) -> list[Pending]:
         return [entry.item for entry in self._requests.values()]
 
+    @property
+    def request_count(self) -> int:
+        """Requests in the batch (a length: safe to read from another thread)."""
+        return len(self._requests)
+
     def __len__(self) -> int:
         """Rows running in the batch."""
         return sum(row is not None for row in self.rows)

@@ -136,6 +136,10 @@ class Pending:
     #: Its place among the requests queued with it (a chunk's lines: 0, 1, 2, ...): batch lines
     #: of different chunks are admitted in turn, by place, not chunk after chunk.
     rank: int = 0
+    #: When its batch took it in, and when its first token was chosen (monotonic seconds; 0:
+    #: not yet, or not known in this schedule).
+    started_at: float = 0.0
+    first_token_at: float = 0.0
     #: A streamed request's sink (worker/publisher.py RequestStream): the runner hands it each
     #: generated token (`put(choice, token)`), and ends the request's rows at their next token
     #: once its `cancelled` is set (the client went away).
@@ -265,6 +269,9 @@ class Engine:
         self._figures = _Figures()
         #: Steps batch lines have waited for rows to free up (`_holds`).
         self._held = 0
+        #: Called in the engine thread with each request that ran or was refused, and its answer
+        #: or error (the worker's metrics, worker/metrics.py); it must be quick.
+        self.observer: Callable[[Pending, ChatCompletion | RequestError], None] | None = None
 
     def start(self) -> None:
         if self._thread is None:
@@ -391,6 +398,7 @@ class Engine:
                 backlog.append(item)
                 rows += item.rows
             else:
+                self._observe(item, error)
                 self._fail(item, error)
         return rows
 
@@ -506,6 +514,10 @@ class Engine:
             occupied = len(running)
             self._figures.step(occupied, self._most_rows(), waiting=bool(backlog or self._waiting or self._waiting_now))
             answers = running.step() if occupied else []
+            # The step chose the first token of the rows that joined it.
+            chosen = time.monotonic()
+            for item in admitted:
+                item.first_token_at = chosen
         except Exception as error:  # the model failed: every request in the batch fails, not the worker
             logger.exception("the running batch of %d requests failed", len(running.requests))
             answers = running.abandon(RequestError(ErrorCode.internal_error, f"generation failed: {error}"))
@@ -651,13 +663,23 @@ class Engine:
                 continue
             refusal = self._start(item) if item.on_start is not None else None
             if refusal is not None:
+                self._observe(item, refusal)
                 item.future.set_exception(refusal)
             else:
+                item.started_at = time.monotonic()
                 started.append(item)
         return started
 
+    def _observe(self, item: Pending, result: ChatCompletion | RequestError) -> None:
+        if self.observer is not None:
+            try:
+                self.observer(item, result)
+            except Exception:  # metrics must never fail a request
+                logger.exception("observing request %s failed", item.request_id)
+
     def _answer(self, answers: list[tuple[Pending, ChatCompletion | RequestError]]) -> None:
         for item, result in answers:
+            self._observe(item, result)
             if isinstance(result, RequestError):
                 if result.code is ErrorCode.cancelled:
                     self._count_cancelled(item)
@@ -693,6 +715,7 @@ class Engine:
         generated = int(self.stats["generated_tokens"])
         return {
             "schedule": self.schedule,
+            "requests_running": running.request_count if running is not None else 0,
             "rows_running": rows,
             "max_rows": self._most_rows(),
             "requests_waiting": waiting + self._figures.backlog,
@@ -773,11 +796,14 @@ class Engine:
         for item in [item for item in batch if item.on_start is not None]:
             refusal = self._start(item)
             if refusal is not None:
+                self._observe(item, refusal)
                 item.future.set_exception(refusal)
                 batch.remove(item)
         if not batch:
             return
         started = time.monotonic()
+        for item in batch:
+            item.started_at = started
         try:
             results = self.runner.run_batch(batch)
             if len(results) != len(batch):
@@ -788,6 +814,7 @@ class Engine:
             results = [failure] * len(batch)
         generated = 0
         for item, result in zip(batch, results):
+            self._observe(item, result)
             if isinstance(result, RequestError):
                 if result.code is ErrorCode.cancelled:
                     self._count_cancelled(item)

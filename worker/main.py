@@ -158,6 +158,7 @@ def run_worker(
     concurrency: int | None = None,
     hostname: str | None = None,
     loglevel: str = "INFO",
+    metrics_port: int | None = None,
 ) -> None:
     """Run a worker until it is stopped (SIGTERM: unfinished work is handed back to the queue).
 
@@ -174,6 +175,11 @@ def run_worker(
         logger.info("%d jobs created before the job sweep's set existed were added to it", added)
     app = create_app(settings, state)
     queues = worker_queues(list(queues or [model_queue(runner.served_name), DEFAULT_QUEUE]))
+    port = metrics_port or settings.metrics_port
+    if port:
+        from worker.metrics import WorkerMetrics
+
+        WorkerMetrics(engine, runner.served_name, client, queues, load_seconds=getattr(runner, "load_seconds", 0.0)).serve(port)
     hostname = hostname or f"chatbatch-{runner.served_name.replace('/', '_')}-{os.getpid()}@{socket.gethostname()}"
     # One thread per task that may wait on the engine: enough to fill a batch from single
     # requests, while prefetch (multiplier 1) keeps other workers fed.

@@ -103,6 +103,8 @@ def load_runner(uri: str, settings: Settings, *, served_name: str | None = None)
             runner = PyfuncRunner(mlflow.pyfunc.load_model(str(path)), served_name=name)
             kind = "pyfunc predict, one request at a time"
         LOADS += 1
+        #: Seconds the load took (the worker's `chatbatch_model_load_seconds`).
+        runner.load_seconds = time.monotonic() - started
         logger.info(
             "loaded model %s from %s as %r: %s in %.1fs",
             name, uri, name, kind, time.monotonic() - started,

@@ -1,0 +1,96 @@
+"""Prometheus metrics shared by workers and gateways: what the fleet's Redis says, read at scrape
+time (broker queue depth, chunks waiting in job backlogs and in flight, open jobs by status).
+
+Every name starts with `chatbatch_`; docs/observability.md lists them all. A worker's own
+metrics are in worker/metrics.py, the gateway's HTTP metrics in gateway/app.py.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import redis
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from chatbatch import keys, registry
+from chatbatch.queues import DEFAULT_QUEUE
+from chatbatch.redisconn import text
+
+logger = logging.getLogger(__name__)
+
+#: Job statuses that are not final: a job is in one of them until it ends.
+OPEN_STATUSES = ("validating", "in_progress", "finalizing", "cancelling", "expiring")
+
+
+def fleet_queues(client: redis.Redis) -> list[str]:
+    """Every queue a live worker consumes, and the default queue."""
+    found = {DEFAULT_QUEUE}
+    for workers in registry.live_models(client).values():
+        for info in workers:
+            found.update(info.get("queues", ()))
+    return sorted(found)
+
+
+class FleetCollector(Collector):
+    """Gauges read from Redis at each scrape, in a few pipelined round trips.
+
+    Args:
+        client: the Redis connection.
+        queues: the queues to report (called at each scrape).
+    """
+
+    def __init__(self, client: redis.Redis, queues: Callable[[], Iterable[str]]) -> None:
+        self.redis = client
+        self.queues = queues
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        try:
+            yield from self._queue_families(list(self.queues()))
+            yield self._jobs()
+        except redis.RedisError as error:  # Redis away: this scrape has no fleet figures
+            logger.warning("metrics: Redis could not be read (%s)", type(error).__name__)
+
+    def _queue_families(self, queues: list[str]) -> Iterator[GaugeMetricFamily]:
+        depth = GaugeMetricFamily("chatbatch_queue_depth", "Messages waiting on the broker's list of a queue.", labels=["queue"])
+        backlog = GaugeMetricFamily(
+            "chatbatch_queue_backlog_chunks", "Chunks of jobs held in backlogs for a queue, not released to the broker yet.", labels=["queue"]
+        )
+        flight = GaugeMetricFamily(
+            "chatbatch_queue_in_flight_chunks", "Chunks released to a queue and not answered in full yet.", labels=["queue"]
+        )
+        pipe = self.redis.pipeline(transaction=False)
+        for queue in queues:
+            pipe.llen(queue)
+            pipe.hkeys(keys.queue_backlogged(queue))
+            pipe.hlen(keys.queue_in_flight(queue))
+        replies: list[Any] = pipe.execute()
+        lists = self.redis.pipeline(transaction=False)
+        for index, queue in enumerate(queues):
+            for job in replies[3 * index + 1]:
+                lists.llen(keys.job_backlog(text(job), queue))
+        lengths: list[Any] = lists.execute()
+        taken = 0
+        for index, queue in enumerate(queues):
+            jobs = len(replies[3 * index + 1])
+            depth.add_metric([queue], int(replies[3 * index]))
+            backlog.add_metric([queue], sum(int(n) for n in lengths[taken : taken + jobs]))
+            flight.add_metric([queue], int(replies[3 * index + 2]))
+            taken += jobs
+        yield from (depth, backlog, flight)
+
+    def _jobs(self) -> GaugeMetricFamily:
+        jobs = GaugeMetricFamily("chatbatch_jobs", "Jobs that have not ended, by status.", labels=["status"])
+        ids = self.redis.zrange(keys.OPEN_JOBS, 0, -1)
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.hget(keys.job(text(job_id)), "status")
+        counts = dict.fromkeys(OPEN_STATUSES, 0)
+        for status in pipe.execute() if ids else []:
+            if status is not None and text(status) in counts:
+                counts[text(status)] += 1
+        for status, count in counts.items():
+            jobs.add_metric([status], count)
+        return jobs

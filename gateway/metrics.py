@@ -1,0 +1,67 @@
+"""The gateway's Prometheus metrics, at `GET /metrics` (no key needed, like any exporter): HTTP
+requests by method, route and status, their duration, and the fleet's queue and job gauges read
+from Redis at scrape time (chatbatch/metrics.py)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from chatbatch.metrics import FleetCollector, fleet_queues
+
+#: Seconds: quick reads to answers that wait for a long generation.
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+
+class GatewayMetrics:
+    """The gateway's registry and its HTTP series."""
+
+    def __init__(self, redis_client: Any) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "chatbatch_http_requests", "HTTP requests answered, by method, route and status.", ["method", "route", "status"], registry=self.registry
+        )
+        self.duration = Histogram(
+            "chatbatch_http_request_duration_seconds", "Seconds from a request's arrival to the end of its answer (a stream's end).",
+            ["method", "route"], buckets=DURATION_BUCKETS, registry=self.registry,
+        )
+        self.registry.register(FleetCollector(redis_client, lambda: fleet_queues(redis_client)))
+
+    async def endpoint(self, _: Request) -> Response:
+        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+class HttpMetrics:
+    """ASGI middleware counting each HTTP request once its answer has been sent, under its
+    route's template (`/v1/batches/{job_id}`, never the id), so series stay few; a path no route
+    matches counts as `unmatched`."""
+
+    def __init__(self, app: ASGIApp, metrics: GatewayMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.monotonic()
+        status = 500
+
+        async def sending(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            method = scope.get("method", "")
+            self.metrics.requests.labels(method, route, str(status)).inc()
+            self.metrics.duration.labels(method, route).observe(time.monotonic() - started)
