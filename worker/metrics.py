@@ -50,7 +50,10 @@ class EngineCollector(Collector):
         yield from self._device()
 
     def _device(self) -> Iterator[GaugeMetricFamily]:
-        """On CUDA: memory allocated on the device, and the KV budget in tokens."""
+        """The KV budget in tokens; on CUDA, the memory allocated on the device too."""
+        budget = GaugeMetricFamily("chatbatch_kv_budget_tokens", "Most prompt-plus-new tokens the batch may hold (its KV budget).", labels=["model"])
+        budget.add_metric([self.model], float(self.engine.max_batch_tokens))
+        yield budget
         device = getattr(self.engine.runner, "device", None)
         if device is None or getattr(device, "type", "") != "cuda":
             return
@@ -58,9 +61,7 @@ class EngineCollector(Collector):
 
         memory = GaugeMetricFamily("chatbatch_cuda_memory_used_bytes", "Memory allocated by torch on the worker's GPU.", labels=["model"])
         memory.add_metric([self.model], float(torch.cuda.memory_allocated(device)))
-        budget = GaugeMetricFamily("chatbatch_kv_budget_tokens", "Most prompt-plus-new tokens the batch may hold (its KV budget).", labels=["model"])
-        budget.add_metric([self.model], float(self.engine.max_batch_tokens))
-        yield from (memory, budget)
+        yield memory
 
 
 class WorkerMetrics:
