@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import redis
@@ -41,10 +41,12 @@ from chatbatch.redisconn import maybe_text, text, texts
 from chatbatch.storage import OutputFile, StorageError, is_remote
 from schemas.batch import error_line
 from schemas.errors import ErrorCode
-from schemas.job import BatchJob, JobError, JobErrors, JobStatus, RequestCounts
+from schemas.job import BatchJob, BatchUsage, InputTokensDetails, JobError, JobErrors, JobStatus, RequestCounts
 
 logger = logging.getLogger(__name__)
 
+#: A line's tokens: (prompt, generated, cached prompt).
+Tokens = tuple[int, int, int]
 #: Why lines of a job that will not run get error lines: (code, message).
 StopReason = tuple[ErrorCode, str]
 CANCELLED: StopReason = (ErrorCode.cancelled, "the job was cancelled before this line ran")
@@ -85,8 +87,9 @@ end
 """
 
 # KEYS: lines hash, job hash. ARGV[1]: one entry per text line, "line number TAB count field
-# ("completed" or "failed") TAB generated tokens TAB stored JSON". A line already stored is left
-# as it is, uncounted.
+# ("completed" or "failed") TAB prompt,generated,cached tokens TAB stored JSON"; ARGV[2]: the
+# model that answered ('' for none). A line already stored is left as it is, uncounted: the
+# job's token totals sum each line once, whichever delivery stores it.
 _RECORD_LINES = """
 local stored = 0
 for entry in string.gmatch(ARGV[1], '[^\\n]+') do
@@ -95,10 +98,14 @@ for entry in string.gmatch(ARGV[1], '[^\\n]+') do
   local c = string.find(entry, '\\t', b + 1, true)
   if redis.call('HSETNX', KEYS[1], string.sub(entry, 1, a - 1), string.sub(entry, c + 1)) == 1 then
     redis.call('HINCRBY', KEYS[2], string.sub(entry, a + 1, b - 1), 1)
-    redis.call('HINCRBY', KEYS[2], 'generated_tokens', string.sub(entry, b + 1, c - 1))
+    local prompt, generated, cached = string.match(string.sub(entry, b + 1, c - 1), '^(%d+),(%d+),(%d+)$')
+    redis.call('HINCRBY', KEYS[2], 'input_tokens', prompt)
+    redis.call('HINCRBY', KEYS[2], 'generated_tokens', generated)
+    redis.call('HINCRBY', KEYS[2], 'cached_tokens', cached)
     stored = stored + 1
   end
 end
+if stored > 0 and ARGV[2] ~= '' then redis.call('HSETNX', KEYS[2], 'model', ARGV[2]) end
 return stored
 """
 
@@ -237,6 +244,15 @@ def batch_object(job: BatchJob, *, with_callback: bool = True) -> dict[str, Any]
     return body
 
 
+def job_usage(data: dict[str, str]) -> BatchUsage:
+    """The job's token totals from its record's fields (each line counted once)."""
+    prompt, generated, cached = (int(data.get(name) or 0) for name in ("input_tokens", "generated_tokens", "cached_tokens"))
+    return BatchUsage(
+        input_tokens=prompt, output_tokens=generated, total_tokens=prompt + generated,
+        input_tokens_details=InputTokensDetails(cached_tokens=cached),
+    )
+
+
 class Jobs:
     """Job records and lines in Redis. Thread-safe (redis-py pools connections).
 
@@ -352,18 +368,20 @@ class Jobs:
         self.start(job_id)
         return self.finalize(job_id)
 
-    def record_line(self, job_id: str, line: int, kind: str, payload: dict[str, Any] | str, *, tokens: int = 0) -> bool:
+    def record_line(self, job_id: str, line: int, kind: str, payload: dict[str, Any] | str, *, tokens: int | Tokens = 0) -> bool:
         """Store the output or error line of input line `line`; False if it was stored before.
 
         Args:
             kind: "output" or "error".
             payload: the BatchRequestOutput as a dict or as JSON text.
+            tokens: the line's (prompt, generated, cached) tokens, or its generated tokens alone.
         """
         return self.record_lines(job_id, [(line, kind, payload, tokens)]) == 1
 
-    def record_lines(self, job_id: str, entries: list[tuple[int, str, dict[str, Any] | str, int]]) -> int:
+    def record_lines(self, job_id: str, entries: Sequence[tuple[int, str, dict[str, Any] | str, int | Tokens]], *, model: str | None = None) -> int:
         """Store many lines in one call: (line, kind, payload, tokens) each, the payload a dict
-        or its JSON text; returns how many were stored for the first time."""
+        or its JSON text and the tokens as in `record_line`; returns how many were stored for
+        the first time. `model` names the model that answered (the job keeps the first)."""
         if not entries:
             return 0
         # One argument for all: "line TAB counter TAB tokens TAB stored-JSON" per entry, one
@@ -374,8 +392,9 @@ class Jobs:
             value = f'{{"kind":"{kind}","line":{body}}}'
             if "\n" in value or "\t" in value:
                 raise ValueError(f"line {line}: its JSON holds a raw newline or tab")
-            parts.append(f"{int(line)}\t{'completed' if kind == 'output' else 'failed'}\t{int(tokens)}\t{value}")
-        return int(self._record_lines(keys=[keys.job_lines(job_id), keys.job(job_id)], args=["\n".join(parts)]))
+            prompt, generated, cached = (0, tokens, 0) if isinstance(tokens, int) else tokens
+            parts.append(f"{int(line)}\t{'completed' if kind == 'output' else 'failed'}\t{int(prompt)},{int(generated)},{int(cached)}\t{value}")
+        return int(self._record_lines(keys=[keys.job_lines(job_id), keys.job(job_id)], args=["\n".join(parts), model or ""]))
 
     def close_lines(self, job_id: str, lines: list[tuple[int, str | None]], reason: StopReason, *, now: float | None = None) -> int:
         """Give these lines (number, custom_id) error lines for `reason`, unless answered
@@ -582,6 +601,8 @@ class Jobs:
             ),
             "metadata": json.loads(data.get("metadata", "{}")) or None,
             "priority": data.get("priority") or DEFAULT_PRIORITY,
+            "model": data.get("model"),
+            "usage": job_usage(data),
         }
         for name in _INT_FIELDS:
             if data.get(name):

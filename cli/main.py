@@ -344,7 +344,7 @@ def _watch(client: Any, handle: Any, timeout: float | None) -> Any:
                 total=counts.total or None,
                 completed=counts.completed + counts.failed,
                 counts=f"{counts.completed} done, {counts.failed} failed, {counts.total} total ({job.status.value})",
-                rate=f"{rate:,.0f} tok/s",
+                rate=f"{job.usage.input_tokens:,} tokens in, {job.usage.output_tokens:,} out, {rate:,.0f} tok/s",
             )
 
         job = handle.wait(timeout, on_progress=show)
@@ -352,7 +352,8 @@ def _watch(client: Any, handle: Any, timeout: float | None) -> Any:
         counts = job.request_counts
         click.echo(
             f"job {job.id} {job.status.value}: {counts.completed} completed, {counts.failed} failed, "
-            f"{counts.total} total in {time.monotonic() - started:.1f}s",
+            f"{counts.total} total in {time.monotonic() - started:.1f}s; {job.usage.input_tokens:,} tokens in, "
+            f"{job.usage.output_tokens:,} out",
             err=True,
         )
     return job

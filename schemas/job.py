@@ -36,6 +36,25 @@ class RequestCounts(BaseModel):
     failed: int = 0
 
 
+class InputTokensDetails(BaseModel):
+    cached_tokens: int = 0
+
+
+class OutputTokensDetails(BaseModel):
+    reasoning_tokens: int = 0
+
+
+class BatchUsage(BaseModel):
+    """The job's tokens, as OpenAI's Batch object has them: each line's usage summed once, as
+    lines finish (error lines count none)."""
+
+    input_tokens: int = 0
+    input_tokens_details: InputTokensDetails = InputTokensDetails()
+    output_tokens: int = 0
+    output_tokens_details: OutputTokensDetails = OutputTokensDetails()
+    total_tokens: int = 0
+
+
 class JobError(BaseModel):
     """A problem with the job as a whole (not one line)."""
 
@@ -83,6 +102,9 @@ class BatchJob(BaseModel):
     cancelled_at: int | None = None
     request_counts: RequestCounts
     metadata: dict[str, str] | None = None
+    #: The model that answered the job's lines (the first, if its lines name several).
+    model: str | None = None
+    usage: BatchUsage = BatchUsage()
     #: chatbatch's own: the job's turn between jobs (docs/scheduling.md).
     priority: Literal["high", "normal", "low"] = "normal"
 

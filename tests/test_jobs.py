@@ -37,7 +37,7 @@ BATCH_FIELDS = {
     "id", "object", "endpoint", "errors", "input_file", "completion_window", "status",
     "output_file", "error_file", "created_at", "in_progress_at", "expires_at", "finalizing_at",
     "completed_at", "failed_at", "expired_at", "cancelling_at", "cancelled_at",
-    "request_counts", "metadata", "input_file_id", "output_file_id", "error_file_id",
+    "request_counts", "metadata", "input_file_id", "output_file_id", "error_file_id", "model", "usage",
 }
 # chatbatch's own additions: the state of a callback the job named (HTTP API), its priority.
 CHATBATCH_FIELDS = {"callback", "priority"}
@@ -377,3 +377,34 @@ def test_a_page_of_an_owners_jobs_newest_first(jobs: Jobs) -> None:
     assert [job.id for job in first] == ["batch_pg4", "batch_pg3"] and more
     rest, more = jobs.page("a", limit=2, after="batch_pg3")
     assert [job.id for job in rest] == ["batch_pg1", "batch_pg0"] and not more
+
+
+def test_usage_sums_each_output_lines_usage_once_across_a_redelivery(aof_redis: RedisServer, base_env: dict[str, str], tiny_model: Path, tmp_path: Path) -> None:
+    """A worker killed mid-job leaves chunks half answered; they are delivered again and their
+    lines stored once: the job's usage is the exact sum of its output lines' usage."""
+    env = {**base_env, "CHATBATCH_REDIS_URL": aof_redis.url, "CHATBATCH_VISIBILITY_TIMEOUT": "4", "CHATBATCH_HEARTBEAT_INTERVAL": "1"}
+    first = Worker(env, tmp_path / "first.log", "--model", str(tiny_model))
+    first.wait_ready("tiny-llama-chat", aof_redis.client())
+    client = Client(Settings(redis_url=aof_redis.url, chunk_size=8))
+    source = tmp_path / "in.jsonl"
+    source.write_text("\n".join(batch_line(f"u{i}", user(f"usage {i}", max_tokens=24 + i % 16, temperature=0.8)) for i in range(96)) + "\n")
+    handle = client.submit_file(str(source))
+    wait_for(lambda: handle.status().request_counts.completed >= 6, 120, "the first answers")
+    first.stop(signal.SIGKILL)
+    second = Worker(env, tmp_path / "second.log", "--model", str(tiny_model))
+    try:
+        second.wait_ready("tiny-llama-chat", aof_redis.client())
+        job = handle.wait(timeout=240)
+    finally:
+        second.stop()
+    assert job.status.value == "completed" and job.request_counts.completed == 96
+    deliveries = aof_redis.client().hvals(keys.job_deliveries(job.id))
+    assert any(int(count) > 1 for count in deliveries), "no chunk was delivered again: the test did not exercise a redelivery"
+    bodies = [line.response.body for kind, line in _all_lines(client, job.id) if kind == "output" and line.response is not None]
+    prompt = sum(body["usage"]["prompt_tokens"] for body in bodies)
+    generated = sum(body["usage"]["completion_tokens"] for body in bodies)
+    cached = sum((body["usage"].get("prompt_tokens_details") or {}).get("cached_tokens") or 0 for body in bodies)
+    usage = job.usage
+    assert (usage.input_tokens, usage.output_tokens, usage.total_tokens) == (prompt, generated, prompt + generated)
+    assert usage.input_tokens_details.cached_tokens == cached
+    assert job.model == "tiny-llama-chat"

@@ -16,7 +16,7 @@ from concurrent.futures import Future, wait
 from typing import Any
 
 from chatbatch.ids import new_id
-from chatbatch.jobs import CANCELLED, EXPIRED, StopReason
+from chatbatch.jobs import CANCELLED, EXPIRED, StopReason, Tokens
 from chatbatch.queues import TASK_CHUNK, chunk_argsrepr
 from schemas.batch import BatchRequestOutput, error_line
 from schemas.chat import ChatCompletion, ChatCompletionRequest, parse_chat_request
@@ -31,9 +31,10 @@ logger = logging.getLogger(__name__)
 RECORD_EVERY = 32
 
 #: A stored line: (input line, "output" | "error", the BatchRequestOutput as a dict or JSON
-#: text, generated tokens).
-Entry = tuple[int, str, dict[str, Any] | str, int]
+#: text, its (prompt, generated, cached) tokens).
+Entry = tuple[int, str, dict[str, Any] | str, Tokens]
 Outcome = Future[ChatCompletion] | Ticket | RequestError
+NO_TOKENS: Tokens = (0, 0, 0)
 
 
 def check_model(request_model: str | None, served: str) -> None:
@@ -87,11 +88,13 @@ def entry(item: dict[str, Any], outcome: Outcome, stopped: StopReason | None) ->
             raise outcome
         if outcome.cancelled():
             error = RequestError(*(stopped or CANCELLED))
-            return item["line"], "error", _error(item["custom_id"], item["line"], error, with_response=False).model_dump(), 0
+            return item["line"], "error", _error(item["custom_id"], item["line"], error, with_response=False).model_dump(), NO_TOKENS
         completion = outcome.result()
     except RequestError as error:
-        return item["line"], "error", _error(item["custom_id"], item["line"], error).model_dump(), 0
-    return item["line"], "output", _output_line(item["custom_id"], completion), completion.usage.completion_tokens
+        return item["line"], "error", _error(item["custom_id"], item["line"], error).model_dump(), NO_TOKENS
+    usage = completion.usage
+    cached = usage.prompt_tokens_details.cached_tokens if usage.prompt_tokens_details is not None else 0
+    return item["line"], "output", _output_line(item["custom_id"], completion), (usage.prompt_tokens, usage.completion_tokens, cached or 0)
 
 
 class ChunkRun:
@@ -230,7 +233,7 @@ class ChunkRun:
         """Store the answers that are ready, in one Redis call."""
         entries = [entry(item, outcome, self._stopped) for item, outcome in self._ready]
         self._ready.clear()
-        self.state.jobs.record_lines(self.job_id, entries)
+        self.state.jobs.record_lines(self.job_id, entries, model=self.state.served_name)
         failed = sum(kind == "error" for _, kind, _, _ in entries)
         self._answered += len(entries) - failed
         self._errors += failed
@@ -327,7 +330,7 @@ class ChunkRun:
                 stopped = self._wait(future)
         if isinstance(outcome, Future) and outcome.cancelled() and state.engine.draining:
             return False
-        state.jobs.record_lines(self.job_id, [entry(item, outcome, stopped)])
+        state.jobs.record_lines(self.job_id, [entry(item, outcome, stopped)], model=state.served_name)
         return True
 
     def _wait(self, future: Future[ChatCompletion]) -> StopReason | None:
