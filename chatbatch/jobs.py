@@ -37,6 +37,7 @@ from chatbatch.dispatch import DEFAULT_PRIORITY, Dispatcher
 from chatbatch.events import LUA_PUBLISH
 from chatbatch.exceptions import JobNotFoundError
 from chatbatch.ids import new_id
+from chatbatch.parquet import ParquetOutput
 from chatbatch.redisconn import maybe_text, text, texts
 from chatbatch.storage import OutputFile, StorageError, is_remote
 from schemas.batch import error_line
@@ -716,8 +717,9 @@ class Jobs:
                     yield number, item["kind"], json.dumps(item["line"], separators=(",", ":"))
 
     def write_files(self, job_id: str, output: str | None, errors: str | None, *, client: Any = None) -> tuple[int, int]:
-        """Write a job's output and error lines, in input order, to local files or S3 objects;
-        each file appears complete or not at all.
+        """Write a job's output and error lines, in input order, to local files or S3 objects,
+        as JSONL, or as Parquet for a destination ending in `.parquet`; each file appears
+        complete or not at all.
 
         Returns:
             (output lines, error lines) of the job.
@@ -729,16 +731,17 @@ class Jobs:
             # Nothing to write (the lines stay in Redis): the counts come from the record.
             counts = self.get(job_id).request_counts
             return counts.completed, counts.failed
-        files: dict[str, OutputFile] = {}
+        files: dict[str, OutputFile | ParquetOutput] = {}
         counts_by_kind = {"output": 0, "error": 0}
         try:
             for kind, dest in (("output", output), ("error", errors)):
                 if dest:
-                    files[kind] = OutputFile(dest, client=client)
-            for _, kind, line in self.iter_lines(job_id):
+                    # A destination ending in .parquet is written as Parquet (chatbatch/parquet.py).
+                    files[kind] = ParquetOutput(dest, kind, client=client) if dest.endswith(".parquet") else OutputFile(dest, client=client)
+            for number, kind, line in self.iter_lines(job_id):
                 counts_by_kind[kind] += 1
                 if kind in files:
-                    files[kind].write_line(line)
+                    files[kind].write(number, line)
             for file in files.values():
                 file.commit()
         finally:

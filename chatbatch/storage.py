@@ -141,9 +141,18 @@ class OutputFile:
             self._tmp = ""
             self._file = tempfile.TemporaryFile()
 
+    @property
+    def stream(self) -> IO[bytes]:
+        """The file being written (a Parquet writer writes into it)."""
+        return self._file
+
     def write_line(self, line: str) -> None:
         self._file.write(line.encode("utf-8"))
         self._file.write(b"\n")
+
+    def write(self, number: int, line: str) -> None:
+        """Add the output or error line of input line `number` (JSONL: the line as it is)."""
+        self.write_line(line)
 
     def commit(self) -> None:
         """Publish the file: an atomic rename, or one (multipart when large) upload."""

@@ -367,7 +367,8 @@ def _watch(client: Any, handle: Any, timeout: float | None) -> Any:
 @click.option("--seed", type=int, default=0, show_default=True, help="Base of the per-line seeds.")
 @click.option("--name", default="nightly", show_default=True, help="Job id prefix.")
 @click.option("--wait", is_flag=True, help="Wait for the job to end.")
-def nightly(prompts: str, out: str, day: Any, n: int, seed: int, name: str, wait: bool) -> None:
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "parquet"]), default="jsonl", show_default=True, help="The files written: output.jsonl or output.parquet (and errors.*).")
+def nightly(prompts: str, out: str, day: Any, n: int, seed: int, name: str, wait: bool, fmt: str) -> None:
     """Run one day of a dataset: idempotent, so a rerun of the same day duplicates nothing."""
     import datetime as dt
 
@@ -376,7 +377,7 @@ def nightly(prompts: str, out: str, day: Any, n: int, seed: int, name: str, wait
 
     client = Client()
     date = day.date() if day else dt.datetime.now(dt.UTC).date()
-    handle = submit_day(client, prompts=prompts, out=out, day=date, n=n, seed=seed, name=name)
+    handle = submit_day(client, prompts=prompts, out=out, day=date, n=n, seed=seed, name=name, fmt=fmt)
     click.echo(handle.id)
     if wait:
         _end(_watch(client, handle, None))

@@ -7,7 +7,8 @@ Cron (02:15 every night):
     15 2 * * * chatbatch nightly --prompts s3://corpus/prompts --out s3://corpus/datasets --n 4
 
 reads s3://corpus/prompts/YYYY-MM-DD.jsonl (OpenAI batch lines) and writes
-s3://corpus/datasets/YYYY-MM-DD/output.jsonl and errors.jsonl.
+s3://corpus/datasets/YYYY-MM-DD/output.jsonl and errors.jsonl (with `--format parquet`,
+output.parquet and errors.parquet).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ def submit_day(
     n: int = 1,
     seed: int = 0,
     name: str = "nightly",
+    fmt: str = "jsonl",
 ) -> JobHandle:
     """Submit (or resume, or return) the job of one day.
 
@@ -63,6 +65,7 @@ def submit_day(
         n: samples per prompt.
         seed: base of the per-line seeds.
         name: job id prefix, so several nightly datasets can share a Redis.
+        fmt: `jsonl` or `parquet`: the files written (output.jsonl / output.parquet, ...).
     """
     source = f"{prompts.rstrip('/')}/{day.isoformat()}.jsonl"
     target = f"{out.rstrip('/')}/{day.isoformat()}"
@@ -84,6 +87,6 @@ def submit_day(
                 source=canonical,
                 job_id=f"{name}-{day.isoformat()}",
                 metadata={"dataset": name, "day": day.isoformat(), "n": str(n), "seed": str(seed)},
-                output=f"{target}/output.jsonl",
-                errors=f"{target}/errors.jsonl",
+                output=f"{target}/output.{fmt}",
+                errors=f"{target}/errors.{fmt}",
             )
