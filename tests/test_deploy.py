@@ -85,9 +85,8 @@ def _pod(workload: Manifest) -> Manifest:
 
 
 def _container(workload: Manifest) -> Manifest:
-    containers = _pod(workload)["spec"]["containers"]
-    assert len(containers) == 1, workload["metadata"]["name"]
-    return containers[0]  # type: ignore[no-any-return]
+    """The workload's own container: the first one; sidecars (an exporter) follow it."""
+    return _pod(workload)["spec"]["containers"][0]  # type: ignore[no-any-return]
 
 
 def _chatbatch_deployments(command: str) -> list[Manifest]:
@@ -171,7 +170,8 @@ def test_every_service_selects_the_pods_of_a_workload_on_a_port_they_name() -> N
         assert pods, f"Service {name} selects no pods"
         for port in service["spec"]["ports"]:
             for pod in pods:
-                assert port["targetPort"] in {p["name"] for p in _container(pod).get("ports", [])}, (name, port)
+                named = {p["name"] for c in _pod(pod)["spec"]["containers"] for p in c.get("ports", [])}
+                assert port["targetPort"] in named, (name, port)
 
 
 # Redis
@@ -184,6 +184,10 @@ def test_redis_persists_with_aof_never_evicts_and_keeps_its_data_on_a_volume() -
     assert "--appendonly yes" in args
     assert "--appendfsync everysec" in args
     assert "--maxmemory-policy noeviction" in args
+    # noeviction acts only at maxmemory, which must sit below the container's limit.
+    maxmemory = args.split("--maxmemory ")[1].split()[0]
+    assert maxmemory.endswith("gb") and container["resources"]["limits"]["memory"].endswith("Gi")
+    assert int(maxmemory.removesuffix("gb")) < int(container["resources"]["limits"]["memory"].removesuffix("Gi"))
     assert "--requirepass $(REDIS_PASSWORD)" in args
     assert _env(container)["REDIS_PASSWORD"] == "secret:redis-password/password"
     (claim,) = redis["spec"]["volumeClaimTemplates"]
