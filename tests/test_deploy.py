@@ -406,3 +406,17 @@ def test_compose_grafana_provisions_prometheus_and_the_dashboard() -> None:
     shown = [host for target, host in mounts.items() if target.startswith(folder + "/")]
     assert shown == [DASHBOARD]
     assert "prometheus" in grafana["depends_on"]
+
+
+# The alerts of docs/operations.md
+
+
+def test_the_alerts_in_the_operations_guide_use_exported_metrics() -> None:
+    text = (ROOT / "docs" / "operations.md").read_text()
+    rules = re.findall(r"```promql\n(.*?)```", text, flags=re.S)
+    assert len(rules) >= 6
+    used = {_metric(series) for rule in rules for series in re.findall(r"chatbatch_[a-z_]+", rule)}
+    assert used <= EXPORTED, used - EXPORTED
+    for rule in rules:
+        assert rule.count("(") == rule.count(")") and rule.count("{") == rule.count("}"), rule
+        assert re.search(r"chatbatch_|redis_", rule), rule
