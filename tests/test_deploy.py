@@ -282,6 +282,8 @@ def test_each_scaled_object_watches_the_queues_its_workers_consume() -> None:
         batch_queue = model_queue(served)
         consumed = worker_queues([batch_queue, DEFAULT_QUEUE])
         assert spec["minReplicaCount"] == 0
+        # A replica count in the Deployment would reset KEDA's at every apply.
+        assert "replicas" not in workers[spec["scaleTargetRef"]["name"]]["spec"]
         lists = []
         for trigger in spec["triggers"]:
             if trigger["type"] == "redis":
