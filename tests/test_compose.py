@@ -35,12 +35,21 @@ def test_worker_reserves_a_gpu_and_reads_chatbatch_settings() -> None:
     assert worker["depends_on"]["redis"]["condition"] == "service_healthy"
 
 
-def test_volumes_are_declared() -> None:
+def test_named_volumes_are_declared_and_bind_mounts_name_repository_files() -> None:
     compose = _compose()
     for service in compose["services"].values():
         for volume in service.get("volumes", []):
             name = volume.split(":")[0]
-            assert name in compose["volumes"], name
+            if name.startswith("./"):
+                assert (ROOT / name).exists(), name
+            else:
+                assert name in compose["volumes"], name
+
+
+def test_published_ports_are_bound_to_loopback() -> None:
+    for name, service in _compose()["services"].items():
+        for port in service.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), (name, port)
 
 
 def test_the_gateway_shares_its_files_and_the_callback_secret_with_the_workers() -> None:
