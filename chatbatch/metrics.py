@@ -11,6 +11,7 @@ import logging
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+import prometheus_client
 import redis
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -20,6 +21,10 @@ from chatbatch.queues import DEFAULT_QUEUE
 from chatbatch.redisconn import text
 
 logger = logging.getLogger(__name__)
+
+# No `_created` series beside every counter and histogram: Prometheus does not need them, and
+# they double the series a scrape carries.
+prometheus_client.disable_created_metrics()
 
 #: Job statuses that are not final: a job is in one of them until it ends.
 OPEN_STATUSES = ("validating", "in_progress", "finalizing", "cancelling", "expiring")

@@ -129,3 +129,19 @@ def test_the_gateway_counts_requests_by_route_template_and_status(gateway_url: s
     assert not any(name == "chatbatch_http_requests_total" and "batch_nobody" in str(labels) for name, labels in after)
     assert ("chatbatch_queue_depth", frozenset({("queue", "chatbatch")})) in after
     assert any(name == "chatbatch_jobs" for name, _ in after)
+
+
+def test_the_metrics_exported_are_those_the_dashboard_and_alerts_name(metered: tuple[Worker, str], gateway_url: str) -> None:
+    """tests/test_deploy.py checks the dashboard, the KEDA triggers and the alerts against
+    EXPORTED; here EXPORTED is checked against real scrapes of a worker and a gateway."""
+    from tests.test_deploy import EXPORTED, HISTOGRAMS
+
+    found: set[str] = set()
+    for url in (metered[1], f"{gateway_url}/metrics"):
+        for family in text_string_to_metric_families(httpx.get(url, timeout=10).text):
+            if family.name.startswith("chatbatch_"):
+                found.add(family.name + "_total" if family.type == "counter" else family.name)
+    assert found <= EXPORTED, found - EXPORTED
+    # The one metric a CPU worker does not have.
+    assert EXPORTED - found == {"chatbatch_cuda_memory_used_bytes"}
+    assert HISTOGRAMS <= found
