@@ -18,6 +18,8 @@ the ratios, which are measured in the same run.
                                       # a 50-line job of another owner and 30 streamed single
                                       # requests (one every 200 ms) while it runs, each against
                                       # itself alone on an idle worker (2 rounds; best compared)
+    python bench/bench.py parquet     # tiny model: peak memory of writing a 5,000-line and a
+                                      # 50,000-line job's results (n 2) as Parquet
 
 Options: --lines, --requests, --max-tokens, --model (an MLflow model URI), --skip-memory,
 --pyfunc-requests, --memory-requests. On CUDA: `chatbatch model tinyllama-shape DIR`, then
@@ -248,7 +250,7 @@ def queue_mode(args: argparse.Namespace, workdir: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=["queue", "throughput", "structured", "continuous", "prefix", "mixed"])
+    parser.add_argument("mode", choices=["queue", "throughput", "structured", "continuous", "prefix", "mixed", "parquet"])
     parser.add_argument("--lines", type=int, help="queue: lines of the file (20,000); structured: lines per file (64)")
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, help="throughput: max_tokens (32); structured: max_tokens (192)")
@@ -259,8 +261,8 @@ def main() -> None:
     parser.add_argument("--memory-requests", type=int, default=5000, help="throughput: requests of the worker memory run (0 skips it)")
     args = parser.parse_args()
     structured = args.mode == "structured"
-    lines = {"structured": 64, "continuous": 128, "prefix": 128}
-    max_tokens = {"structured": 192, "continuous": 256, "prefix": 16, "mixed": 4}
+    lines = {"structured": 64, "continuous": 128, "prefix": 128, "parquet": 50_000}
+    max_tokens = {"structured": 192, "continuous": 256, "prefix": 16, "mixed": 4, "parquet": 8}
     args.lines = args.lines or lines.get(args.mode, 20_000)
     args.max_tokens = args.max_tokens or max_tokens.get(args.mode, 32)
     args.repeat = args.repeat or (2 if structured or args.mode == "mixed" else 1 if args.mode in ("continuous", "prefix") else 3)
@@ -271,7 +273,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="chatbatch-bench-") as tmp:
         modes = {"queue": queue_mode, "throughput": throughput_mode, "structured": structured_mode,
-                 "continuous": continuous_mode, "prefix": prefix_mode, "mixed": mixed_mode}
+                 "continuous": continuous_mode, "prefix": prefix_mode, "mixed": mixed_mode, "parquet": parquet_mode}
         modes[args.mode](args, Path(tmp))
 
 
@@ -709,6 +711,36 @@ def mixed_mode(args: argparse.Namespace, workdir: Path) -> None:
             big_job_over_solo=round(big_ratio, 2),
             targets={"small_job_over_idle": 3, "ttft_p95_over_idle": 3, "big_job_over_solo": 0.9},
             met=small_ratio <= 3 and ttft_ratio <= 3 and big_ratio >= 0.9)
+    finally:
+        harness.close()
+
+
+def parquet_mode(args: argparse.Namespace, workdir: Path) -> None:
+    """Peak memory of `chatbatch results JOB --output out.parquet` on a 5,000-line and a
+    50,000-line job (tiny model): the Parquet writer's memory stays flat with the job's size."""
+    from chatbatch.settings import Settings
+    from producer import Client
+
+    harness = Harness(workdir)
+    try:
+        model = harness.chatbatch("model", "tiny", str(workdir / "tiny"))
+        harness.start_worker(model, served_name(model))
+        client = Client(Settings(redis_url=harness.url))
+        peaks = {}
+        for lines in (5_000, args.lines):
+            bodies = [{"messages": [{"role": "user", "content": f"{PROMPTS[i % len(PROMPTS)]} ({i})"}], "max_tokens": args.max_tokens,
+                       "temperature": 0.7, "seed": i, "n": 2} for i in range(lines)]
+            source = batch_file(workdir / f"{lines}.jsonl", bodies)
+            job = client.submit_file(str(source)).wait(3600, poll=0.2)
+            out = workdir / f"{lines}.parquet"
+            seconds, peak = peak_rss_of([sys.executable, "-m", "cli", "results", job.id, "--output", str(out), "--errors", str(workdir / f"{lines}-errors.parquet")], harness.env)
+            size_mb = out.stat().st_size / 1e6
+            peaks[lines] = peak
+            log(step="parquet_results", lines=lines, rows=2 * lines, completed=job.request_counts.completed, s=round(seconds, 1),
+                file_mb=round(size_mb, 1), peak_rss_mb=peak)
+        growth = peaks[args.lines] - peaks[5_000]
+        log(step="ratio", peak_rss_mb=peaks, growth_mb=growth, target="flat: within 10% of the 5,000-line job's peak",
+            met=growth <= 0.1 * peaks[5_000])
     finally:
         harness.close()
 
