@@ -4,7 +4,6 @@ command could not start (bad arguments, unreadable or oversized file, no Redis).
 from __future__ import annotations
 
 import json
-import logging
 import sys
 import time
 from collections.abc import Iterator
@@ -53,19 +52,16 @@ def _fail(message: str, code: int) -> None:
 
 
 def _logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    for noisy in ("mlflow", "transformers", "urllib3", "botocore"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    from chatbatch.logs import setup_logging
+
+    setup_logging(get_settings(), level)
 
 
 @click.group(cls=_Group)
 @click.version_option(package_name="chatbatch")
 def cli() -> None:
     """Asynchronous batch inference for OpenAI-format chat requests (Redis, Celery, MLflow)."""
+    _logging("WARNING")
 
 
 # Models.

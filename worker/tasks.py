@@ -17,6 +17,8 @@ from typing import Any
 
 from celery import Celery
 
+from chatbatch.callbacks import BATCH
+from chatbatch.logs import log_context
 from chatbatch.queues import TASK_CALLBACK, TASK_CHAT, TASK_CHUNK, make_celery, request_argsrepr
 from chatbatch.settings import Settings
 from schemas.chat import parse_chat_request
@@ -36,7 +38,8 @@ def create_app(settings: Settings, state: WorkerState) -> Celery:
     @app.task(name=TASK_CHAT, bind=True)
     def chat(self: Any, request_id: str, body: dict[str, Any]) -> None:
         """Answer one chat request; the result goes to Redis under the request id."""
-        answer_request(self, state, request_id, body)
+        with log_context(request_id=request_id):
+            answer_request(self, state, request_id, body)
 
     @app.task(name=TASK_CHUNK, bind=True)
     def chunk(self: Any, job_id: str, number: str, lines: str | list[dict[str, Any]]) -> None:
@@ -50,7 +53,8 @@ def create_app(settings: Settings, state: WorkerState) -> Celery:
                 string (or as a list).
         """
         items: list[dict[str, Any]] = json.loads(lines) if isinstance(lines, str) else lines
-        ChunkRun(state, self, job_id, number, items).run()
+        with log_context(job_id=job_id, chunk=number):
+            ChunkRun(state, self, job_id, number, items).run()
 
     @app.task(
         name=TASK_CALLBACK,
@@ -63,7 +67,9 @@ def create_app(settings: Settings, state: WorkerState) -> Celery:
     )
     def callback(self: Any, kind: str, object_id: str, event_id: str) -> None:
         """Deliver the callback of an answered request or an ended job (retried by Celery)."""
-        callbacks.deliver(self, state, kind, object_id, event_id)
+        ids = {"job_id": object_id} if kind == BATCH else {"request_id": object_id}
+        with log_context(**ids):
+            callbacks.deliver(self, state, kind, object_id, event_id)
 
     return app
 
