@@ -228,9 +228,11 @@ def run_worker(
                 f"--queues={','.join(queues)}",
                 f"--hostname={hostname}",
                 f"--loglevel={loglevel}",
+                # Celery's event heartbeat stays on (one Redis PUBLISH every 2 s): with it the
+                # worker has an event dispatcher, so Flower sees it live and can turn task
+                # events on while it watches (`enable_events`; off otherwise: docs/observability.md).
                 "--without-gossip",
                 "--without-mingle",
-                "--without-heartbeat",
             ]
         )
     finally:
