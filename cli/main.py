@@ -161,6 +161,28 @@ def models() -> None:
     click.echo(json.dumps(Client().models(), indent=2))
 
 
+@cli.command()
+@click.option("--once", is_flag=True, help="Print one frame as plain text and exit.")
+@click.option("--interval", type=click.FloatRange(min=0.1), default=1.0, show_default=True, help="Seconds between frames.")
+def top(once: bool, interval: float) -> None:
+    """Watch the fleet: workers, queues and open jobs, read from Redis (Ctrl-C ends)."""
+    from rich.console import Console
+
+    from chatbatch.jobs import Jobs
+    from chatbatch.redisconn import connect
+    from cli import top as view
+
+    settings = get_settings()
+    client = connect(settings.redis_url)
+    jobs = Jobs(client, job_ttl=settings.job_ttl)
+    if once or not sys.stdout.isatty():
+        # Plain text for pipes and scripts: no colours or escape codes, wide enough for ids.
+        console = Console(force_terminal=False, no_color=True, highlight=False, width=None if sys.stdout.isatty() else 200)
+        view.once(client, jobs, console)
+        return
+    view.live(client, jobs, Console(), interval=interval)
+
+
 # Producing.
 
 
