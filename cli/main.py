@@ -4,7 +4,6 @@ command could not start (bad arguments, unreadable or oversized file, no Redis).
 from __future__ import annotations
 
 import json
-import logging
 import sys
 import time
 from collections.abc import Iterator
@@ -53,19 +52,16 @@ def _fail(message: str, code: int) -> None:
 
 
 def _logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    for noisy in ("mlflow", "transformers", "urllib3", "botocore"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    from chatbatch.logs import setup_logging
+
+    setup_logging(get_settings(), level)
 
 
 @click.group(cls=_Group)
 @click.version_option(package_name="chatbatch")
 def cli() -> None:
     """Asynchronous batch inference for OpenAI-format chat requests (Redis, Celery, MLflow)."""
+    _logging("WARNING")
 
 
 # Models.
@@ -168,6 +164,28 @@ def models() -> None:
     from producer.client import Client
 
     click.echo(json.dumps(Client().models(), indent=2))
+
+
+@cli.command()
+@click.option("--once", is_flag=True, help="Print one frame as plain text and exit.")
+@click.option("--interval", type=click.FloatRange(min=0.1), default=1.0, show_default=True, help="Seconds between frames.")
+def top(once: bool, interval: float) -> None:
+    """Watch the fleet: workers, queues and open jobs, read from Redis (Ctrl-C ends)."""
+    from rich.console import Console
+
+    from chatbatch.jobs import Jobs
+    from chatbatch.redisconn import connect
+    from cli import top as view
+
+    settings = get_settings()
+    client = connect(settings.redis_url)
+    jobs = Jobs(client, job_ttl=settings.job_ttl)
+    if once or not sys.stdout.isatty():
+        # Plain text for pipes and scripts: no colours or escape codes, wide enough for ids.
+        console = Console(force_terminal=False, no_color=True, highlight=False, width=None if sys.stdout.isatty() else 200)
+        view.once(client, jobs, console)
+        return
+    view.live(client, jobs, Console(), interval=interval)
 
 
 # Producing.

@@ -43,5 +43,9 @@ class _Server(uvicorn.Server):
 
 def serve(settings: Settings, host: str, port: int) -> None:
     app = create_app(settings)
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=GRACEFUL_SECONDS)
+    # log_config=None: uvicorn's records go to chatbatch's handler (chatbatch/logs.py), not to
+    # handlers of its own.
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level="warning", log_config=None, timeout_graceful_shutdown=GRACEFUL_SECONDS
+    )
     _Server(config, app.state.gateway).run()

@@ -19,6 +19,7 @@ from celery import signals
 
 from chatbatch import keys, registry
 from chatbatch.ids import new_id
+from chatbatch.logs import setup_logging
 from chatbatch.queues import (
     DEFAULT_QUEUE,
     TASK_CHAT,
@@ -149,6 +150,15 @@ class Background:
                 os._exit(EXIT_ENGINE_DIED)
 
 
+def _celery_says_in_logs() -> None:
+    """Celery writes a few lines straight to the terminal ("worker: Warm shutdown", in its
+    signal handlers): with JSON logs they become log records of `celery.apps.worker`."""
+    from celery.apps import worker as celery_worker
+
+    say = logging.getLogger("celery.apps.worker")
+    celery_worker.safe_say = lambda msg, f=None: say.warning("%s", msg.strip())  # type: ignore[assignment]
+
+
 def run_worker(
     settings: Settings,
     *,
@@ -166,6 +176,12 @@ def run_worker(
         ConfigurationError: Redis cannot be reached, or kombu is not a tested version.
     """
     kombu_mends.install()
+    if settings.log_format == "json":
+        # Progress bars (loading weights) are not log lines: JSON logs carry none.
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        _celery_says_in_logs()
     client = connect(settings.redis_url)
     runner = load_runner(model_uri, settings, served_name=served_name)
     engine = build_engine(runner, settings)
@@ -193,6 +209,12 @@ def run_worker(
         # returns, so the worker exits once the batch running now ends (docs/reliability.md).
         engine.drain()
 
+    @signals.setup_logging.connect(weak=False)
+    def _logging(**_: Any) -> None:
+        # A receiver keeps Celery from adding handlers of its own: its records go through
+        # chatbatch's one handler (format, redaction) like every other record.
+        setup_logging(settings, loglevel)
+
     @signals.worker_ready.connect(weak=False)
     def _ready(**_: Any) -> None:
         # Everything the worker keeps is loaded now (model, engine, Celery's consumer).
@@ -200,17 +222,23 @@ def run_worker(
         logger.info("worker %s serves %r on queues %s", hostname, runner.served_name, ",".join(queues))
 
     try:
+        # Celery prints its banner outside logging: JSON logs leave it out (the ready line
+        # names the worker, its model and queues).
+        quiet = ["--quiet"] if settings.log_format == "json" else []
         app.worker_main(
             [
+                *quiet,
                 "worker",
                 "--pool=threads",
                 f"--concurrency={threads}",
                 f"--queues={','.join(queues)}",
                 f"--hostname={hostname}",
                 f"--loglevel={loglevel}",
+                # Celery's event heartbeat stays on (one Redis PUBLISH every 2 s): with it the
+                # worker has an event dispatcher, so Flower sees it live and can turn task
+                # events on while it watches (`enable_events`; off otherwise: docs/observability.md).
                 "--without-gossip",
                 "--without-mingle",
-                "--without-heartbeat",
             ]
         )
     finally:

@@ -16,7 +16,10 @@ from concurrent.futures import wait
 from typing import Any
 
 from celery import Celery
+from celery.worker.request import Request
 
+from chatbatch.callbacks import BATCH
+from chatbatch.logs import log_context
 from chatbatch.queues import TASK_CALLBACK, TASK_CHAT, TASK_CHUNK, make_celery, request_argsrepr
 from chatbatch.settings import Settings
 from schemas.chat import parse_chat_request
@@ -29,16 +32,26 @@ from worker.state import WorkerState
 logger = logging.getLogger(__name__)
 
 
+class ShownRequest(Request):
+    """Celery's request, shown to remote control (`celery inspect active`, `reserved`, Flower)
+    by its short argument form (`chunk_argsrepr`, `request_argsrepr`): never the lines' and
+    requests' bodies, which Celery would otherwise send to whoever asks."""
+
+    def info(self, safe: bool = False) -> dict[str, Any]:
+        return dict(super().info(safe=True))
+
+
 def create_app(settings: Settings, state: WorkerState) -> Celery:
     """The worker's Celery app, configured from `settings`, with its tasks bound to `state`."""
     app = make_celery(settings, name="chatbatch.worker")
 
-    @app.task(name=TASK_CHAT, bind=True)
+    @app.task(name=TASK_CHAT, bind=True, Request=ShownRequest)
     def chat(self: Any, request_id: str, body: dict[str, Any]) -> None:
         """Answer one chat request; the result goes to Redis under the request id."""
-        answer_request(self, state, request_id, body)
+        with log_context(request_id=request_id):
+            answer_request(self, state, request_id, body)
 
-    @app.task(name=TASK_CHUNK, bind=True)
+    @app.task(name=TASK_CHUNK, bind=True, Request=ShownRequest)
     def chunk(self: Any, job_id: str, number: str, lines: str | list[dict[str, Any]]) -> None:
         """Answer a chunk of a job's lines; each answer is stored once, keyed by line number.
 
@@ -50,11 +63,13 @@ def create_app(settings: Settings, state: WorkerState) -> Celery:
                 string (or as a list).
         """
         items: list[dict[str, Any]] = json.loads(lines) if isinstance(lines, str) else lines
-        ChunkRun(state, self, job_id, number, items).run()
+        with log_context(job_id=job_id, chunk=number):
+            ChunkRun(state, self, job_id, number, items).run()
 
     @app.task(
         name=TASK_CALLBACK,
         bind=True,
+        Request=ShownRequest,
         autoretry_for=(callbacks.AttemptFailed,),
         retry_backoff=1,
         retry_backoff_max=callbacks.BACKOFF_MAX,
@@ -63,7 +78,9 @@ def create_app(settings: Settings, state: WorkerState) -> Celery:
     )
     def callback(self: Any, kind: str, object_id: str, event_id: str) -> None:
         """Deliver the callback of an answered request or an ended job (retried by Celery)."""
-        callbacks.deliver(self, state, kind, object_id, event_id)
+        ids = {"job_id": object_id} if kind == BATCH else {"request_id": object_id}
+        with log_context(**ids):
+            callbacks.deliver(self, state, kind, object_id, event_id)
 
     return app
 

@@ -15,6 +15,7 @@ from chatbatch.callbacks import check_url, initial_fields
 from chatbatch.dispatch import PRIORITIES, check_priority
 from chatbatch.ids import new_id
 from chatbatch.jobs import batch_object
+from chatbatch.logs import set_log_ids
 from gateway.bodies import BatchCreate, BatchList
 from gateway.errors import ApiError, not_found
 from gateway.routers.chat import CALLBACK_HEADER
@@ -31,6 +32,7 @@ PRIORITY_HEADER = "X-Chatbatch-Priority"
 
 def owned_job(state: Gateway, job_id: str, who: str) -> BatchJob:
     """The job, if `who` owns it; else 404, as if absent."""
+    set_log_ids(job_id=job_id)
     if state.client.jobs.field(job_id, "owner") != who:
         raise not_found("batch", job_id)
     return state.client.jobs.get(job_id)
@@ -63,6 +65,7 @@ def create_batch(
     if record is None or record["owner"] != who:
         raise not_found("file", body.input_file_id)
     job_id = new_id("batch_")
+    set_log_ids(job_id=job_id)
     # The owner (the API key) is the unit of fair share between jobs (docs/scheduling.md).
     extra = {"owner": who, "input_file_id": body.input_file_id, "priority": priority}
     if url:

@@ -24,6 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from chatbatch.callbacks import callback_state, check_url
 from chatbatch.exceptions import ChatbatchError
 from chatbatch.ids import new_id
+from chatbatch.logs import set_log_ids
 from chatbatch.requests import COMPLETED, FAILED, QUEUED
 from gateway.bodies import RequestRecord
 from gateway.errors import ApiError, from_request_error, not_found
@@ -59,6 +60,7 @@ def _record(state: Gateway, request_id: str) -> RequestRecord:
 
 
 def _owned(state: Gateway, request_id: str, who: str) -> None:
+    set_log_ids(request_id=request_id)
     if state.client.requests.owner(request_id) != who:
         raise not_found("chat completion", request_id)
 
@@ -72,6 +74,7 @@ async def create_completion(
     callback: str | None = Header(default=None, alias=CALLBACK_HEADER),
 ) -> Response:
     request_id = new_id("chatcmpl-")
+    set_log_ids(request_id=request_id)
     headers = {REQUEST_ID_HEADER: request_id}
     try:
         url = check_url(callback, state.settings.callback_secret, option=CALLBACK_HEADER)
