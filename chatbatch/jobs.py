@@ -92,7 +92,7 @@ end
 # model that answered ('' for none). A line already stored is left as it is, uncounted: the
 # job's token totals sum each line once, whichever delivery stores it.
 _RECORD_LINES = """
-local stored = 0
+local stored, answered = 0, false
 for entry in string.gmatch(ARGV[1], '[^\\n]+') do
   local a = string.find(entry, '\\t', 1, true)
   local b = string.find(entry, '\\t', a + 1, true)
@@ -104,9 +104,10 @@ for entry in string.gmatch(ARGV[1], '[^\\n]+') do
     redis.call('HINCRBY', KEYS[2], 'generated_tokens', generated)
     redis.call('HINCRBY', KEYS[2], 'cached_tokens', cached)
     stored = stored + 1
+    if string.sub(entry, a + 1, b - 1) == 'completed' then answered = true end
   end
 end
-if stored > 0 and ARGV[2] ~= '' then redis.call('HSETNX', KEYS[2], 'model', ARGV[2]) end
+if answered and ARGV[2] ~= '' then redis.call('HSETNX', KEYS[2], 'model', ARGV[2]) end
 return stored
 """
 
@@ -393,7 +394,7 @@ class Jobs:
             value = f'{{"kind":"{kind}","line":{body}}}'
             if "\n" in value or "\t" in value:
                 raise ValueError(f"line {line}: its JSON holds a raw newline or tab")
-            prompt, generated, cached = (0, tokens, 0) if isinstance(tokens, int) else tokens
+            prompt, generated, cached = (max(0, int(n)) for n in ((0, tokens, 0) if isinstance(tokens, int) else tokens))
             parts.append(f"{int(line)}\t{'completed' if kind == 'output' else 'failed'}\t{int(prompt)},{int(generated)},{int(cached)}\t{value}")
         return int(self._record_lines(keys=[keys.job_lines(job_id), keys.job(job_id)], args=["\n".join(parts), model or ""]))
 

@@ -106,7 +106,13 @@ class RedactFilter(logging.Filter):
         self.redact = redactor
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.msg = self.redact(record.getMessage())
+        # A log call whose arguments do not fit its format must not raise into its caller (the
+        # engine thread logs too): it is logged as its format and arguments.
+        try:
+            message = record.getMessage()
+        except Exception:
+            message = f"{record.msg!r} with arguments {record.args!r}"
+        record.msg = self.redact(message)
         record.args = None
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)

@@ -99,7 +99,11 @@ class ParquetOutput:
         self.kind = kind
         self.schema = _schemas()[kind]
         self.sink = OutputFile(dest, client=client)
-        self.writer = pq.ParquetWriter(self.sink.stream, self.schema, compression="zstd")
+        try:
+            self.writer = pq.ParquetWriter(self.sink.stream, self.schema, compression="zstd")
+        except BaseException:
+            self.sink.discard()
+            raise
         self.row_group = row_group
         self._rows: list[dict[str, Any]] = []
 
@@ -124,6 +128,12 @@ class ParquetOutput:
         self.sink.commit()
 
     def discard(self) -> None:
-        if self.writer.is_open:
-            self.writer.close()
-        self.sink.discard()
+        """Drop the file (after a failure, or once published); never raises for the writer's
+        own failure (a full disk fails its footer too): the temporary file goes all the same."""
+        try:
+            if self.writer.is_open:
+                self.writer.close()
+        except Exception:
+            pass
+        finally:
+            self.sink.discard()

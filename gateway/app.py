@@ -74,7 +74,7 @@ def create_app(settings: Settings | None = None, *, sweeps: bool = True) -> Fast
     errors.install(app)
     for router in (models.router, chat.router, files.router, batches.router):
         app.include_router(router)
-    metrics = GatewayMetrics(state.client.redis)
+    metrics = GatewayMetrics(settings.redis_url)
     app.add_route("/metrics", metrics.endpoint, methods=["GET"], include_in_schema=False)
     app.add_middleware(HttpMetrics, metrics=metrics)
     return app

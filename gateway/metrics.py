@@ -5,14 +5,13 @@ from Redis at scrape time (chatbatch/metrics.py)."""
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from chatbatch.metrics import FleetCollector, fleet_queues
+from chatbatch.metrics import FleetCollector, fleet_queues, scrape_client
 
 #: Seconds: quick reads to answers that wait for a long generation.
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
@@ -21,7 +20,7 @@ DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
 class GatewayMetrics:
     """The gateway's registry and its HTTP series."""
 
-    def __init__(self, redis_client: Any) -> None:
+    def __init__(self, redis_url: str) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "chatbatch_http_requests", "HTTP requests answered, by method, route and status.", ["method", "route", "status"], registry=self.registry
@@ -30,9 +29,12 @@ class GatewayMetrics:
             "chatbatch_http_request_duration_seconds", "Seconds from a request's arrival to the end of its answer (a stream's end).",
             ["method", "route"], buckets=DURATION_BUCKETS, registry=self.registry,
         )
-        self.registry.register(FleetCollector(redis_client, lambda: fleet_queues(redis_client)))
+        client = scrape_client(redis_url)
+        self.registry.register(FleetCollector(client, lambda: fleet_queues(client)))
 
-    async def endpoint(self, _: Request) -> Response:
+    def endpoint(self, _: Request) -> Response:
+        """The scrape: a plain function, so Starlette runs it in its thread pool, off the event
+        loop (it reads Redis)."""
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
 
 

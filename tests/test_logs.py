@@ -97,6 +97,17 @@ def test_text_lines_name_the_request_and_hide_secrets(captured: tuple[logging.Lo
         json.loads(text)
 
 
+def test_a_log_call_whose_arguments_do_not_fit_never_raises(captured: tuple[logging.Logger, io.StringIO]) -> None:
+    """The engine thread logs too: a malformed call is logged as it is, not raised."""
+    logger, buffer = captured
+    _install(Settings(log_format="json"), buffer)
+    root = logging.getLogger()
+    root.handlers[:] = [handler for handler in root.handlers if getattr(handler, "stream", None) is buffer]
+    logger.info("tokens %d", "many")
+    (line,) = [json.loads(raw) for raw in buffer.getvalue().splitlines()]
+    assert "tokens %d" in line["message"] and "many" in line["message"]
+
+
 def test_ids_set_in_a_request_context_stay_in_it(captured: tuple[logging.Logger, io.StringIO]) -> None:
     logger, buffer = captured
     _install(Settings(log_format="json"), buffer)

@@ -96,3 +96,16 @@ def test_parquet_files_in_s3_and_nightly_format(tiny_worker: Worker, redis_serve
     rows = read("datasets/2026-11-26/output.parquet").to_pylist()
     assert [(row["custom_id"], row["choice"]) for row in rows] == [(f"p{i}", c) for i in range(4) for c in range(2)]
     assert read("datasets/2026-11-26/errors.parquet").num_rows == 0
+
+
+def test_a_parquet_file_that_fails_leaves_nothing_behind(tmp_path: Path) -> None:
+    """A write that fails midway (here: a line that is not JSON) publishes nothing and leaves
+    no temporary file."""
+    from chatbatch.parquet import ParquetOutput
+
+    out = ParquetOutput(str(tmp_path / "out.parquet"), "error", row_group=1)
+    out.write(1, json.dumps({"custom_id": "a", "error": {"code": "invalid_json", "message": "m", "line": 1}, "response": None}))
+    with pytest.raises(ValueError):
+        out.write(2, "not json")
+    out.discard()
+    assert list(tmp_path.iterdir()) == []

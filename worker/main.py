@@ -195,7 +195,7 @@ def run_worker(
     if port:
         from worker.metrics import WorkerMetrics
 
-        WorkerMetrics(engine, runner.served_name, client, queues, load_seconds=getattr(runner, "load_seconds", 0.0)).serve(port)
+        WorkerMetrics(engine, runner.served_name, settings.redis_url, queues, load_seconds=getattr(runner, "load_seconds", 0.0)).serve(port)
     hostname = hostname or f"chatbatch-{runner.served_name.replace('/', '_')}-{os.getpid()}@{socket.gethostname()}"
     # One thread per task that may wait on the engine: enough to fill a batch from single
     # requests, while prefetch (multiplier 1) keeps other workers fed.

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from chatbatch.metrics import FleetCollector
+from chatbatch.metrics import FleetCollector, scrape_client
 from schemas.chat import ChatCompletion
 from schemas.errors import RequestError
 from worker.engine import Engine, Pending
@@ -70,12 +69,12 @@ class WorkerMetrics:
     Args:
         engine: the worker's engine (its observer is set here).
         model: the served model name.
-        redis_client: for the fleet's queue and job gauges.
+        redis_url: for the fleet's queue and job gauges.
         queues: the queues this worker consumes.
         load_seconds: how long the model took to load.
     """
 
-    def __init__(self, engine: Engine, model: str, redis_client: Any, queues: list[str], *, load_seconds: float) -> None:
+    def __init__(self, engine: Engine, model: str, redis_url: str, queues: list[str], *, load_seconds: float) -> None:
         self.registry = CollectorRegistry()
         self.model = model
         labels = ["model"]
@@ -101,7 +100,7 @@ class WorkerMetrics:
         ).labels(model)
         Gauge("chatbatch_model_load_seconds", "Seconds the served model took to load.", labels, registry=r).labels(model).set(load_seconds)
         r.register(EngineCollector(engine, model))
-        r.register(FleetCollector(redis_client, lambda: queues))
+        r.register(FleetCollector(scrape_client(redis_url), lambda: queues))
         engine.observer = self.observe
 
     def observe(self, item: Pending, result: ChatCompletion | RequestError) -> None:
