@@ -71,8 +71,10 @@ def registered_version(uri: str) -> tuple[str, str] | None:
     try:
         if alias is not None:
             return name, str(client.get_model_version_by_alias(name, alias).version)
-        stages = None if rest.lower() == "latest" else [rest]
-        versions = client.get_latest_versions(name, stages=stages)
+        if rest.lower() == "latest":
+            versions = client.search_model_versions(f"name = '{name}'")
+        else:  # a stage (MLflow keeps stages for registries that still use them)
+            versions = client.get_latest_versions(name, stages=[rest])
     except MlflowException as error:
         raise FileNotFoundError(f"{uri}: {error.message}; check the name, alias or stage in the MLflow registry") from None
     if not versions:
