@@ -260,7 +260,7 @@ class Client:
                 raise ConfigurationError(f"--metadata: {error}") from None
         callback_url = check_url(callback_url, settings.callback_secret, option="--callback-url")
         extra = share_fields(priority, owner)
-        extra.update(tracking_fields(mlflow_experiment or settings.mlflow_experiment))
+        extra.update(tracking_fields(mlflow_experiment))
         if callback_url:
             extra.update(initial_fields(callback_url))
         with open_input(source) as (stream, size, name):
@@ -297,6 +297,9 @@ class Client:
         Raises:
             ConfigurationError: a job with this id was submitted from another file.
         """
+        # Every producer's jobs (the HTTP API's too) are tracked in CHATBATCH_MLFLOW_EXPERIMENT
+        # unless they name an experiment.
+        extra = {**tracking_fields(self.settings.mlflow_experiment), **(extra or {})}
         created = self.jobs.create(
             job_id,
             input_file=source,
@@ -308,7 +311,7 @@ class Client:
             extra=extra,
         )
         if created:
-            if (extra or {}).get("mlflow_experiment"):
+            if extra.get("mlflow_experiment"):
                 # The workers' tracker makes and keeps its MLflow run (worker/tracking.py).
                 self.redis.sadd(keys.TRACKED_JOBS, job_id)
             return None

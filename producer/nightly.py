@@ -92,5 +92,5 @@ def submit_day(
                 metadata={"dataset": name, "day": day.isoformat(), "n": str(n), "seed": str(seed)},
                 output=f"{target}/output.{fmt}",
                 errors=f"{target}/errors.{fmt}",
-                extra=tracking_fields(mlflow_experiment or settings.mlflow_experiment),
+                extra=tracking_fields(mlflow_experiment),
             )

@@ -18,7 +18,7 @@ import pytest
 
 from chatbatch import keys
 from chatbatch.queues import model_queue
-from tests.conftest import RedisServer, Worker, batch_line, free_port, run_cli, user, wait_for
+from tests.conftest import RedisServer, S3Server, Worker, batch_line, free_port, run_cli, user, wait_for
 
 REGISTERED = "tiny-registered"
 SERVED = "tiny-lineage"
@@ -215,3 +215,26 @@ def test_run_is_caught_up_after_the_server_was_away(
     run = wait_for(lambda: _run(mlflow_server, job_id, "FINISHED"), 60, f"the run of {job_id} to be caught up")
     _check_final_metrics(run, job)
     assert {i.tags[0].value for i in run.inputs.dataset_inputs} == {"input", "output"}
+
+
+def test_nightly_job_in_the_setting_experiment_logs_its_recipe_and_s3_datasets(
+    registered_worker: Worker, lineage_env: dict[str, str], mlflow_server: MlflowServer, s3_server: S3Server,
+) -> None:
+    bucket = "lineage-nightly"
+    s3_server.client().create_bucket(Bucket=bucket)
+    prompts = "".join(batch_line(f"p{i}", user(f"prompt {i}", model=SERVED, max_tokens=3)) + "\n" for i in range(2))
+    s3_server.client().put_object(Bucket=bucket, Key="prompts/2026-11-30.jsonl", Body=prompts.encode())
+    env = {**lineage_env, "CHATBATCH_MLFLOW_EXPERIMENT": EXPERIMENT}
+    done = run_cli(env, "nightly", "--prompts", f"s3://{bucket}/prompts", "--out", f"s3://{bucket}/datasets",
+                   "--date", "2026-11-30", "--n", "2", "--seed", "5", "--name", "lineage", "--wait")
+    assert done.returncode == 0, done.stderr
+    job_id = done.stdout.strip().splitlines()[0]
+    run = wait_for(lambda: _run(mlflow_server, job_id, "FINISHED"), 30, f"the run of {job_id} to finish")
+    params = run.data.params
+    assert (params["n"], params["seed"], params["dataset"], params["day"]) == ("2", "5", "lineage", "2026-11-30")
+    assert (params["model_version"], params["total_lines"]) == ("1", "2")
+    sources = {i.tags[0].value: (i.dataset.source_type, json.loads(i.dataset.source)["uri"]) for i in run.inputs.dataset_inputs}
+    assert sources == {
+        "input": ("s3", f"s3://{bucket}/prompts/2026-11-30.jsonl"),
+        "output": ("s3", f"s3://{bucket}/datasets/2026-11-30/output.jsonl"),
+    }
