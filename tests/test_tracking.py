@@ -18,7 +18,18 @@ import pytest
 
 from chatbatch import keys
 from chatbatch.queues import model_queue
-from tests.conftest import RedisServer, S3Server, Worker, batch_line, free_port, run_cli, user, wait_for
+from tests.conftest import (
+    CHATBATCH,
+    ROOT,
+    RedisServer,
+    S3Server,
+    Worker,
+    batch_line,
+    free_port,
+    run_cli,
+    user,
+    wait_for,
+)
 
 REGISTERED = "tiny-registered"
 SERVED = "tiny-lineage"
@@ -118,6 +129,14 @@ def _submit(env: dict[str, str], path: Path, lines: int, max_tokens: int, *extra
     return done.stdout.strip().splitlines()[0]
 
 
+def _get_json(url: str) -> dict[str, Any] | None:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as answer:
+            return dict(json.loads(answer.read()))
+    except OSError:
+        return None
+
+
 def _job(env: dict[str, str], job_id: str) -> dict[str, Any]:
     done = run_cli(env, "status", job_id)
     return dict(json.loads(done.stdout))
@@ -159,6 +178,14 @@ def test_alias_model_job_becomes_a_finished_run_with_lineage(
     assert (info["model_uri"], info["model_name"], info["model_version"]) == (f"models:/{REGISTERED}@champion", REGISTERED, "1")
     listed = json.loads(run_cli(lineage_env, "models").stdout)
     assert [w["model_version"] for w in listed[SERVED]] == ["1"]
+    port = free_port()
+    gateway = subprocess.Popen([*CHATBATCH, "serve", "--port", str(port)], env=lineage_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    try:
+        body = wait_for(lambda: _get_json(f"http://127.0.0.1:{port}/v1/models/{SERVED}"), 60, "the gateway")
+        assert body["model_versions"] == [f"models:/{REGISTERED}/1"]
+    finally:
+        gateway.terminate()
+        gateway.wait(10)
 
     source = tmp_path / "in.jsonl"
     job_id = _submit(lineage_env, source, 3, 4, "--wait")
