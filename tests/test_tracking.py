@@ -230,12 +230,12 @@ def test_cancelled_job_run_is_killed(
 def test_run_is_caught_up_after_the_server_was_away(
     registered_worker: Worker, lineage_env: dict[str, str], mlflow_server: MlflowServer, redis_server: RedisServer, tmp_path: Path,
 ) -> None:
-    job_id = _submit(lineage_env, tmp_path / "away.jsonl", 30, 100)
+    job_id = _submit(lineage_env, tmp_path / "away.jsonl", 12, 80)
     wait_for(lambda: _run(mlflow_server, job_id, "RUNNING"), 30, f"the run of {job_id}")
     mlflow_server.stop()
     try:
         job = wait_for(lambda: (j := _job(lineage_env, job_id))["status"] in ("completed", "failed") and j, 120, f"{job_id} to end")
-        assert job["status"] == "completed" and job["request_counts"]["completed"] == 30
+        assert job["status"] == "completed" and job["request_counts"]["completed"] == 12
         assert redis_server.client().sismember(keys.TRACKED_JOBS, job_id)  # its run not ended yet
     finally:
         mlflow_server.start()

@@ -18,6 +18,7 @@ import logging
 import os
 import threading
 import time
+import warnings
 from typing import Any
 
 import redis
@@ -84,7 +85,9 @@ def dataset_source(uri: str) -> Any:
 
     if uri.startswith("s3://") or uri.startswith("/"):
         try:
-            return resolve_dataset_source(uri)
+            with warnings.catch_warnings():  # a local path "can be interpreted in multiple ways"
+                warnings.simplefilter("ignore", UserWarning)
+                return resolve_dataset_source(uri)
         except Exception:  # a source MLflow cannot resolve here: kept by URI
             logger.debug("MLflow cannot resolve %s as a dataset source", uri, exc_info=True)
     return JobFileSource(uri)
