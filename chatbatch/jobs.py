@@ -89,8 +89,9 @@ end
 
 # KEYS: lines hash, job hash. ARGV[1]: one entry per text line, "line number TAB count field
 # ("completed" or "failed") TAB prompt,generated,cached tokens TAB stored JSON"; ARGV[2]: the
-# model that answered ('' for none). A line already stored is left as it is, uncounted: the
-# job's token totals sum each line once, whichever delivery stores it.
+# model that answered ('' for none); ARGV[3..]: field, value, ... of the model's lineage, kept
+# like the model (the first to store an output line). A line already stored is left as it is,
+# uncounted: the job's token totals sum each line once, whichever delivery stores it.
 _RECORD_LINES = """
 local stored, answered = 0, false
 for entry in string.gmatch(ARGV[1], '[^\\n]+') do
@@ -108,6 +109,9 @@ for entry in string.gmatch(ARGV[1], '[^\\n]+') do
   end
 end
 if answered and ARGV[2] ~= '' then redis.call('HSETNX', KEYS[2], 'model', ARGV[2]) end
+if answered then
+  for i = 3, #ARGV - 1, 2 do redis.call('HSETNX', KEYS[2], ARGV[i], ARGV[i + 1]) end
+end
 return stored
 """
 
@@ -380,10 +384,14 @@ class Jobs:
         """
         return self.record_lines(job_id, [(line, kind, payload, tokens)]) == 1
 
-    def record_lines(self, job_id: str, entries: Sequence[tuple[int, str, dict[str, Any] | str, int | Tokens]], *, model: str | None = None) -> int:
+    def record_lines(
+        self, job_id: str, entries: Sequence[tuple[int, str, dict[str, Any] | str, int | Tokens]], *,
+        model: str | None = None, lineage: dict[str, str] | None = None,
+    ) -> int:
         """Store many lines in one call: (line, kind, payload, tokens) each, the payload a dict
         or its JSON text and the tokens as in `record_line`; returns how many were stored for
-        the first time. `model` names the model that answered (the job keeps the first)."""
+        the first time. `model` names the model that answered and `lineage` where it came from
+        (`model_uri`, `model_name`, `model_version`); the job keeps the first of each."""
         if not entries:
             return 0
         # One argument for all: "line TAB counter TAB tokens TAB stored-JSON" per entry, one
@@ -396,7 +404,7 @@ class Jobs:
                 raise ValueError(f"line {line}: its JSON holds a raw newline or tab")
             prompt, generated, cached = (max(0, int(n)) for n in ((0, tokens, 0) if isinstance(tokens, int) else tokens))
             parts.append(f"{int(line)}\t{'completed' if kind == 'output' else 'failed'}\t{int(prompt)},{int(generated)},{int(cached)}\t{value}")
-        return int(self._record_lines(keys=[keys.job_lines(job_id), keys.job(job_id)], args=["\n".join(parts), model or ""]))
+        return int(self._record_lines(keys=[keys.job_lines(job_id), keys.job(job_id)], args=["\n".join(parts), model or "", *(item for pair in (lineage or {}).items() for item in pair)]))
 
     def close_lines(self, job_id: str, lines: list[tuple[int, str | None]], reason: StopReason, *, now: float | None = None) -> int:
         """Give these lines (number, custom_id) error lines for `reason`, unless answered

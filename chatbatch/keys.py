@@ -172,6 +172,13 @@ RECOVERY_LOCK = PREFIX + "recovery:lock"
 #: String: held by the process running the job sweep (expiry, stalled writes).
 SWEEP_LOCK = PREFIX + "sweep:lock"
 
+# MLflow tracking of jobs (worker/tracking.py).
+
+#: Set of the jobs with an MLflow experiment whose run has not been ended yet.
+TRACKED_JOBS = PREFIX + "tracking:jobs"
+#: String: held by the worker bringing the runs of tracked jobs up to date.
+TRACKING_LOCK = PREFIX + "tracking:lock"
+
 # Uploaded files (gateway/files.py).
 
 #: Sorted set of uploaded file ids by creation time.

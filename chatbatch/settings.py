@@ -94,6 +94,10 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = "text"
     #: Seconds between a worker's heartbeats in the model registry.
     heartbeat_interval: float = Field(default=5.0, gt=0)
+    #: MLflow experiment in which each job is tracked as a run (docs/lineage.md), unless the
+    #: producer names one; empty: jobs are not tracked. The server is MLflow's own
+    #: MLFLOW_TRACKING_URI, in the workers' environment.
+    mlflow_experiment: str = ""
 
     @field_validator("redis_url")
     @classmethod

@@ -275,6 +275,13 @@ def _metadata(pairs: tuple[str, ...]) -> dict[str, str] | None:
     return result or None
 
 
+#: Help of the option that tracks a job in MLflow (submit, nightly).
+_MLFLOW_HELP = (
+    "Track the job as a run of this MLflow experiment, on the workers' MLFLOW_TRACKING_URI "
+    "(default: CHATBATCH_MLFLOW_EXPERIMENT; docs/lineage.md)."
+)
+
+
 @cli.command()
 @click.argument("file")
 @click.option("--output", help="File or s3://bucket/key for the output lines, written when the job ends.")
@@ -288,9 +295,11 @@ def _metadata(pairs: tuple[str, ...]) -> dict[str, str] | None:
 @click.option("--priority", type=click.Choice(["high", "normal", "low"]), default="normal", show_default=True,
               help="Higher jobs' lines are taken first (docs/scheduling.md).")
 @click.option("--owner", help="Whose job it is: jobs of different owners share the workers fairly (default: 'default').")
+@click.option("--mlflow-experiment", help=_MLFLOW_HELP)
 def submit(
     file: str, output: str | None, errors: str | None, wait: bool, job_id: str | None, metadata: tuple[str, ...],
     completion_window: str, timeout: float | None, callback_url: str | None, priority: str, owner: str | None,
+    mlflow_experiment: str | None,
 ) -> None:
     """Submit a JSONL file in the OpenAI Batch API format; prints the job id."""
     from producer.client import Client
@@ -312,6 +321,7 @@ def submit(
         callback_url=callback_url,
         priority=priority,
         owner=owner,
+        mlflow_experiment=mlflow_experiment,
     )
     click.echo(handle.id)
     if not wait:
@@ -386,7 +396,8 @@ def _watch(client: Any, handle: Any, timeout: float | None) -> Any:
 @click.option("--name", default="nightly", show_default=True, help="Job id prefix.")
 @click.option("--wait", is_flag=True, help="Wait for the job to end.")
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "parquet"]), default="jsonl", show_default=True, help="The files written: output.jsonl or output.parquet (and errors.*).")
-def nightly(prompts: str, out: str, day: Any, n: int, seed: int, name: str, wait: bool, fmt: str) -> None:
+@click.option("--mlflow-experiment", help=_MLFLOW_HELP)
+def nightly(prompts: str, out: str, day: Any, n: int, seed: int, name: str, wait: bool, fmt: str, mlflow_experiment: str | None) -> None:
     """Run one day of a dataset: idempotent, so a rerun of the same day duplicates nothing."""
     import datetime as dt
 
@@ -395,7 +406,7 @@ def nightly(prompts: str, out: str, day: Any, n: int, seed: int, name: str, wait
 
     client = Client()
     date = day.date() if day else dt.datetime.now(dt.UTC).date()
-    handle = submit_day(client, prompts=prompts, out=out, day=date, n=n, seed=seed, name=name, fmt=fmt)
+    handle = submit_day(client, prompts=prompts, out=out, day=date, n=n, seed=seed, name=name, fmt=fmt, mlflow_experiment=mlflow_experiment)
     click.echo(handle.id)
     if wait:
         _end(_watch(client, handle, None))

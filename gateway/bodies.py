@@ -18,6 +18,9 @@ class ModelObject(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "chatbatch"
+    # chatbatch's own: the registered model versions its live workers loaded, as
+    # models:/NAME/VERSION (docs/lineage.md); empty for models served from other URIs.
+    model_versions: list[str] = []
 
 
 class ModelList(BaseModel):

@@ -54,6 +54,11 @@ def share_fields(priority: str | None, owner: str | None) -> dict[str, str]:
         raise ConfigurationError(str(error)) from None
 
 
+def tracking_fields(experiment: str | None) -> dict[str, str]:
+    """The job record's field naming the MLflow experiment that tracks it (none: untracked)."""
+    return {"mlflow_experiment": experiment} if experiment else {}
+
+
 def window_seconds(window: str) -> int:
     """'24h', '90m', '3600s' -> seconds.
 
@@ -226,6 +231,7 @@ class Client:
         callback_url: str | None = None,
         priority: str | None = None,
         owner: str | None = None,
+        mlflow_experiment: str | None = None,
     ) -> JobHandle:
         """Validate a JSONL file of batch lines as a stream and enqueue its valid lines.
 
@@ -238,6 +244,8 @@ class Client:
             priority: `high`, `normal` (default) or `low`: higher jobs' chunks go first.
             owner: whose job it is: jobs of different owners share the workers fairly
                 (docs/scheduling.md).
+            mlflow_experiment: track the job as a run of this MLflow experiment (default:
+                CHATBATCH_MLFLOW_EXPERIMENT; docs/lineage.md).
 
         Raises:
             ConfigurationError: unreadable file, bad metadata or callback URL, or a resumed job
@@ -252,6 +260,7 @@ class Client:
                 raise ConfigurationError(f"--metadata: {error}") from None
         callback_url = check_url(callback_url, settings.callback_secret, option="--callback-url")
         extra = share_fields(priority, owner)
+        extra.update(tracking_fields(mlflow_experiment))
         if callback_url:
             extra.update(initial_fields(callback_url))
         with open_input(source) as (stream, size, name):
@@ -288,6 +297,9 @@ class Client:
         Raises:
             ConfigurationError: a job with this id was submitted from another file.
         """
+        # Every producer's jobs (the HTTP API's too) are tracked in CHATBATCH_MLFLOW_EXPERIMENT
+        # unless they name an experiment.
+        extra = {**tracking_fields(self.settings.mlflow_experiment), **(extra or {})}
         created = self.jobs.create(
             job_id,
             input_file=source,
@@ -299,6 +311,9 @@ class Client:
             extra=extra,
         )
         if created:
+            if extra.get("mlflow_experiment"):
+                # The workers' tracker makes and keeps its MLflow run (worker/tracking.py).
+                self.redis.sadd(keys.TRACKED_JOBS, job_id)
             return None
         job = self.jobs.get(job_id)
         if job.input_file != source:

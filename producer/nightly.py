@@ -19,7 +19,7 @@ import json
 import tempfile
 
 from chatbatch.storage import open_input
-from producer.client import Client
+from producer.client import Client, tracking_fields
 from producer.handles import JobHandle
 from producer.reader import check_lines, check_size, count_lines, iter_lines
 
@@ -55,6 +55,7 @@ def submit_day(
     seed: int = 0,
     name: str = "nightly",
     fmt: str = "jsonl",
+    mlflow_experiment: str | None = None,
 ) -> JobHandle:
     """Submit (or resume, or return) the job of one day.
 
@@ -66,6 +67,8 @@ def submit_day(
         seed: base of the per-line seeds.
         name: job id prefix, so several nightly datasets can share a Redis.
         fmt: `jsonl` or `parquet`: the files written (output.jsonl / output.parquet, ...).
+        mlflow_experiment: track the job as a run of this MLflow experiment (default:
+            CHATBATCH_MLFLOW_EXPERIMENT; docs/lineage.md).
     """
     source = f"{prompts.rstrip('/')}/{day.isoformat()}.jsonl"
     target = f"{out.rstrip('/')}/{day.isoformat()}"
@@ -89,4 +92,5 @@ def submit_day(
                 metadata={"dataset": name, "day": day.isoformat(), "n": str(n), "seed": str(seed)},
                 output=f"{target}/output.{fmt}",
                 errors=f"{target}/errors.{fmt}",
+                extra=tracking_fields(mlflow_experiment),
             )

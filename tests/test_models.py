@@ -11,7 +11,7 @@ from schemas import ChatCompletion, parse_chat_request
 from tests.conftest import ROOT, run_cli
 from worker.builders import tiny_hf_model
 from worker.engine import Engine
-from worker.model import load_runner
+from worker.model import load_runner, registered_version
 from worker.runners import PyfuncRunner, TransformersRunner
 
 SETTINGS = Settings(redis_url="redis://127.0.0.1:1/0")
@@ -89,3 +89,27 @@ def test_other_pyfunc_chat_models_fall_back_to_predict(tmp_path: Path) -> None:
 def test_missing_model_path_is_a_clear_error() -> None:
     with pytest.raises(FileNotFoundError, match="MLmodel"):
         load_runner("/no/such/model", SETTINGS)
+
+
+def test_registry_uris_load_the_version_they_name_now(tiny_model: Path, tmp_path: Path) -> None:
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    try:
+        with mlflow.start_run() as run:
+            mlflow.log_artifacts(str(tiny_model), artifact_path="model")
+        for _ in range(3):
+            mlflow.register_model(f"runs:/{run.info.run_id}/model", "lineage-bot")
+        mlflow.MlflowClient().set_registered_model_alias("lineage-bot", "champion", "2")
+        assert registered_version("models:/lineage-bot@champion") == ("lineage-bot", "2")
+        assert registered_version("models:/lineage-bot/latest") == ("lineage-bot", "3")
+        assert registered_version("models:/lineage-bot/1") == ("lineage-bot", "1")
+        assert registered_version(str(tiny_model)) is None
+        with pytest.raises(FileNotFoundError, match="lineage-bot@nobody"):
+            registered_version("models:/lineage-bot@nobody")
+        runner = load_runner("models:/lineage-bot@champion", SETTINGS)
+        assert runner.registered == ("lineage-bot", "2")
+        assert runner.lineage == {"model_uri": "models:/lineage-bot@champion", "model_name": "lineage-bot", "model_version": "2"}
+        assert load_runner(str(tiny_model), SETTINGS).lineage == {"model_uri": str(tiny_model), "model_name": "", "model_version": ""}
+    finally:
+        mlflow.set_tracking_uri(None)  # type: ignore[arg-type]  # None restores the default store

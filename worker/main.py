@@ -2,7 +2,8 @@
 
 Beside Celery's consumer, a worker runs a few threads of its own (`Background`): its registry
 heartbeat, the sweeps (jobs past their window, stalled file writes, lost tasks), the callback
-relay, and a watchdog that ends the process when the engine thread dies; and, from the first
+relay, the MLflow tracker of jobs (worker/tracking.py), and a watchdog that ends the process
+when the engine thread dies; and, from the first
 streamed request on, the stream publisher (worker/publisher.py).
 """
 
@@ -31,7 +32,7 @@ from chatbatch.queues import (
 )
 from chatbatch.redisconn import connect
 from chatbatch.settings import Settings
-from worker import callbacks, heap, kombu_mends, recovery
+from worker import callbacks, heap, kombu_mends, recovery, tracking
 from worker import model as model_loading
 from worker.model import build_engine, load_runner
 from worker.state import WorkerState
@@ -61,6 +62,7 @@ class Background:
             ("sweeps", self.sweeps),
             ("callback-relay", self.relay),
             ("watchdog", self.watchdog),
+            ("tracking", self.tracking),
         ):
             threading.Thread(target=target, name=f"chatbatch-{name}", daemon=True).start()
 
@@ -73,6 +75,8 @@ class Background:
                     "pid": os.getpid(),
                     "queues": self.queues,
                     "model_loads": model_loading.LOADS,
+                    # The URI served and, for models:/ URIs, the registered name and version loaded.
+                    **getattr(state.engine.runner, "lineage", {}),
                     "frozen_objects": self.frozen,
                     **state.engine.stats,
                     "engine": state.engine.figures(),
@@ -130,6 +134,10 @@ class Background:
 
         recovery.sweep(self.state, send_chunk, stall_seconds=stall, now=now)
         recovery.sweep_requests(self.state, send_request, stall_seconds=stall, now=now)
+
+    def tracking(self) -> None:
+        """The MLflow runs of jobs submitted with an experiment (worker/tracking.py)."""
+        tracking.run(self.state.redis, self.hostname, self.state.settings.heartbeat_interval, self.stop)
 
     def relay(self) -> None:
         callbacks.relay(self.state, self.app, new_id(f"{self.hostname}-"), self.stop)

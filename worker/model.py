@@ -47,6 +47,41 @@ def local_path(uri: str) -> Path:
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
 
 
+def registered_version(uri: str) -> tuple[str, str] | None:
+    """(registered name, version) that a `models:/` URI names now, else None.
+
+    `models:/name@alias` is resolved through the alias, `models:/name/latest` and
+    `models:/name/Stage` through the newest version (in that stage), `models:/name/3` is
+    version 3 as it is. The worker then loads that version, so what it reports is what it
+    serves even if the alias moves meanwhile.
+
+    Raises:
+        FileNotFoundError: no such registered model, alias, stage or version.
+    """
+    match = re.fullmatch(r"models:/([^/@]+)(?:@([^/]+)|/([^/]+))/?", uri)
+    if match is None:
+        return None
+    name, alias, rest = match.groups()
+    if rest is not None and rest.isdigit():
+        return name, rest
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient()
+    try:
+        if alias is not None:
+            return name, str(client.get_model_version_by_alias(name, alias).version)
+        if rest.lower() == "latest":
+            versions = client.search_model_versions(f"name = '{name}'")
+        else:  # a stage (MLflow keeps stages for registries that still use them)
+            versions = client.get_latest_versions(name, stages=[rest])
+    except MlflowException as error:
+        raise FileNotFoundError(f"{uri}: {error.message}; check the name, alias or stage in the MLflow registry") from None
+    if not versions:
+        raise FileNotFoundError(f"{uri}: the registered model {name!r} has no version in {rest!r}")
+    return name, str(max(int(v.version) for v in versions))
+
+
 def served_name_for(uri: str, path: Path, mlmodel: Any) -> str:
     """The name MLflow records for the model, else `default`."""
     match = re.match(r"models:/([^/@]+)", uri)
@@ -75,7 +110,8 @@ def load_runner(uri: str, settings: Settings, *, served_name: str | None = None)
     with _lock:
         started = time.monotonic()
         uri = resolve_uri(uri, settings)
-        path = local_path(uri)
+        registered = registered_version(uri)
+        path = local_path(f"models:/{registered[0]}/{registered[1]}" if registered else uri)
         mlmodel = Model.load(str(path / "MLmodel"))
         name = served_name or served_name_for(uri, path, mlmodel)
         transformers_flavor = mlmodel.flavors.get("transformers")
@@ -105,6 +141,11 @@ def load_runner(uri: str, settings: Settings, *, served_name: str | None = None)
         LOADS += 1
         #: Seconds the load took (the worker's `chatbatch_model_load_seconds`).
         runner.load_seconds = time.monotonic() - started
+        #: The registered model and version loaded, for a `models:/` URI (else None).
+        runner.registered = registered
+        #: What the worker records on the jobs it answers and in its heartbeat.
+        runner.lineage = {"model_uri": uri, "model_name": registered[0] if registered else "",
+                          "model_version": registered[1] if registered else ""}
         logger.info(
             "loaded model %s from %s as %r: %s in %.1fs",
             name, uri, name, kind, time.monotonic() - started,
