@@ -112,13 +112,14 @@ def _table(title: str, names: int, *columns: str) -> Table:
 
 
 def _workers(snapshot: Snapshot, rates: Rates) -> Table:
-    table = _table("Workers", 2, "worker", "model", "pid", "rows", "occupancy", "waiting", "tok/s", "generated", "requests")
+    table = _table("Workers", 3, "worker", "model", "device", "pid", "rows", "occupancy", "waiting", "tok/s", "generated", "requests")
     for model, info in snapshot.workers:
         engine = info.get("engine", {})
         rate = rates.rate(info)
         table.add_row(
             str(info["worker"]),
             model,
+            str(info.get("device", "")),
             str(info.get("pid", "")),
             f"{engine.get('rows_running', 0)}/{engine.get('max_rows', 0)}",
             f"{100 * float(engine.get('occupancy', 0.0)):.0f}%",

@@ -31,6 +31,8 @@ def test_top_once_shows_the_worker_its_model_and_the_running_job(
         frame = done.stdout
         assert "\x1b" not in frame  # plain text: no colours or cursor moves
         assert f"-{tiny_worker.process.pid}@" in frame and "tiny-llama-chat" in frame
+        worker_row = next(line for line in frame.splitlines() if f"-{tiny_worker.process.pid}@" in line)
+        assert " cpu " in f" {worker_row} "  # its device
         job_row = next(line for line in frame.splitlines() if handle.id in line)
         assert "in_progress" in job_row and " 200 " in job_row
         queue_row = next(line for line in frame.splitlines() if line.strip().startswith("chatbatch.callbacks"))

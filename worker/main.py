@@ -75,6 +75,8 @@ class Background:
                     "pid": os.getpid(),
                     "queues": self.queues,
                     "model_loads": model_loading.LOADS,
+                    # Where the model runs: cpu, cuda:0, ... (a pyfunc model: pyfunc).
+                    "device": str(getattr(state.engine.runner, "device", "pyfunc")),
                     # The URI served and, for models:/ URIs, the registered name and version loaded.
                     **getattr(state.engine.runner, "lineage", {}),
                     "frozen_objects": self.frozen,
