@@ -224,6 +224,29 @@ def parse_weights(spec: str) -> dict[str, float]:
     return weights
 
 
+def queue_figures(client: redis.Redis, queues: list[str]) -> dict[str, tuple[int, int, int]]:
+    """Queue -> (messages on the broker's list, chunks in flight, chunks held in job backlogs),
+    in two pipelined round trips for all the queues."""
+    pipe = client.pipeline(transaction=False)
+    for queue in queues:
+        pipe.llen(queue)
+        pipe.hlen(keys.queue_in_flight(queue))
+        pipe.hkeys(keys.queue_backlogged(queue))
+    replies: list[Any] = pipe.execute()
+    lists = client.pipeline(transaction=False)
+    for index, queue in enumerate(queues):
+        for job in replies[3 * index + 2]:
+            lists.llen(keys.job_backlog(text(job), queue))
+    lengths: list[Any] = lists.execute()
+    figures: dict[str, tuple[int, int, int]] = {}
+    taken = 0
+    for index, queue in enumerate(queues):
+        jobs = len(replies[3 * index + 2])
+        figures[queue] = (int(replies[3 * index]), int(replies[3 * index + 1]), sum(int(n) for n in lengths[taken : taken + jobs]))
+        taken += jobs
+    return figures
+
+
 def window(heartbeats: Iterable[dict[str, Any]], *, idle_rows: int = IDLE_ROWS) -> tuple[int, int]:
     """(lines, chunks) a queue keeps in flight, from the heartbeats of the live workers that
     consume it: twice their rows (a batch running and the next one waiting on each worker),

@@ -11,7 +11,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
 
 import prometheus_client
 import redis
@@ -21,6 +20,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from chatbatch import keys, registry
+from chatbatch.dispatch import queue_figures
 from chatbatch.queues import DEFAULT_QUEUE, live_queue, model_queue
 from chatbatch.redisconn import text
 
@@ -90,24 +90,10 @@ class FleetCollector(Collector):
         flight = GaugeMetricFamily(
             "chatbatch_queue_in_flight_chunks", "Chunks released to a queue and not answered in full yet.", labels=["queue"]
         )
-        pipe = self.redis.pipeline(transaction=False)
-        for queue in queues:
-            pipe.llen(queue)
-            pipe.hkeys(keys.queue_backlogged(queue))
-            pipe.hlen(keys.queue_in_flight(queue))
-        replies: list[Any] = pipe.execute()
-        lists = self.redis.pipeline(transaction=False)
-        for index, queue in enumerate(queues):
-            for job in replies[3 * index + 1]:
-                lists.llen(keys.job_backlog(text(job), queue))
-        lengths: list[Any] = lists.execute()
-        taken = 0
-        for index, queue in enumerate(queues):
-            jobs = len(replies[3 * index + 1])
-            depth.add_metric([queue], int(replies[3 * index]))
-            backlog.add_metric([queue], sum(int(n) for n in lengths[taken : taken + jobs]))
-            flight.add_metric([queue], int(replies[3 * index + 2]))
-            taken += jobs
+        for queue, (waiting, in_flight, held) in queue_figures(self.redis, queues).items():
+            depth.add_metric([queue], waiting)
+            flight.add_metric([queue], in_flight)
+            backlog.add_metric([queue], held)
         yield from (depth, backlog, flight)
 
     def _jobs(self) -> GaugeMetricFamily:

@@ -19,6 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from chatbatch import keys, registry
+from chatbatch.dispatch import queue_figures
 from chatbatch.exceptions import JobNotFoundError
 from chatbatch.jobs import Jobs
 from chatbatch.redisconn import text
@@ -46,7 +47,7 @@ def read(client: redis.Redis, jobs: Jobs, *, now: float | None = None) -> Snapsh
     now = time.time() if now is None else now
     workers = [(model, info) for model, infos in sorted(registry.live_models(client, now=now).items()) for info in infos]
     names = sorted({queue for _, info in workers for queue in info.get("queues", ())})
-    queues = {name: _queue(client, name) for name in names}
+    queues = queue_figures(client, names)
     open_ids = [text(member) for member in client.zrange(keys.OPEN_JOBS, 0, -1)]
     found = []
     for job_id in open_ids[:MOST_JOBS]:
@@ -56,19 +57,6 @@ def read(client: redis.Redis, jobs: Jobs, *, now: float | None = None) -> Snapsh
             continue
     found.sort(key=lambda job: job.created_at)
     return Snapshot(at=now, workers=workers, queues=queues, jobs=found, open_jobs=len(open_ids))
-
-
-def _queue(client: redis.Redis, queue: str) -> tuple[int, int, int]:
-    """(messages in the broker's list, chunks in flight, chunks in job backlogs) for `queue`."""
-    pipe = client.pipeline(transaction=False)
-    pipe.llen(queue)
-    pipe.hlen(keys.queue_in_flight(queue))
-    pipe.hkeys(keys.queue_backlogged(queue))
-    waiting, in_flight, backlogged = pipe.execute()
-    pipe = client.pipeline(transaction=False)
-    for job_id in backlogged:
-        pipe.llen(keys.job_backlog(text(job_id), queue))
-    return int(waiting), int(in_flight), sum(int(count) for count in pipe.execute())
 
 
 @dataclass

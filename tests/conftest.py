@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -281,3 +282,27 @@ def batch_line(custom_id: str, body: dict[str, object], url: str = "/v1/chat/com
 
 def user(text: str, **extra: object) -> dict[str, object]:
     return {"messages": [{"role": "user", "content": text}], **extra}
+
+
+@contextmanager
+def served_gateway(env: dict[str, str], log: Path) -> Iterator[str]:
+    """`chatbatch serve` on a free port, without API keys, until the block ends; yields its URL."""
+    import httpx
+
+    port = free_port()
+    with log.open("wb") as out:
+        process = subprocess.Popen([*CHATBATCH, "serve", "--port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            return httpx.get(f"{url}/v1/models").status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for(up, 60, "the gateway")
+        yield url
+    finally:
+        process.terminate()
+        process.wait(10)

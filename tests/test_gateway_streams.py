@@ -4,18 +4,16 @@ as the whole answer, usage, n > 1, stop strings, and a client that disconnects."
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
 import openai
 import pytest
 
 from chatbatch import keys
 from chatbatch.requests import Requests
-from tests.conftest import CHATBATCH, ROOT, RedisServer, Worker, free_port, wait_for
+from tests.conftest import RedisServer, Worker, served_gateway, wait_for
 
 MODEL = "tiny-llama-chat"
 #: Most of the tiny model's context (256 tokens) after a short prompt.
@@ -25,27 +23,12 @@ LONG = 200
 @dataclass
 class Gateway:
     url: str
-    process: subprocess.Popen[bytes]
 
 
 @pytest.fixture(scope="module")
 def gateway(tiny_worker: Worker, base_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    port = free_port()
-    log = tmp_path_factory.mktemp("gateway") / "gateway.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen([*CHATBATCH, "serve", "--port", str(port)], env=base_env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        try:
-            return httpx.get(f"{url}/v1/models").status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_for(up, 60, "the gateway")
-    yield Gateway(url=url, process=process)
-    process.terminate()
-    process.wait(10)
+    with served_gateway(base_env, tmp_path_factory.mktemp("gateway") / "gateway.log") as url:
+        yield Gateway(url=url)
 
 
 def _sdk(gateway: Gateway) -> openai.OpenAI:

@@ -5,7 +5,6 @@ a job's exact counts, histograms by as many observations."""
 from __future__ import annotations
 
 import json
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from chatbatch.queues import model_queue
 from chatbatch.settings import Settings
 from producer import Client
 from schemas import BatchRequestOutput
-from tests.conftest import CHATBATCH, ROOT, RedisServer, Worker, batch_line, free_port, user, wait_for
+from tests.conftest import RedisServer, Worker, batch_line, free_port, served_gateway, user
 
 MODEL = "metered"
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -90,24 +89,8 @@ def test_a_workers_counters_and_histograms_grow_by_a_jobs_exact_counts(metered: 
 
 @pytest.fixture(scope="module")
 def gateway_url(base_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    log = tmp_path_factory.mktemp("gateway") / "gateway.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen([*CHATBATCH, "serve", "--port", str(port)], env=base_env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        try:
-            return httpx.get(f"{url}/v1/models").status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_for(up, 60, "the gateway")
+    with served_gateway(base_env, tmp_path_factory.mktemp("gateway") / "gateway.log") as url:
         yield url
-    finally:
-        process.terminate()
-        process.wait(10)
 
 
 def test_the_gateway_counts_requests_by_route_template_and_status(gateway_url: str) -> None:

@@ -1,10 +1,8 @@
 """A streamed row's text, decoded as its tokens come, with stop strings held back.
 
-Decoding is incremental, as in worker/stops.py (vLLM's detokenizer): the tokens since the last
-piece of text are decoded together with the tokens of that piece, and the new piece is what
-that decoding has beyond the decoding of the context alone. A decoding that ends in U+FFFD
-waits: the character is not whole yet (a multi-byte character split over tokens), or tokens
-only form text together.
+Decoding is incremental, with worker/stops.py's `IncrementalText` (vLLM's detokenizer): a
+decoding that ends in U+FFFD waits, since the character is not whole yet (a multi-byte character
+split over tokens), or tokens only form text together.
 
 Text that could still turn into a stop string is held back: the longest end of the text that
 is the start of one of the row's stop strings is not released until the next tokens show it
@@ -16,6 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from worker.stops import IncrementalText
+
 
 class Detokenizer:
     """One row's text as it may be streamed.
@@ -25,14 +25,11 @@ class Detokenizer:
         stops: the row's stop strings (may be empty).
     """
 
-    __slots__ = ("tokenizer", "stops", "_tokens", "_prefix", "_read", "text", "released", "stopped")
+    __slots__ = ("stops", "_decoded", "text", "released", "stopped")
 
     def __init__(self, tokenizer: Any, stops: list[str]) -> None:
-        self.tokenizer = tokenizer
         self.stops = stops
-        self._tokens: list[int] = []
-        self._prefix = 0
-        self._read = 0
+        self._decoded = IncrementalText(tokenizer)
         #: The text decoded so far (whole characters only).
         self.text = ""
         #: Characters of `text` released to the stream.
@@ -42,15 +39,8 @@ class Detokenizer:
 
     def feed(self, tokens: list[int]) -> str:
         """Add generated tokens (not EOS); the text that may be streamed now."""
-        decode = self.tokenizer.decode
         for token in tokens:
-            self._tokens.append(token)
-            before = decode(self._tokens[self._prefix : self._read], skip_special_tokens=True)
-            after = decode(self._tokens[self._prefix :], skip_special_tokens=True)
-            if len(after) <= len(before) or after.endswith("\ufffd"):
-                continue  # no whole character yet
-            self.text += after[len(before) :]
-            self._prefix, self._read = self._read, len(self._tokens)
+            self.text += self._decoded.add(token)
         return self._release()
 
     def _release(self) -> str:

@@ -14,6 +14,28 @@ from __future__ import annotations
 from typing import Any
 
 
+class IncrementalText:
+    """A row's text decoded token by token (the technique above): `add` returns the new piece
+    of text, or "" while the tokens do not form a whole character yet."""
+
+    __slots__ = ("decode", "_tokens", "_prefix", "_read")
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.decode = tokenizer.decode
+        self._tokens: list[int] = []
+        self._prefix = 0
+        self._read = 0
+
+    def add(self, token: int) -> str:
+        self._tokens.append(token)
+        before = self.decode(self._tokens[self._prefix : self._read], skip_special_tokens=True)
+        after = self.decode(self._tokens[self._prefix :], skip_special_tokens=True)
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return ""  # no whole character yet
+        self._prefix, self._read = self._read, len(self._tokens)
+        return after[len(before) :]
+
+
 class StopFinder:
     """Watches one row's tokens for its stop strings.
 
@@ -22,15 +44,13 @@ class StopFinder:
         stops: the row's stop strings (not empty).
     """
 
-    __slots__ = ("tokenizer", "stops", "_tail_length", "_tokens", "_prefix", "_read", "tail", "seen", "ended")
+    __slots__ = ("tokenizer", "stops", "_tail_length", "_text", "tail", "seen", "ended")
 
     def __init__(self, tokenizer: Any, stops: list[str]) -> None:
         self.tokenizer = tokenizer
         self.stops = stops
         self._tail_length = max(len(stop) for stop in stops) - 1
-        self._tokens: list[int] = []
-        self._prefix = 0
-        self._read = 0
+        self._text = IncrementalText(tokenizer)
         #: The end of the text so far, long enough to hold the start of a stop string.
         self.tail = ""
         #: Characters of text seen so far.
@@ -40,14 +60,9 @@ class StopFinder:
 
     def feed(self, token: int) -> bool:
         """Add one generated token (not EOS); True when the text now holds a stop string."""
-        self._tokens.append(token)
-        decode = self.tokenizer.decode
-        before = decode(self._tokens[self._prefix : self._read], skip_special_tokens=True)
-        after = decode(self._tokens[self._prefix :], skip_special_tokens=True)
-        if len(after) <= len(before) or after.endswith("\ufffd"):
-            return False  # no whole character yet
-        piece = after[len(before) :]
-        self._prefix, self._read = self._read, len(self._tokens)
+        piece = self._text.add(token)
+        if not piece:
+            return False
         window = self.tail + piece
         self.seen += len(piece)
         self.tail = window[-self._tail_length :] if self._tail_length else ""
