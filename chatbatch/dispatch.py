@@ -271,7 +271,8 @@ class Dispatcher:
         self.idle_rows = idle_rows
         self._release = client.register_script(_RELEASE)
         self._started = client.register_script(_STARTED)
-        self._windows: dict[str, tuple[float, tuple[int, int, list[str]]]] = {}
+        #: The live workers' heartbeats, and when they were read.
+        self._heartbeats: tuple[float, list[dict[str, Any]]] = (-_WINDOW_SECONDS, [])
 
     def hold(self, job_id: str, queue: str, chunk: str, lines: str, count: int, share: Share, created: int) -> None:
         """Put a chunk (its lines as one JSON string, `count` of them) at the end of the job's
@@ -300,15 +301,14 @@ class Dispatcher:
         return sum(int(count) for count in pipe.execute())
 
     def window(self, queue: str) -> tuple[int, int, list[str]]:
-        """`window()` of the queue's live consumers, and their names; read at most once a
-        second."""
-        now = time.monotonic()
-        found = self._windows.get(queue)
-        if found is None or now - found[0] > _WINDOW_SECONDS:
-            heartbeats = [info for infos in registry.live_models(self.redis).values() for info in infos if queue in info.get("queues", ())]
-            found = (now, (*window(heartbeats, idle_rows=self.idle_rows), [str(info["worker"]) for info in heartbeats]))
-            self._windows[queue] = found
-        return found[1]
+        """`window()` of the queue's live consumers, and their names (the heartbeats are read at
+        most once a second, for every queue)."""
+        read_at, heartbeats = self._heartbeats
+        if time.monotonic() - read_at > _WINDOW_SECONDS:
+            heartbeats = [info for infos in registry.live_models(self.redis).values() for info in infos]
+            self._heartbeats = (time.monotonic(), heartbeats)
+        consumers = [info for info in heartbeats if queue in info.get("queues", ())]
+        return (*window(consumers, idle_rows=self.idle_rows), [str(info["worker"]) for info in consumers])
 
     def started(self, queue: str, job_id: str, chunk: str, worker: str) -> None:
         """A worker took a chunk in flight: while that worker is live, the chunk holds room in
