@@ -20,7 +20,10 @@ from tests.conftest import RedisServer, S3Server, Worker, batch_line, run_cli, u
 def _source(path: Path) -> Path:
     lines = [batch_line(f"c{i}", user(f"say {i}", max_tokens=4, temperature=0.7, seed=i, n=1 + i % 3)) for i in range(8)]
     lines.insert(3, "{broken")
-    lines.append(batch_line("json", user("a json object", max_tokens=40, response_format={"type": "json_object"})))
+    # A schema short enough that the random model always closes its object within max_tokens.
+    schema = {"type": "object", "properties": {"word": {"enum": ["yes", "no"]}}, "required": ["word"], "additionalProperties": False}
+    lines.append(batch_line("json", user("a json object", max_tokens=40, temperature=0,
+                                         response_format={"type": "json_schema", "json_schema": {"name": "word", "schema": schema}})))
     path.write_text("\n".join(lines) + "\n")
     return path
 
