@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Final
+import time
+from collections.abc import Callable
+from typing import Any, Final, TypeVar
 
 import redis
 
@@ -28,6 +30,11 @@ from chatbatch.redisconn import text
 IDEMPOTENCY_TTL: Final = 86_400
 #: Longest key accepted (Stripe's limit).
 MAX_KEY_LENGTH: Final = 255
+
+#: Longest a repeat waits for the object its key's first call is making (a few Redis writes).
+MADE_WITHIN_SECONDS: Final = 5.0
+
+T = TypeVar("T")
 
 #: Kinds of calls; a key is claimed per owner and kind, so one key may name a chat request and a
 #: batch at once.
@@ -110,3 +117,25 @@ class Idempotency:
         """Point `key` at `object_id` (the object its first call made is gone)."""
         claim = json.dumps({"id": object_id, "body": digest})
         self.redis.set(self._key(kind, owner, key), claim, ex=self.ttl)
+
+    def first(
+        self, kind: str, owner: str, key: str, *, digest: str, object_id: str, find: Callable[[str], T | None]
+    ) -> T | None:
+        """For a call about to make `object_id`: None when it claimed `key` (it goes on and
+        makes the object); else the object the key's first call made (`find(id)`), waited
+        for while that call is still making it. A first object that is gone (deleted, expired,
+        or never made) gives its claim to this call, which goes on (None).
+
+        Raises:
+            IdempotencyKeyError: the key is malformed.
+            IdempotencyConflictError: the key was first sent with another body.
+        """
+        named = self.claim(kind, owner, key, digest=digest, object_id=object_id)
+        if named == object_id:
+            return None
+        deadline = time.monotonic() + MADE_WITHIN_SECONDS
+        while (found := find(named)) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if found is None:
+            self.replace(kind, owner, key, digest=digest, object_id=object_id)
+        return found
