@@ -61,3 +61,17 @@ def test_an_async_blocking_client_outlives_its_block(locked: str) -> None:
             await client.aclose()
 
     assert asyncio.run(read()) == []
+
+
+def test_every_connection_sets_its_socket_timeout() -> None:
+    """redis-py's default socket timeout changes between releases (none, then 5 s in 8.x): every
+    connection of chatbatch's sets its own, so none blocks longer than its socket allows."""
+    from tests.conftest import ROOT
+
+    made_elsewhere = []
+    for package in ("chatbatch", "gateway", "producer", "worker", "cli"):
+        for path in (ROOT / package).rglob("*.py"):
+            for number, line in enumerate(path.read_text().splitlines(), 1):
+                if ("from_url(" in line or "redis.Redis(" in line) and "socket_timeout" not in line and path.name != "redisconn.py":
+                    made_elsewhere.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+    assert made_elsewhere == [], "make connections with chatbatch.redisconn (connect, blocking_twin, async_client)"
