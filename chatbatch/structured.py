@@ -59,6 +59,8 @@ def _parameters(request: ChatCompletionRequest, index: int) -> dict[str, Any]:
 _ONE = ("additionalProperties", "items", "additionalItems", "contains", "unevaluatedItems", "unevaluatedProperties")
 _LISTS = ("anyOf", "oneOf", "allOf", "prefixItems", "items")
 _MAPS = ("properties", "patternProperties", "$defs", "definitions")
+#: Keywords whose schemas are the parts of a composition.
+_PARTS = ("allOf", "anyOf", "oneOf")
 #: Keywords that say which keys an object may have besides its properties.
 _OPEN_ENDED = ("additionalProperties", "unevaluatedProperties")
 #: Keywords that list an object's own properties.
@@ -84,7 +86,7 @@ def _composed_refs(value: Any) -> set[str]:
     found: set[str] = set()
     if isinstance(value, dict):
         if _combines(value):
-            parts = [value, *(part for key in ("allOf", "anyOf", "oneOf") for part in value.get(key) or [] if isinstance(part, dict))]
+            parts = [value, *(part for key in _PARTS for part in value.get(key) or [] if isinstance(part, dict))]
             found.update(part["$ref"] for part in parts if isinstance(part.get("$ref"), str))
         for item in value.values():
             found |= _composed_refs(item)
@@ -106,7 +108,8 @@ def _close(value: Any, pointer: str, kept_open: set[str], *, composed: bool) -> 
         if key in _MAPS and isinstance(item, dict):
             node[key] = {name: _close(part, f"{where}/{name}", kept_open, composed=False) for name, part in item.items()}
         elif key in _LISTS and isinstance(item, list):
-            node[key] = [_close(part, f"{where}/{i}", kept_open, composed=combines and key != "prefixItems") for i, part in enumerate(item)]
+            part_of = combines and key in _PARTS
+            node[key] = [_close(part, f"{where}/{i}", kept_open, composed=part_of) for i, part in enumerate(item)]
         elif key in _ONE:
             node[key] = _close(item, where, kept_open, composed=False)
         else:
