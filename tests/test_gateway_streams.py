@@ -192,6 +192,24 @@ def test_multi_byte_characters_stream_as_the_answer(gateway: Gateway) -> None:
     assert sum(1 for chunk in chunks if chunk.choices and chunk.choices[0].delta.content) > 3, "it came in pieces"
 
 
+def test_a_forced_call_cut_by_max_tokens_streams_as_the_call_so_far(gateway: Gateway) -> None:
+    sdk = _sdk(gateway)
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 40}}, "required": ["city"], "additionalProperties": False}}}]
+    for choice, max_tokens in (({"type": "function", "function": {"name": "lookup"}}, 12), ("required", 40)):
+        body = _body("weather?", max_tokens=max_tokens, tools=tools, tool_choice=choice)
+        whole = sdk.chat.completions.create(**body).choices[0]
+        assert whole.finish_reason == "length" and whole.message.content is None, whole
+        assert [call.function.name for call in whole.message.tool_calls or []] == ["lookup"], whole  # type: ignore[union-attr]
+        arguments = whole.message.tool_calls[0].function.arguments  # type: ignore[index, union-attr]
+        assert arguments.startswith('{"city": "'), ("the arguments as far as they were written", whole)
+        chunks = list(sdk.chat.completions.create(**body, stream=True))
+        assert not any(c.delta.content for chunk in chunks for c in chunk.choices), "no grammar text as content"
+        calls = [call for chunk in chunks for c in chunk.choices for call in c.delta.tool_calls or []]
+        assert [(call.index, call.function.name, call.function.arguments) for call in calls] == [(0, "lookup", arguments)]  # type: ignore[union-attr]
+        assert chunks[-1].choices[0].finish_reason == "length"
+
+
 #: How long the stalled worker holds back every token: over twice redis-py 8's default socket
 #: timeout, and over the 10 s the issue asks for.
 STALL_SECONDS = 11.0
