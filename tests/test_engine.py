@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -470,10 +472,10 @@ def test_service_tiers_order_single_requests_and_batch_lines(runner) -> None:  #
         [(_request(f"line {i}", max_tokens=6, temperature=0, **({"service_tier": "flex"} if i == 0 else {})), f"b{i}") for i in range(4)], on_done
     )
     lines = {id(ticket): "line-flex" if i == 0 else "line" for i, ticket in enumerate(tickets)}
-    futures = {}
+    futures: dict[Any, str] = {}
     for tier in ("flex", "flex", "default", "default", "priority", "priority"):
         future = engine.submit(_request(f"single {len(futures)}", max_tokens=6, temperature=0, service_tier=tier), f"s{len(futures)}")
-        future.add_done_callback(lambda _, tier=tier: done(tier))
+        future.add_done_callback(functools.partial(lambda tier, _: done(tier), tier))
         futures[future] = tier
     engine.start()
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
@@ -115,8 +116,8 @@ def test_harmless_known_fields_and_content_parts_are_accepted() -> None:
 def test_what_the_sdks_send_back_is_accepted() -> None:
     """An answer's message as the SDKs dump it (`message.model_dump()`) goes back in the
     conversation, and the fields the SDKs send by default or as "off" are accepted."""
-    answer = {"content": "4", "refusal": None, "role": "assistant", "annotations": [], "audio": None, "function_call": None, "tool_calls": None}
-    call = {
+    answer: dict[str, Any] = {"content": "4", "refusal": None, "role": "assistant", "annotations": [], "audio": None, "function_call": None, "tool_calls": None}
+    call: dict[str, Any] = {
         "content": None, "refusal": None, "role": "assistant", "annotations": None, "audio": None, "function_call": None,
         "tool_calls": [{"id": "call_1", "function": {"arguments": '{"city": "Paris"}', "name": "weather"}, "type": "function"}],
     }
