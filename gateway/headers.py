@@ -3,7 +3,9 @@
 - `x-request-id`: names the HTTP request (the SDKs read it: the `openai` package's
   `_request_id`, its errors' `request_id`). On `POST /v1/chat/completions` it is the chat
   request's own id, the one `X-Chatbatch-Request-Id` names and that it is read back by; on
-  every other answer a new `req_...` id (a 5xx answer's is logged, to find it from a report).
+  every other answer a new `req_...` id (a 5xx answer's is logged, to find it from a report;
+  an unexpected failure's 500 is answered outside the middleware, and gateway/errors.py names
+  it).
 - `openai-processing-ms`: milliseconds from the request's arrival to the start of its answer
   (a stream's: to its first bytes, not its end).
 - `Retry-After` on 503 and 429, where the route gave none: seconds before a retry is worth it.

@@ -70,3 +70,18 @@ def test_retry_after_on_503_and_429_unless_the_route_set_one() -> None:
     api = TestClient(_app())
     assert api.get("/stopping").headers["retry-after"] == "1"
     assert api.get("/busy").headers["retry-after"] == "7"
+
+
+def test_an_unexpected_failure_names_itself_too() -> None:
+    from gateway import errors
+
+    app = _app()
+    errors.install(app)
+
+    @app.get("/broken")
+    def broken() -> None:
+        raise RuntimeError("boom")
+
+    failed = TestClient(app, raise_server_exceptions=False).get("/broken")
+    assert failed.status_code == 500 and failed.json()["error"]["code"] == "internal_error"
+    assert failed.headers["x-request-id"].startswith("req_")
