@@ -46,11 +46,6 @@ UNSUPPORTED_WHY: dict[str, str] = {
     "store": "nothing keeps completions for evals or distillation; answers stay readable by id for CHATBATCH_RESULT_TTL",
 }
 
-#: `service_tier` values: `auto` and `default` run as usual, `flex` at low priority (after
-#: waiting batch lines), `priority` at high (before other requests of its kind); see
-#: docs/scheduling.md.
-SERVICE_TIERS = ("auto", "default", "flex", "priority")
-
 #: A function or schema name, as OpenAI allows them.
 NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
 
@@ -113,10 +108,11 @@ class ChatMessage(_Strict):
     # Tool messages: the id of the call this message answers.
     tool_call_id: str | None = None
     # The fields below are those of an answer's message (`message.model_dump()` of an SDK's
-    # answer), accepted when it is sent back as an assistant message; none is used.
-    # Assistant messages: a refusal the model gave.
+    # answer), accepted when it is sent back as an assistant message.
+    # Assistant messages: a refusal the model gave; the model reads it as the message's text
+    # when there is no content.
     refusal: str | None = None
-    # Assistant messages: URL citations (OpenAI's web search).
+    # Assistant messages: URL citations (OpenAI's web search); not used.
     annotations: list[dict[str, Any]] | None = None
     # Assistant messages: null (an audio answer, which chatbatch never gives, would be named here).
     audio: None = None
@@ -153,9 +149,9 @@ class ChatMessage(_Strict):
         return self
 
     def text(self) -> str:
-        """The message content as one string."""
+        """The message content as one string (an answer that was a refusal: the refusal)."""
         if self.content is None:
-            return ""
+            return self.refusal or ""
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content if isinstance(part, TextContentPart))

@@ -138,6 +138,7 @@ def test_what_the_sdks_send_back_is_accepted() -> None:
         streamable=True,
     )
     assert [m.text() for m in request.messages][:2] == ["2+2?", "4"]
+    assert request.messages[5].text() == "I cannot help with that."
     assert request.safety_identifier == "user-7f3a" and request.prompt_cache_key == "support-bot-v2"
     assert "store" not in request.model_dump(exclude_none=True)
     assert request.tier == "default"
