@@ -18,7 +18,7 @@ REQUIREMENTS = ROOT / "requirements"
 
 def _pins(lock: Path) -> dict[str, str]:
     """name -> pinned version, from a lock's `name==version` lines."""
-    found = {}
+    found: dict[str, str] = {}
     for line in lock.read_text().splitlines():
         match = re.match(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;]+)", line)
         if match:
