@@ -43,14 +43,31 @@ def stopped_message(request_id: str) -> str:
 
 
 def chunk(
-    request_id: str, created: int, model: str, choices: list[dict[str, Any]], *, usage: bool, totals: dict[str, Any] | None = None
+    request_id: str,
+    created: int,
+    model: str,
+    choices: list[dict[str, Any]],
+    *,
+    usage: bool,
+    totals: dict[str, Any] | None = None,
+    tier: str | None = None,
+    fingerprint: str | None = None,
 ) -> dict[str, Any]:
-    """A chat.completion.chunk object; with `usage` (include_usage) it has a usage field, null
+    """A chat.completion.chunk object, with the request's service tier and the worker's
+    system_fingerprint, as OpenAI's; with `usage` (include_usage) it has a usage field, null
     but in the last chunk, which carries `totals`."""
-    found: dict[str, Any] = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices}
+    found: dict[str, Any] = {
+        "id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
+        "service_tier": tier, "system_fingerprint": fingerprint, "choices": choices,
+    }
     if usage:
         found["usage"] = totals
     return found
+
+
+def first_delta() -> dict[str, Any]:
+    """The delta of a choice's first chunk: its role, as OpenAI's (no refusal: always null)."""
+    return {"role": "assistant", "content": "", "refusal": None}
 
 
 def choice_delta(index: int, delta: dict[str, Any], finish_reason: str | None = None, logprobs: Any = None) -> dict[str, Any]:
@@ -61,16 +78,17 @@ def completion_chunks(request_id: str, completion: dict[str, Any], *, usage: boo
     """A whole chat.completion as the chunks of a stream: per choice, the role, the content
     (or tool calls) with the log probabilities, the finish; then the usage when asked."""
     created, model = int(completion.get("created", 0)), str(completion.get("model", ""))
+    marks = {"tier": completion.get("service_tier"), "fingerprint": completion.get("system_fingerprint")}
     chunks = []
     for choice in completion["choices"]:
         index, message = choice["index"], choice["message"]
-        chunks.append(chunk(request_id, created, model, [choice_delta(index, {"role": "assistant", "content": ""})], usage=usage))
+        chunks.append(chunk(request_id, created, model, [choice_delta(index, first_delta())], usage=usage, **marks))
         delta = final_delta(message.get("content"), message.get("tool_calls"))
         if delta:
-            chunks.append(chunk(request_id, created, model, [choice_delta(index, delta, logprobs=choice.get("logprobs"))], usage=usage))
-        chunks.append(chunk(request_id, created, model, [choice_delta(index, {}, choice["finish_reason"])], usage=usage))
+            chunks.append(chunk(request_id, created, model, [choice_delta(index, delta, logprobs=choice.get("logprobs"))], usage=usage, **marks))
+        chunks.append(chunk(request_id, created, model, [choice_delta(index, {}, choice["finish_reason"])], usage=usage, **marks))
     if usage:
-        chunks.append(chunk(request_id, created, model, [], usage=True, totals=completion["usage"]))
+        chunks.append(chunk(request_id, created, model, [], usage=True, totals=completion["usage"], **marks))
     return chunks
 
 

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from chatbatch.exceptions import ChatbatchError, IdempotencyConflictError, InputTooLargeError
+from chatbatch.ids import new_id
 from schemas.errors import STATUS_CODES, RequestError
 
 logger = logging.getLogger(__name__)
@@ -105,5 +106,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, error: Exception) -> JSONResponse:
-        logger.exception("%s %s failed", request.method, request.url.path)
-        return error_response(500, f"the server failed: {type(error).__name__}", "server_error", "internal_error")
+        # Answered outside the app's middleware (Starlette's last resort): it names itself here.
+        request_id = new_id("req_")
+        logger.exception("%s %s failed (x-request-id %s)", request.method, request.url.path, request_id)
+        return error_response(500, f"the server failed: {type(error).__name__}", "server_error", "internal_error", headers={"x-request-id": request_id})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from schemas.errors import ErrorCode, RequestError
 from schemas.strict import check_strict_request
@@ -31,9 +31,10 @@ UNSUPPORTED_FIELDS: dict[str, Any] = {
     "audio": None,
     "prediction": None,
     "reasoning_effort": None,
+    "verbosity": None,
     "web_search_options": None,
-    "service_tier": None,
-    "store": None,
+    # The SDKs' "off" is `store: false`.
+    "store": False,
 }
 #: Why a known field is refused, for the error message.
 UNSUPPORTED_WHY: dict[str, str] = {
@@ -41,6 +42,9 @@ UNSUPPORTED_WHY: dict[str, str] = {
     "function_call": "it is the legacy form of 'tool_choice': send 'tools' and 'tool_choice'",
     "modalities": "the models chatbatch serves answer in text only",
     "audio": "the models chatbatch serves answer in text only",
+    "reasoning_effort": "the models chatbatch serves have no reasoning mode",
+    "verbosity": "the models chatbatch serves have no verbosity setting",
+    "store": "nothing keeps completions for evals or distillation; answers stay readable by id for CHATBATCH_RESULT_TTL",
 }
 
 #: A function or schema name, as OpenAI allows them.
@@ -104,13 +108,30 @@ class ChatMessage(_Strict):
     tool_calls: list[ToolCall] | None = None
     # Tool messages: the id of the call this message answers.
     tool_call_id: str | None = None
-    # Assistant messages: a refusal the model gave (accepted as sent back, not used).
+    # The fields below are those of an answer's message (`message.model_dump()` of an SDK's
+    # answer), accepted when it is sent back as an assistant message.
+    # Assistant messages: a refusal the model gave; the model reads it as the message's text
+    # when there is no content.
     refusal: str | None = None
+    # Assistant messages: URL citations (OpenAI's web search); not used.
+    annotations: list[dict[str, Any]] | None = None
+    # Assistant messages: null (an audio answer, which chatbatch never gives, would be named here).
+    audio: None = None
+    # Assistant messages: null (the legacy form of `tool_calls`).
+    function_call: None = None
+
+    @field_validator("audio", "function_call", mode="before")
+    @classmethod
+    def _null(cls, value: Any, info: ValidationInfo) -> None:
+        if value is not None:
+            why = "audio answers are not supported" if info.field_name == "audio" else "it is the legacy form of 'tool_calls'"
+            raise ValueError(f"only null is accepted here ({why}): send null or leave '{info.field_name}' out")
+        return None
 
     @model_validator(mode="before")
     @classmethod
-    def _content_of_a_call(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "content" not in data and data.get("role") == "assistant" and data.get("tool_calls"):
+    def _content_of_an_answer(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "content" not in data and data.get("role") == "assistant" and (data.get("tool_calls") or data.get("refusal")):
             return {**data, "content": None}
         return data
 
@@ -122,14 +143,16 @@ class ChatMessage(_Strict):
             raise ValueError("a tool message needs 'tool_call_id', the id of the call it answers")
         if self.tool_call_id is not None and self.role != "tool":
             raise ValueError("only tool messages carry 'tool_call_id'")
-        if self.content is None and not (self.role == "assistant" and self.tool_calls):
-            raise ValueError("'content' is required (only an assistant message with 'tool_calls' may leave it null)")
+        if (self.refusal is not None or self.annotations) and self.role != "assistant":
+            raise ValueError("only assistant messages carry 'refusal' and 'annotations'")
+        if self.content is None and not (self.role == "assistant" and (self.tool_calls or self.refusal is not None)):
+            raise ValueError("'content' is required (only an assistant message with 'tool_calls' or a 'refusal' may leave it null)")
         return self
 
     def text(self) -> str:
-        """The message content as one string."""
+        """The message content as one string (an answer that was a refusal: the refusal)."""
         if self.content is None:
-            return ""
+            return self.refusal or ""
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content if isinstance(part, TextContentPart))
@@ -172,6 +195,9 @@ class StreamOptions(_Strict):
 
     # Add a last chunk with the request's usage (and `"usage": null` in every other chunk).
     include_usage: bool = False
+    # OpenAI pads streamed deltas with random characters (an `obfuscation` field) against
+    # side channels on event sizes; accepted either way, chatbatch sends no padding.
+    include_obfuscation: bool | None = None
 
 
 class JsonSchemaFormat(_Strict):
@@ -229,8 +255,16 @@ class ChatCompletionRequest(_Strict):
     stop: str | list[str] | None = None
     # Makes sampling reproducible: the same seed and request give the same answer.
     seed: int | None = None
-    # End-user identifier, for the caller's own bookkeeping.
+    # End-user identifier, for the caller's own bookkeeping (kept with the request).
     user: str | None = None
+    # A stable identifier of the end user, for abuse detection; kept with the request, as `user`.
+    safety_identifier: str | None = None
+    # Groups requests that share a prompt prefix, for OpenAI's cache routing. Accepted and kept;
+    # not needed here: every worker reuses the KV of any cached prompt prefix, whatever its key.
+    prompt_cache_key: str | None = None
+    # The processing tier: `auto` and `default` run as usual, `flex` at low priority, `priority`
+    # at high; the answer's `service_tier` says which one it ran in.
+    service_tier: Literal["auto", "default", "flex", "priority"] | None = None
     # Key-value pairs kept with the request (up to 16; keys 64, values 512 characters).
     metadata: dict[str, str] | None = None
     # The answer's format: text, any JSON object, or JSON that validates against a schema;
@@ -332,6 +366,13 @@ class ChatCompletionRequest(_Strict):
         return "auto" if self.tools else "none"
 
     @property
+    def tier(self) -> Literal["default", "flex", "priority"]:
+        """The service tier the request runs in, as its answer names it (`auto`: `default`)."""
+        if self.service_tier == "flex" or self.service_tier == "priority":
+            return self.service_tier
+        return "default"
+
+    @property
     def calls_tools(self) -> bool:
         """Whether the answer must be a tool call ("required" or a named function)."""
         choice = self.effective_tool_choice
@@ -357,6 +398,10 @@ class ChatCompletionMessage(BaseModel):
     content: str | None
     # The tool calls the model made (then `content` is null and `finish_reason` "tool_calls").
     tool_calls: list[ToolCall] | None = None
+    # A refusal: the models chatbatch serves refuse in `content`, so always null.
+    refusal: str | None = None
+    # URL citations (OpenAI's web search): always empty.
+    annotations: list[dict[str, Any]] = Field(default_factory=list)
 
 
 class TopLogprob(BaseModel):
@@ -397,6 +442,18 @@ class ChatCompletionChoice(BaseModel):
 class PromptTokensDetails(BaseModel):
     #: Prompt tokens whose KV came from the worker's prefix cache instead of being computed.
     cached_tokens: int = 0
+    #: Audio input: always 0 (the models read text).
+    audio_tokens: int = 0
+
+
+class CompletionTokensDetails(BaseModel):
+    """What OpenAI counts apart in `completion_tokens`; the models chatbatch serves have no
+    reasoning, audio or predicted output, so each is 0."""
+
+    reasoning_tokens: int = 0
+    audio_tokens: int = 0
+    accepted_prediction_tokens: int = 0
+    rejected_prediction_tokens: int = 0
 
 
 class Usage(BaseModel):
@@ -405,7 +462,8 @@ class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
-    prompt_tokens_details: PromptTokensDetails | None = None
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
+    completion_tokens_details: CompletionTokensDetails = Field(default_factory=CompletionTokensDetails)
 
 
 class ChatCompletion(BaseModel):
@@ -417,6 +475,11 @@ class ChatCompletion(BaseModel):
     model: str
     choices: list[ChatCompletionChoice] = Field(min_length=1)
     usage: Usage
+    # The tier the request ran in: `default`, `flex` or `priority`.
+    service_tier: Literal["default", "flex", "priority"] | None = None
+    # The worker's set-up (model version, dtype, engine settings, versions) as a digest: the
+    # same fingerprint means the same set-up, so a seeded request gives the same answer.
+    system_fingerprint: str | None = None
 
 
 _UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The test command: set up what the tests need, then run them. Extra arguments go to pytest.
+# The test command: set up what the tests need (both locked environments), then run them. Extra
+# arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/bootstrap.sh
+scripts/bootstrap.sh --clients
 exec .venv/bin/python -m pytest "$@"

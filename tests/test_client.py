@@ -16,7 +16,7 @@ def test_stream_yields_the_answer_as_chunks(tiny_worker: Worker, redis_server: R
     body = user("hello there", max_tokens=40, temperature=0)
     whole = client.chat(body, timeout=60)
     chunks = list(client.stream(body, timeout=60))
-    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": "", "refusal": None}
     assert "".join(chunk["choices"][0]["delta"].get("content") or "" for chunk in chunks) == whole.choices[0].message.content
     assert chunks[-1]["choices"][0]["finish_reason"] == whole.choices[0].finish_reason
     assert len({chunk["id"] for chunk in chunks}) == 1 and chunks[0]["object"] == "chat.completion.chunk"

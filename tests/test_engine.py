@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -448,3 +450,39 @@ def test_a_later_chunk_goes_in_turn_with_an_earlier_one(runner) -> None:  # type
         engine.stop()
     last_small = max(i for i, name in enumerate(finished) if name == "small")
     assert last_small < 16, finished
+
+
+def test_service_tiers_order_single_requests_and_batch_lines(runner) -> None:  # type: ignore[no-untyped-def]
+    """`priority` requests go before `default` ones of their kind, and `flex` single requests
+    wait behind batch lines (docs/scheduling.md); every answer names the tier it ran in."""
+    from worker.engine import Ticket
+
+    finished: list[str] = []
+    lock = threading.Lock()
+
+    def done(name: str) -> None:
+        with lock:
+            finished.append(name)
+
+    def on_done(ticket: Ticket) -> None:
+        done(lines[id(ticket)])
+
+    engine = Engine(runner, batch_wait=0.0, max_batch_size=2)
+    tickets = engine.submit_many(
+        [(_request(f"line {i}", max_tokens=6, temperature=0, **({"service_tier": "flex"} if i == 0 else {})), f"b{i}") for i in range(4)], on_done
+    )
+    lines = {id(ticket): "line-flex" if i == 0 else "line" for i, ticket in enumerate(tickets)}
+    futures: dict[Any, str] = {}
+    for tier in ("flex", "flex", "default", "default", "priority", "priority"):
+        future = engine.submit(_request(f"single {len(futures)}", max_tokens=6, temperature=0, service_tier=tier), f"s{len(futures)}")
+        future.add_done_callback(functools.partial(lambda tier, _: done(tier), tier))
+        futures[future] = tier
+    engine.start()
+    try:
+        answers = {tier: future.result(timeout=120) for future, tier in futures.items()}
+    finally:
+        engine.stop()
+    assert {tier: answer.service_tier for tier, answer in answers.items()} == {"flex": "flex", "default": "default", "priority": "priority"}
+    assert finished[:4] == ["priority", "priority", "default", "default"], finished
+    last_line = max(i for i, name in enumerate(finished) if name == "line")
+    assert min(i for i, name in enumerate(finished) if name in ("flex", "line-flex")) > last_line, finished

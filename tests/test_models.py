@@ -11,7 +11,7 @@ from schemas import ChatCompletion, parse_chat_request
 from tests.conftest import ROOT, run_cli
 from worker.builders import tiny_hf_model
 from worker.engine import Engine
-from worker.model import load_runner, registered_version
+from worker.model import build_engine, load_runner, registered_version
 from worker.runners import PyfuncRunner, TransformersRunner
 
 SETTINGS = Settings(redis_url="redis://127.0.0.1:1/0")
@@ -113,3 +113,23 @@ def test_registry_uris_load_the_version_they_name_now(tiny_model: Path, tmp_path
         assert load_runner(str(tiny_model), SETTINGS).lineage == {"model_uri": str(tiny_model), "model_name": "", "model_version": ""}
     finally:
         mlflow.set_tracking_uri(None)  # type: ignore[arg-type]  # None restores the default store
+
+
+def test_the_system_fingerprint_names_the_set_up(tiny_model: Path) -> None:
+    """Workers with the same model and settings share a fingerprint, and every answer carries
+    it; another batch limit or another saved model gives another."""
+    runner = load_runner(str(tiny_model), SETTINGS)
+    engine = build_engine(runner, SETTINGS)
+    same = build_engine(runner, SETTINGS).fingerprint
+    assert engine.fingerprint == same and same is not None and same.startswith("fp_")
+    assert build_engine(runner, Settings(redis_url=SETTINGS.redis_url, max_batch_size=4)).fingerprint != same
+    saved_as, runner.model_id = runner.model_id, "models:/tiny/2"
+    assert build_engine(runner, SETTINGS).fingerprint != same
+    runner.model_id = saved_as
+
+    engine.start()
+    try:
+        answer = engine.submit(parse_chat_request({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}), "t").result(timeout=120)
+    finally:
+        engine.stop()
+    assert answer.system_fingerprint == same and answer.service_tier == "default"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
@@ -60,6 +61,17 @@ def _code(body: object) -> tuple[ErrorCode, str]:
          ErrorCode.invalid_request, "images are not supported by this model"),
         ({"messages": MESSAGES, "max_tokens": 5, "max_completion_tokens": 6}, ErrorCode.invalid_request, "max_completion_tokens"),
         ({"messages": MESSAGES, "metadata": {f"k{i}": "v" for i in range(17)}}, ErrorCode.invalid_request, "metadata"),
+        ({"messages": MESSAGES, "store": True}, ErrorCode.unsupported_parameter, "'store' is not supported"),
+        ({"messages": MESSAGES, "reasoning_effort": "low"}, ErrorCode.unsupported_parameter, "'reasoning_effort'"),
+        ({"messages": MESSAGES, "verbosity": "low"}, ErrorCode.unsupported_parameter, "'verbosity'"),
+        ({"messages": MESSAGES, "service_tier": "scale"}, ErrorCode.invalid_request, "service_tier"),
+        ({"messages": MESSAGES, "stream": True, "stream_options": {"include_obfuscation": [1]}},
+         ErrorCode.invalid_request, "stream_options.include_obfuscation"),
+        ({"messages": [{"role": "assistant", "content": None, "audio": {"id": "audio_1"}}]}, ErrorCode.invalid_request, "messages[0].audio"),
+        ({"messages": [{"role": "assistant", "content": "x", "function_call": {"name": "f", "arguments": "{}"}}]},
+         ErrorCode.invalid_request, "messages[0].function_call"),
+        ({"messages": [{"role": "user", "content": "x", "refusal": "no"}]}, ErrorCode.invalid_request, "only assistant messages carry 'refusal'"),
+        ({"messages": [{"role": "assistant", "content": None}]}, ErrorCode.invalid_request, "messages[0]"),
         ([1, 2], ErrorCode.invalid_request, "JSON object"),
     ],
 )
@@ -99,6 +111,44 @@ def test_harmless_known_fields_and_content_parts_are_accepted() -> None:
     assert request.max_new_tokens == 7
     assert request.stop_sequences == ["\n"]
     assert request.temperature == 1.0
+
+
+def test_what_the_sdks_send_back_is_accepted() -> None:
+    """An answer's message as the SDKs dump it (`message.model_dump()`) goes back in the
+    conversation, and the fields the SDKs send by default or as "off" are accepted."""
+    answer: dict[str, Any] = {"content": "4", "refusal": None, "role": "assistant", "annotations": [], "audio": None, "function_call": None, "tool_calls": None}
+    call: dict[str, Any] = {
+        "content": None, "refusal": None, "role": "assistant", "annotations": None, "audio": None, "function_call": None,
+        "tool_calls": [{"id": "call_1", "function": {"arguments": '{"city": "Paris"}', "name": "weather"}, "type": "function"}],
+    }
+    refused = {"role": "assistant", "content": None, "refusal": "I cannot help with that."}
+    request = parse_chat_request(
+        {
+            "messages": [
+                {"role": "user", "content": "2+2?"}, answer, {"role": "user", "content": "and the weather?"}, call,
+                {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}, refused, {"role": "user", "content": "thanks"},
+            ],
+            "store": False,
+            "safety_identifier": "user-7f3a",
+            "prompt_cache_key": "support-bot-v2",
+            "service_tier": "auto",
+            "stream": True,
+            "stream_options": {"include_usage": True, "include_obfuscation": False},
+        },
+        streamable=True,
+    )
+    assert [m.text() for m in request.messages][:2] == ["2+2?", "4"]
+    assert request.messages[5].text() == "I cannot help with that."
+    assert request.safety_identifier == "user-7f3a" and request.prompt_cache_key == "support-bot-v2"
+    assert "store" not in request.model_dump(exclude_none=True)
+    assert request.tier == "default"
+
+
+@pytest.mark.parametrize(("tier", "runs_in"), [(None, "default"), ("auto", "default"), ("default", "default"), ("flex", "flex"), ("priority", "priority")])
+def test_a_service_tier_names_the_tier_a_request_runs_in(tier: str | None, runs_in: str) -> None:
+    body = {"messages": MESSAGES, **({"service_tier": tier} if tier else {})}
+    assert parse_chat_request(body).tier == runs_in
+    assert parse_batch_line(json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": body}).encode(), 1).body.tier == runs_in
 
 
 def _line(**fields: object) -> bytes:

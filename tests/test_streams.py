@@ -64,10 +64,12 @@ def test_a_result_stored_without_a_stream_end() -> None:
     unread = StreamFollower("r", usage=True)
     chunks = unread.settle(COMPLETION)
     assert chunks == completion_chunks("r", COMPLETION, usage=True)
-    assert [c["choices"][0]["delta"] for c in chunks[:3]] == [{"role": "assistant", "content": ""}, {"content": "hi"}, {}]
+    assert [c["choices"][0]["delta"] for c in chunks[:3]] == [{"role": "assistant", "content": "", "refusal": None}, {"content": "hi"}, {}]
     assert chunks[2]["choices"][0]["finish_reason"] == "stop"
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == COMPLETION["usage"]
     assert all(c["usage"] is None for c in chunks[:-1])
+    marked = completion_chunks("r", {**COMPLETION, "service_tier": "flex", "system_fingerprint": "fp_0123456789"}, usage=True)
+    assert {(c["service_tier"], c["system_fingerprint"]) for c in marked} == {("flex", "fp_0123456789")}
 
     refused = StreamFollower("r")
     error = {"code": "context_length_exceeded", "message": "too long", "param": "messages"}

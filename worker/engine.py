@@ -25,6 +25,8 @@ logger = logging.getLogger(__name__)
 
 
 _PENDING, _RUNNING, _CANCELLED, _NOTIFIED, _FINISHED = range(5)
+#: A request's place by its service tier (`service_tier`), among requests of its kind.
+_URGENCY = {"priority": 0, "default": 1, "flex": 2}
 #: Guards the state of every Ticket: a change is a few attribute writes, so one lock for all of
 #: them costs less than the Condition a Future makes for itself.
 _tickets_lock = threading.Lock()
@@ -272,6 +274,9 @@ class Engine:
         #: Called in the engine thread with each request that ran or was refused, and its answer
         #: or error (the worker's metrics, worker/metrics.py); it must be quick.
         self.observer: Callable[[Pending, ChatCompletion | RequestError], None] | None = None
+        #: The worker's set-up as a digest (worker/model.py `fingerprint`), put in every answer
+        #: as `system_fingerprint`.
+        self.fingerprint: str | None = None
 
     def start(self) -> None:
         if self._thread is None:
@@ -311,13 +316,15 @@ class Engine:
 
         `alone` runs it in a batch of its own; `on_start` runs in the engine thread right
         before its batch does; `stream` is a streamed request's sink (see `Pending.stream`).
+        A request of the `flex` tier waits as batch lines do, behind the other single requests.
 
         The engine thread prepares it (chat template, tokenization, context check) when it
         takes it from the queue: preparing in many task threads at once would interleave with
         the decode loop under the GIL and slow every batch down.
         """
         future: Future[ChatCompletion] = Future()
-        self._enqueue([Pending(request=request, request_id=request_id, future=future, alone=alone, on_start=on_start, interactive=True, stream=stream)])
+        interactive = request.tier != "flex"
+        self._enqueue([Pending(request=request, request_id=request_id, future=future, alone=alone, on_start=on_start, interactive=interactive, stream=stream)])
         return future
 
     def submit_many(
@@ -605,14 +612,16 @@ class Engine:
         return batch
 
     def _order(self, backlog: list[Pending], cached: dict[int, int]) -> list[Pending]:
-        """Single requests first; then batch lines whose prompt prefix is cached (a line passed
-        over `max_batch_size` times goes first all the same); then by place in their chunk, so
-        that chunks go in turn (a chunk that came later does not wait for the whole of an
-        earlier one); then the oldest."""
+        """Single requests first; among single requests and among batch lines, by service tier
+        (`priority`, then `default`, then `flex`); then batch lines whose prompt prefix is
+        cached (a line passed over `max_batch_size` times goes first all the same); then by
+        place in their chunk, so that chunks go in turn (a chunk that came later does not wait
+        for the whole of an earlier one); then the oldest."""
         return sorted(
             backlog,
             key=lambda item: (
                 not item.interactive,
+                _URGENCY[item.request.tier],
                 not (cached[id(item)] or item.passed >= self.max_batch_size),
                 item.rank,
                 item.enqueued_at,
@@ -686,6 +695,8 @@ class Engine:
                 item.future.set_exception(result)
             else:
                 self.stats["generated_tokens"] += result.usage.completion_tokens
+                result.service_tier = item.request.tier
+                result.system_fingerprint = self.fingerprint
                 item.future.set_result(result)
             self.stats["requests"] += 1
 
@@ -758,8 +769,9 @@ class Engine:
         return True
 
     def _choose_batch(self, backlog: list[Pending]) -> tuple[list[Pending], list[Pending]]:
-        """The oldest request plus the requests nearest to it in length, within the limits."""
-        oldest = min(backlog, key=lambda item: item.enqueued_at)
+        """The oldest request of the most urgent service tier, plus the requests nearest to it
+        in length, within the limits."""
+        oldest = min(backlog, key=lambda item: (_URGENCY[item.request.tier], item.enqueued_at))
         if oldest.alone:
             return [oldest], [item for item in backlog if item is not oldest]
         by_length = sorted(backlog, key=lambda item: (abs(item.cost - oldest.cost), item.enqueued_at))

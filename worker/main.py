@@ -79,6 +79,8 @@ class Background:
                     "device": str(getattr(state.engine.runner, "device", "pyfunc")),
                     # The URI served and, for models:/ URIs, the registered name and version loaded.
                     **getattr(state.engine.runner, "lineage", {}),
+                    # The answers' system_fingerprint: workers that share it share a set-up.
+                    "system_fingerprint": state.engine.fingerprint,
                     "frozen_objects": self.frozen,
                     **state.engine.stats,
                     "engine": state.engine.figures(),
@@ -229,7 +231,7 @@ def run_worker(
     def _ready(**_: Any) -> None:
         # Everything the worker keeps is loaded now (model, engine, Celery's consumer).
         background.start(heap.settle())
-        logger.info("worker %s serves %r on queues %s", hostname, runner.served_name, ",".join(queues))
+        logger.info("worker %s serves %r on queues %s (system_fingerprint %s)", hostname, runner.served_name, ",".join(queues), engine.fingerprint)
 
     try:
         # Celery prints its banner outside logging: JSON logs leave it out (the ready line

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import re
 import threading
@@ -9,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from chatbatch import __version__
 from chatbatch.settings import Settings
 from worker.builders import default_model
 from worker.engine import Engine
@@ -146,6 +149,9 @@ def load_runner(uri: str, settings: Settings, *, served_name: str | None = None)
         #: What the worker records on the jobs it answers and in its heartbeat.
         runner.lineage = {"model_uri": uri, "model_name": registered[0] if registered else "",
                           "model_version": registered[1] if registered else ""}
+        #: Which saved model this is: its registered version, else the id MLflow gave it when it
+        #: was saved (a model saved again is another model).
+        runner.model_id = f"models:/{registered[0]}/{registered[1]}" if registered else (mlmodel.model_uuid or uri)
         logger.info(
             "loaded model %s from %s as %r: %s in %.1fs",
             name, uri, name, kind, time.monotonic() - started,
@@ -158,7 +164,7 @@ def build_engine(runner: Any, settings: Settings) -> Engine:
     defaults: on CUDA, from free device memory)."""
     size, tokens = runner.batch_limits(settings.max_batch_size, settings.max_batch_tokens)
     prefill = settings.max_prefill_tokens or getattr(runner, "default_prefill_tokens", tokens)
-    return Engine(
+    engine = Engine(
         runner,
         max_batch_size=size,
         max_batch_tokens=tokens,
@@ -166,3 +172,41 @@ def build_engine(runner: Any, settings: Settings) -> Engine:
         schedule=settings.schedule,
         max_prefill_tokens=prefill,
     )
+    engine.fingerprint = fingerprint(runner, engine, settings)
+    return engine
+
+
+def fingerprint(runner: Any, engine: Engine, settings: Settings) -> str:
+    """The answers' `system_fingerprint`: a digest of what decides how a request is answered —
+    the model (its registered version, or the id of the saved model), the runner, device kind
+    and dtype, the decode mode and batch limits, the prefix cache, the default max_tokens, and
+    the versions of chatbatch, torch and transformers. Workers with the same fingerprint answer
+    a seeded request alike; a change of any of these changes it."""
+    import importlib.metadata
+
+    def version(package: str) -> str:
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            return ""
+
+    model = getattr(runner, "model", None)
+    device = getattr(runner, "device", None)
+    setup = {
+        "chatbatch": __version__,
+        "torch": version("torch"),
+        "transformers": version("transformers"),
+        "model": getattr(runner, "model_id", ""),
+        "runner": type(runner).__name__,
+        "device": getattr(device, "type", str(device or "")),
+        "dtype": str(getattr(model, "dtype", "")),
+        "decode": getattr(runner, "decode", ""),
+        "schedule": engine.schedule,
+        "max_batch_size": engine.max_batch_size,
+        "max_batch_tokens": engine.max_batch_tokens,
+        "max_prefill_tokens": engine.max_prefill_tokens,
+        "prefix_cache_mb": settings.prefix_cache_mb,
+        "default_max_tokens": settings.default_max_tokens,
+    }
+    digest = hashlib.sha256(json.dumps(setup, sort_keys=True).encode()).hexdigest()
+    return f"fp_{digest[:10]}"

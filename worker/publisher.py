@@ -36,7 +36,7 @@ import redis
 
 from chatbatch import keys
 from chatbatch.requests import DISCONNECTED
-from chatbatch.streams import CHUNKS, DATA, DELIVERY, END, ERROR, KIND, choice_delta, chunk, final_delta
+from chatbatch.streams import CHUNKS, DATA, DELIVERY, END, ERROR, KIND, choice_delta, chunk, final_delta, first_delta
 from schemas.chat import ChatCompletionRequest
 from worker.detokenizer import Detokenizer
 
@@ -72,6 +72,7 @@ class RequestStream:
         self.created = int(time.time())
         #: Not streamed: only the cancel mark is read; no entry is written.
         self.silent = not request.stream
+        self.tier = request.tier
         self.usage = bool(request.stream_options and request.stream_options.include_usage)
         #: Content is held to the end: it may become tool calls.
         self.holds = bool(request.tools)
@@ -121,8 +122,12 @@ class RequestStream:
         if not done.wait(FINISH_SECONDS):
             logger.warning("request %s: its stream's end was not written within %.0fs", self.request_id, FINISH_SECONDS)
 
-    def chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
-        return chunk(self.request_id, self.created, self.model, choices, usage=self.usage)
+    def chunk(self, choices: list[dict[str, Any]], *, totals: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A chunk of this stream; with `totals`, its last chunk, with the usage."""
+        return chunk(
+            self.request_id, self.created, self.model, choices, usage=self.usage, totals=totals,
+            tier=self.tier, fingerprint=self._publisher.fingerprint,
+        )
 
 
 class Publisher:
@@ -133,12 +138,14 @@ class Publisher:
         tokenizer: the model's tokenizer (None for a model without token access: its streams
             get the whole text at the end).
         ttl: seconds a stream stays readable (the result's TTL).
+        fingerprint: the worker's system_fingerprint, in every chunk.
     """
 
-    def __init__(self, client: redis.Redis, tokenizer: Any, *, ttl: int) -> None:
+    def __init__(self, client: redis.Redis, tokenizer: Any, *, ttl: int, fingerprint: str | None = None) -> None:
         self.redis = client
         self.tokenizer = tokenizer
         self.ttl = ttl
+        self.fingerprint = fingerprint
         self._queue: deque[tuple[Any, ...]] = deque()
         self._wake = threading.Event()
         self._open: dict[str, RequestStream] = {}
@@ -267,7 +274,7 @@ class Publisher:
         if choice in stream.begun:
             return []
         stream.begun.add(choice)
-        return [stream.chunk([choice_delta(choice, {"role": "assistant", "content": ""})])]
+        return [stream.chunk([choice_delta(choice, first_delta())])]
 
     def _ending(self, stream: RequestStream, record: dict[str, Any]) -> list[tuple[str, Any]]:
         """The last entries of a stream: the rest of each choice, its finish, the usage, the end."""
@@ -282,7 +289,7 @@ class Publisher:
                 chunks.append(stream.chunk([choice_delta(index, delta or {"content": ""}, logprobs=choice.get("logprobs"))]))
             chunks.append(stream.chunk([choice_delta(index, {}, choice["finish_reason"])]))
         if stream.usage:
-            chunks.append(chunk(stream.request_id, stream.created, stream.model, [], usage=True, totals=record["usage"]))
+            chunks.append(stream.chunk([], totals=record["usage"]))
         return [(CHUNKS, chunks), (END, None)]
 
     @staticmethod

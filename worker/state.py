@@ -98,4 +98,6 @@ class WorkerState:
         self.callbacks = Callbacks(self.redis)
         self.dispatcher = Dispatcher(self.redis, job_ttl=settings.job_ttl)
         self.stop_reasons = StopReasons(self.jobs)
-        self.publisher = Publisher(self.redis, getattr(self.engine.runner, "tokenizer", None), ttl=settings.result_ttl)
+        self.publisher = Publisher(
+            self.redis, getattr(self.engine.runner, "tokenizer", None), ttl=settings.result_ttl, fingerprint=self.engine.fingerprint
+        )
