@@ -21,7 +21,7 @@ import redis
 
 from chatbatch import keys
 from chatbatch.ids import new_id
-from chatbatch.redisconn import text, texts
+from chatbatch.redisconn import block_ms, blocking_twin, text, texts
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +107,8 @@ class Consumer:
         if max_deliveries < 1:
             raise ValueError(f"max_deliveries must be at least 1, got {max_deliveries}")
         self.redis = client
+        # XREADGROUP blocks: on a connection of its own, with the blocking socket timeout.
+        self._blocking = blocking_twin(client)
         self.group = group
         self.name = name or new_id("consumer-")
         self.min_idle_ms = int(min_idle * 1000)
@@ -133,7 +135,7 @@ class Consumer:
         claimed = self._claim(count)
         if claimed:
             return claimed
-        answer: Any = self.redis.xreadgroup(self.group, self.name, {keys.EVENTS: ">"}, count=count, block=max(1, int(block * 1000)))
+        answer: Any = self._blocking.xreadgroup(self.group, self.name, {keys.EVENTS: ">"}, count=count, block=block_ms(block))
         entries = answer[0][1] if answer else []
         return [(text(entry_id), texts(fields)) for entry_id, fields in entries]
 

@@ -34,3 +34,11 @@ class RequestFailedError(ChatbatchError):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+
+
+class IdempotencyKeyError(ChatbatchError):
+    """A malformed idempotency key."""
+
+
+class IdempotencyConflictError(IdempotencyKeyError):
+    """An idempotency key that names another call's intent: it was first sent with another body."""

@@ -188,3 +188,12 @@ FILES = PREFIX + "files"
 def file(file_id: str) -> str:
     """Hash: an uploaded file's object (id, bytes, filename, purpose, owner, created_at)."""
     return f"{PREFIX}file:{file_id}"
+
+
+# Idempotency keys (chatbatch/idempotency.py).
+
+
+def idempotency(scope: str, digest: str) -> str:
+    """String: JSON {"id": the object the first call made, "body": the digest of its body},
+    for IDEMPOTENCY_TTL; `digest` hashes the caller's owner and key (never stored as sent)."""
+    return f"{PREFIX}idempotency:{scope}:{digest}"

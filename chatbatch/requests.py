@@ -28,7 +28,7 @@ import redis
 from chatbatch import keys
 from chatbatch.callbacks import initial_fields
 from chatbatch.events import LUA_PUBLISH
-from chatbatch.redisconn import Fields, maybe_text, text, texts
+from chatbatch.redisconn import Fields, blocking_twin, maybe_text, text, texts
 
 # KEYS: result, ready stream, record, pending hash, events, callbacks' outbox. ARGV: result
 # JSON, TTL, status ("completed" or "failed"), request id, now, the answered channel. Stores
@@ -72,6 +72,15 @@ class Requests:
         self.result_ttl = result_ttl
         self._store = client.register_script(_STORE)
         self._disconnect = client.register_script(_DISCONNECT)
+        self._blocking: redis.Redis | None = None
+
+    @property
+    def blocking(self) -> redis.Redis:
+        """A connection of the same server for blocking reads (waits and streams), made on
+        first use (chatbatch/redisconn.py)."""
+        if self._blocking is None:
+            self._blocking = blocking_twin(self.redis)
+        return self._blocking
 
     # Writes.
 
@@ -159,7 +168,7 @@ class Requests:
             # makes a lost wake-up (the key expired and came back) cost at most a second.
             block = 1000 if left is None else max(1, min(1000, int(left * 1000)))
             try:
-                self.redis.xread({keys.result_ready(request_id): "0-0"}, count=1, block=block)
+                self.blocking.xread({keys.result_ready(request_id): "0-0"}, count=1, block=block)
             except redis.ResponseError:  # a list, from a worker older than the ready stream
                 time.sleep(block / 1000)
 

@@ -93,6 +93,9 @@ class Settings(BaseSettings):
     files_dir: Path | None = None
     #: How long `POST /v1/chat/completions` waits for the answer before it returns 504.
     gateway_timeout: float = Field(default=600.0, gt=0)
+    #: Seconds between keep-alive comments (`: ping`) of a streamed answer while no chunk is
+    #: sent, so that proxies and clients with idle timeouts keep the stream open.
+    stream_ping_seconds: float = Field(default=15.0, gt=0)
     #: Weights of owners in the fair share between jobs, "owner=weight,..." (others: 1); an
     #: owner of weight 2 gets twice the lines of one of weight 1 while both have jobs waiting.
     owner_weights: str = ""

@@ -26,15 +26,13 @@ from typing import Any
 import redis
 
 from chatbatch import keys
-from chatbatch.redisconn import text
+from chatbatch.redisconn import block_ms, text
 from chatbatch.requests import Requests
 
 #: Fields of a stream entry: the delivery that wrote it, its kind, its JSON data.
 DELIVERY, KIND, DATA = "delivery", "kind", "data"
 #: Kinds of entries: a JSON list of chunks, the end (no data), an error record.
 CHUNKS, END, ERROR = "chunks", "end", "error"
-#: Longest a reader blocks in one XREAD before it looks at its deadline again.
-BLOCK_MS = 5_000
 
 
 def stopped_message(request_id: str) -> str:
@@ -154,7 +152,7 @@ class StreamFollower:
 
 def follow(requests: Requests, request_id: str, *, usage: bool = False, timeout: float | None = None) -> Iterator[dict[str, Any]]:
     """The events of a streamed request as they come (see StreamFollower), read with blocking
-    XREAD on the connection of `requests`; stops after `timeout` seconds (None: never) with a
+    XREAD on the blocking connection of `requests`; stops after `timeout` seconds (None: never) with a
     timeout error event."""
     follower = StreamFollower(request_id, usage=usage)
     stream, ready = keys.result_stream(request_id), keys.result_ready(request_id)
@@ -165,10 +163,9 @@ def follow(requests: Requests, request_id: str, *, usage: bool = False, timeout:
         if left is not None and left <= 0:
             yield from follower.timeout(timeout or 0)
             return
-        block = BLOCK_MS if left is None else max(1, min(BLOCK_MS, int(left * 1000)))
         replies: Any
         try:
-            replies = requests.redis.xread({stream: last, ready: "0-0"}, count=100, block=block)
+            replies = requests.blocking.xread({stream: last, ready: "0-0"}, count=100, block=block_ms(left))
         except redis.ResponseError:  # a key of another type: read the result, as after the end
             replies = [(ready, [])]
         events, last, answered = _read(follower, replies, last)

@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from chatbatch.exceptions import ChatbatchError, InputTooLargeError
+from chatbatch.exceptions import ChatbatchError, IdempotencyConflictError, InputTooLargeError
 from schemas.errors import STATUS_CODES, RequestError
 
 logger = logging.getLogger(__name__)
@@ -98,6 +98,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(ChatbatchError)
     async def _chatbatch(_: Request, error: ChatbatchError) -> JSONResponse:
+        if isinstance(error, IdempotencyConflictError):
+            return error_response(422, str(error), "invalid_request_error", "idempotency_key_reused", "Idempotency-Key")
         status = 413 if isinstance(error, InputTooLargeError) else 400
         return error_response(status, str(error), "invalid_request_error", "invalid_request")
 

@@ -62,7 +62,7 @@ class Gateway:
         self.stopping = asyncio.Event()
         self.waiters = Waiters(self.settings.redis_url)
         self.waiters.start()
-        self.streams = Streams(self.settings.redis_url, self.client.requests)
+        self.streams = Streams(self.settings.redis_url, self.client.requests, ping_seconds=self.settings.stream_ping_seconds)
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="chatbatch-enqueue")
 
     def begin_stopping(self) -> None:

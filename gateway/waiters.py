@@ -20,7 +20,7 @@ import redis
 import redis.asyncio
 
 from chatbatch import keys
-from chatbatch.redisconn import text
+from chatbatch.redisconn import MAX_BLOCK_SECONDS, async_client, text
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +38,7 @@ class Waiters:
     """
 
     def __init__(self, url: str, *, max_connections: int = 32) -> None:
-        pool = redis.asyncio.BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=30, socket_connect_timeout=5)
-        self.redis = redis.asyncio.Redis(connection_pool=pool)
+        self.redis = async_client(url, max_connections=max_connections, pool_timeout=30, blocking=False)
         self._url = url
         self._waiting: dict[str, set[asyncio.Future[None]]] = {}
         self._listener: asyncio.Task[None] | None = None
@@ -87,14 +86,17 @@ class Waiters:
         """Follow the answered channel for as long as the gateway runs, resubscribing after a
         lost connection (every waiter reads its result again then)."""
         while True:
-            subscriber = redis.asyncio.Redis.from_url(self._url, socket_connect_timeout=5)
+            # Each read waits at most MAX_BLOCK_SECONDS, under the blocking socket timeout: an
+            # idle channel is quiet, not a lost connection.
+            subscriber = async_client(self._url, max_connections=1, pool_timeout=30, blocking=True)
             try:
                 async with subscriber.pubsub() as pubsub:
                     await pubsub.subscribe(keys.ANSWERED)
                     for request_id in list(self._waiting):
                         self._wake(request_id)
-                    async for message in pubsub.listen():
-                        if message["type"] == "message":
+                    while True:
+                        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=MAX_BLOCK_SECONDS)
+                        if message is not None and message["type"] == "message":
                             self._wake(text(message["data"]))
             except (redis.RedisError, OSError) as error:
                 logger.warning("the gateway's subscription to answers was lost (%s); subscribing again", type(error).__name__)

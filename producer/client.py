@@ -22,6 +22,7 @@ from chatbatch.dispatch import (
     parse_weights,
 )
 from chatbatch.exceptions import ConfigurationError, JobNotFoundError, RequestFailedError
+from chatbatch.idempotency import CHAT, Idempotency, body_digest
 from chatbatch.ids import new_id
 from chatbatch.jobs import Jobs
 from chatbatch.ledger import Ledger
@@ -105,6 +106,7 @@ class Client:
         self.requests = Requests(self.redis, result_ttl=self.settings.result_ttl)
         self.ledger = Ledger(self.redis, job_ttl=self.settings.job_ttl)
         self.dispatcher = Dispatcher(self.redis, job_ttl=self.settings.job_ttl)
+        self.idempotency = Idempotency(self.redis)
         self._weights = parse_weights(self.settings.owner_weights)
         self._celery: Any = None
         self._live: tuple[float, set[str]] = (0.0, set())
@@ -154,6 +156,7 @@ class Client:
         request_id: str | None = None,
         callback_url: str | None = None,
         owner: str | None = None,
+        idempotency_key: str | None = None,
     ) -> RequestHandle:
         """Enqueue one chat request (an OpenAI `/v1/chat/completions` body).
 
@@ -161,11 +164,15 @@ class Client:
             request_id: the id to give it (default: a new `chatcmpl-...` id).
             callback_url: POSTed the signed chat.completion when it is answered.
             owner: the HTTP API's key owner, kept with the record.
+            idempotency_key: names the caller's intent (chatbatch/idempotency.py): a repeat of
+                the same body with the same key and owner within 24 h gets the first call's
+                request (`handle.repeat`), which is not enqueued again.
 
         Raises:
             RequestError: the body is invalid, or names a model no worker serves.
             ConfigurationError: a callback URL that cannot be used (RefusedDestination: one
                 that is, or resolves to, an address callbacks may not go to).
+            IdempotencyKeyError: a malformed key, or one first sent with another body.
         """
         callback_url = check_url(callback_url, self.settings.callback_secret)
         request = parse_chat_request(body, streamable=True)
@@ -183,7 +190,19 @@ class Client:
         queue = live_queue(self.queue_for(request.model))
         request_id = request_id or new_id("chatcmpl-")
         sent = request.model_dump(exclude_none=True)
-        self.requests.record(request_id, queue=queue, body=sent, owner=owner, callback_url=callback_url)
+        if idempotency_key is not None:
+            digest = body_digest([sent, callback_url])
+            named = self.idempotency.claim(CHAT, owner or "", idempotency_key, digest=digest, object_id=request_id)
+            if named != request_id:
+                return RequestHandle(named, self, queue=queue, repeat=True)
+        try:
+            self.requests.record(request_id, queue=queue, body=sent, owner=owner, callback_url=callback_url)
+        except BaseException:
+            if idempotency_key is not None:  # nothing was recorded: a retry with the key may run it
+                self.idempotency.release(CHAT, owner or "", idempotency_key, request_id)
+            raise
+        # Once recorded, the request runs even if this send fails: the recovery sweep sends
+        # pending requests whose message is missing.
         self.celery.send_task(TASK_CHAT, args=[request_id, sent], queue=queue, argsrepr=request_argsrepr(request_id))
         return RequestHandle(request_id, self, queue=queue)
 

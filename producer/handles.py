@@ -17,11 +17,13 @@ if TYPE_CHECKING:
 class RequestHandle:
     """One submitted chat request."""
 
-    __slots__ = ("id", "queue", "_client")
+    __slots__ = ("id", "queue", "repeat", "_client")
 
-    def __init__(self, request_id: str, client: Client, *, queue: str | None = None) -> None:
+    def __init__(self, request_id: str, client: Client, *, queue: str | None = None, repeat: bool = False) -> None:
         self.id = request_id
         self._client = client
+        #: True when an idempotency key named an earlier call: this is that call's request.
+        self.repeat = repeat
         #: The queue it went to (None for a handle made from an id: read from its record).
         self.queue = queue or client.requests.get(request_id).get("queue")
 

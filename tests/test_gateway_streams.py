@@ -1,19 +1,30 @@
 """Streamed answers (`stream: true`) through `chatbatch serve` and a real worker
 (gateway/streams.py, worker/publisher.py): the official openai package's stream, the same text
-as the whole answer, usage, n > 1, stop strings, and a client that disconnects."""
+as the whole answer, usage, n > 1, stop strings, a client that disconnects, and streams and
+waits that outlive a worker holding back its first token for longer than redis-py's default
+socket timeout (5 s in redis-py 8), with keep-alive comments meanwhile."""
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
+import redis
 
 from chatbatch import keys
 from chatbatch.requests import Requests
-from tests.conftest import RedisServer, Worker, served_gateway, wait_for
+from chatbatch.settings import Settings
+from producer.client import Client
+from tests.conftest import RedisServer, Worker, served_gateway, start_redis, wait_for
 
 MODEL = "tiny-llama-chat"
 #: Most of the tiny model's context (256 tokens) after a short prompt.
@@ -178,3 +189,158 @@ def test_multi_byte_characters_stream_as_the_answer(gateway: Gateway) -> None:
     chunks = list(sdk.chat.completions.create(**body, stream=True))
     assert _joined(chunks) == {0: whole}
     assert sum(1 for chunk in chunks if chunk.choices and chunk.choices[0].delta.content) > 3, "it came in pieces"
+
+
+#: How long the stalled worker holds back every token: over twice redis-py 8's default socket
+#: timeout, and over the 10 s the issue asks for.
+STALL_SECONDS = 11.0
+
+
+@dataclass
+class Stalled:
+    """A fleet of its own: Redis, a worker, stopped (SIGSTOP) while the test holds it, and three
+    gateways: one with the default settings, one that sends keep-alive comments every second,
+    and one that gives up waiting after 1 s."""
+
+    redis: RedisServer
+    worker: Worker
+    url: str
+    pinging_url: str
+    impatient_url: str
+
+    def hold(self) -> None:
+        os.killpg(self.worker.process.pid, signal.SIGSTOP)
+
+    def release(self) -> None:
+        os.killpg(self.worker.process.pid, signal.SIGCONT)
+
+
+@pytest.fixture(scope="module")
+def stalled(tiny_model: Path, base_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stalled]:
+    directory = tmp_path_factory.mktemp("stalled")
+    server = start_redis(directory / "redis")
+    env = {**base_env, "CHATBATCH_REDIS_URL": server.url}
+    worker = Worker(env, directory / "worker.log", "--model", str(tiny_model))
+    try:
+        worker.wait_ready(MODEL, server.client())
+        with served_gateway(env, directory / "gateway.log") as url, \
+                served_gateway({**env, "CHATBATCH_STREAM_PING_SECONDS": "1"}, directory / "pinging.log") as pinging, \
+                served_gateway({**env, "CHATBATCH_GATEWAY_TIMEOUT": "1"}, directory / "impatient.log") as impatient:
+            yield Stalled(redis=server, worker=worker, url=url, pinging_url=pinging, impatient_url=impatient)
+    finally:
+        os.killpg(worker.process.pid, signal.SIGCONT)
+        worker.stop()
+        server.process.terminate()
+        server.process.wait(10)
+
+
+def _in_thread(target: Any) -> dict[str, Any]:
+    """Run `target()` in a thread; the dict gets its "value" or "error", and "first" (seconds
+    from the start to its first chunk) when target records it."""
+    out: dict[str, Any] = {"started": time.monotonic()}
+
+    def run() -> None:
+        try:
+            out["value"] = target(out)
+        except Exception as error:  # reported by the test's assertions
+            out["error"] = error
+
+    out["thread"] = threading.Thread(target=run, daemon=True)
+    out["thread"].start()
+    return out
+
+
+def test_streams_and_waits_outlive_a_first_token_held_back(stalled: Stalled) -> None:
+    """While the fleet's only worker is stopped, an SDK stream and a plain SDK call (through a
+    gateway whose reads block 5 s at a time, as long as redis-py 8's default socket timeout), a
+    raw SSE reader (through the gateway that sends keep-alive comments) and the Python API's
+    stream all wait over STALL_SECONDS for their first token; every one then ends with the
+    whole answer."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hello"}], "temperature": 0, "max_tokens": 8}
+    sdk = openai.OpenAI(base_url=f"{stalled.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    whole = sdk.chat.completions.create(**body)
+    stalled.hold()
+    try:
+        def sdk_stream(out: dict[str, Any]) -> list[Any]:
+            chunks = []
+            for chunk in sdk.chat.completions.create(**body, stream=True, stream_options={"include_usage": True}):
+                out.setdefault("first", time.monotonic() - out["started"])
+                chunks.append(chunk)
+            return chunks
+
+        def raw_stream(out: dict[str, Any]) -> list[str]:
+            lines = []
+            with httpx.stream("POST", f"{stalled.pinging_url}/v1/chat/completions", json={**body, "stream": True}, timeout=120) as answer:
+                out["headers"] = answer.headers
+                for line in answer.iter_lines():
+                    if line.startswith("data:"):
+                        out.setdefault("first", time.monotonic() - out["started"])
+                    lines.append(line)
+            return lines
+
+        def api_stream(out: dict[str, Any]) -> list[dict[str, Any]]:
+            chunks = []
+            for chunk in Client(Settings(redis_url=stalled.redis.url)).stream(body, timeout=120):
+                out.setdefault("first", time.monotonic() - out["started"])
+                chunks.append(chunk)
+            return chunks
+
+        def plain(out: dict[str, Any]) -> Any:
+            return sdk.chat.completions.create(**body)
+
+        runs = {name: _in_thread(target) for name, target in
+                (("sdk", sdk_stream), ("raw", raw_stream), ("api", api_stream), ("plain", plain))}
+        time.sleep(STALL_SECONDS)  # the stall itself is what is tested: nothing to wait for
+        assert all("first" not in run and "error" not in run for run in runs.values()), runs
+    finally:
+        stalled.release()
+    for run in runs.values():
+        run["thread"].join(60)
+        assert "error" not in run, run.get("error")
+    content = whole.choices[0].message.content
+    chunks = runs["sdk"]["value"]
+    assert runs["sdk"]["first"] > STALL_SECONDS
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == content
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens  # type: ignore[union-attr]
+    # Keep-alive comments came while no chunk did, and proxies are told not to buffer.
+    raw = runs["raw"]["value"]
+    before_data = raw[: next(i for i, line in enumerate(raw) if line.startswith("data:"))]
+    assert before_data.count(": ping") >= STALL_SECONDS - 3, before_data
+    assert raw[-1] == "data: [DONE]" or raw[-2] == "data: [DONE]"
+    headers = runs["raw"]["headers"]
+    assert headers["x-accel-buffering"] == "no" and headers["cache-control"] == "no-cache"
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in runs["api"]["value"] if c["choices"]) == content
+    assert runs["plain"]["value"].choices[0].message.content == content
+
+
+def test_a_waiting_client_that_leaves_cancels_its_request_and_a_504_is_not_retried(stalled: Stalled) -> None:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hello"}], "temperature": 0, "max_tokens": 8}
+    client = stalled.redis.client()
+    stalled.hold()
+    try:
+        # The SDK must not retry a 504 whose request goes on.
+        impatient = httpx.post(f"{stalled.impatient_url}/v1/chat/completions", json=body, timeout=30)
+        assert impatient.status_code == 504 and impatient.headers["x-should-retry"] == "false"
+        ongoing = impatient.headers["x-chatbatch-request-id"]
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{stalled.url}/v1/chat/completions", json=body, timeout=2)
+        left = _newest_request(client, other_than={ongoing})
+        wait_for(lambda: client.hget(keys.request(left), "disconnected"), 10, "the disconnect mark")
+    finally:
+        stalled.release()
+    requests = Requests(client, result_ttl=60)
+    gone = requests.wait(left, 60)
+    assert gone is not None and gone["error"]["code"] == "cancelled", gone
+    kept = requests.wait(ongoing, 60)
+    assert kept is not None and kept["choices"][0]["message"]["content"], kept
+
+
+def _newest_request(client: redis.Redis, *, other_than: set[str]) -> str:
+    def found() -> str | None:
+        for key in client.scan_iter(match=keys.request("*")):
+            request_id = key.decode().rsplit(":", 1)[-1]
+            if request_id not in other_than and not client.exists(keys.result(request_id)):
+                return request_id
+        return None
+
+    return str(wait_for(found, 10, "the request's record"))

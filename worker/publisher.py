@@ -10,6 +10,9 @@ round trip reads the cancel marks of the open streams (`Requests.disconnect`; ev
 CANCEL_CHECK_SECONDS when idle): a cancelled stream makes the engine finish its rows at their
 next token, or cancels its future when it has not started.
 
+A single request that is not streamed gets a silent sink: nothing of it is written, but its
+cancel mark is read like a stream's, so a waiting HTTP client that disconnects cancels it too.
+
 When the request's answer is known, the task hands it to `RequestStream.finish`, which queues
 it behind the request's tokens and waits until it is written: per choice the rest of the final
 content (the text streamed so far is a prefix of it), the finish chunk, the usage chunk when
@@ -67,13 +70,15 @@ class RequestStream:
         self.delivery = delivery
         self.model = model
         self.created = int(time.time())
+        #: Not streamed: only the cancel mark is read; no entry is written.
+        self.silent = not request.stream
         self.usage = bool(request.stream_options and request.stream_options.include_usage)
         #: Content is held to the end: it may become tool calls.
         self.holds = bool(request.tools)
         self.stops = request.stop_sequences
         #: Set by the publisher when the client went away; the engine reads it at every token.
         self.cancelled = False
-        #: Set by the engine thread with the first token it hands over: from then on the request
+        #: Set by the engine thread with the first token it streams: from then on the request
         #: cannot be generated again from the start (its client has text already).
         self.sent = False
         #: Set by the publisher when this stream's text could not be made or written: it wrote
@@ -88,8 +93,9 @@ class RequestStream:
 
     def put(self, choice: int, token: int) -> None:
         """Hand over a generated token of a choice (engine thread; cheap)."""
-        self.sent = True
-        self._publisher.push((self, choice, token))
+        if not self.silent:
+            self.sent = True
+            self._publisher.push((self, choice, token))
 
     def attach(self, future: Any) -> None:
         """The request's future in the engine, so that a cancel before it starts cancels it."""
@@ -109,7 +115,11 @@ class RequestStream:
 
     def finish(self, record: dict[str, Any]) -> None:
         """Write the end of the stream for the request's answer (a chat.completion or an error
-        record), after every token it streamed; returns once written (or FINISH_SECONDS)."""
+        record), after every token it streamed; returns once written (or FINISH_SECONDS). A
+        silent sink is only let go."""
+        if self.silent:
+            self.close()
+            return
         done = threading.Event()
         self._publisher.push((self, record, done))
         if not done.wait(FINISH_SECONDS):

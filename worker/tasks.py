@@ -103,15 +103,14 @@ def answer_request(task: Any, state: WorkerState, request_id: str, body: dict[st
     try:
         request = parse_chat_request(body, streamable=True)
         check_model(request.model, state.served_name)
-        if request.stream:
-            if requests.disconnected(request_id):  # its client went away while it was queued
-                raise RequestError(ErrorCode.cancelled, "the client disconnected")
-            stream = state.publisher.open(request_id, deliveries, request, state.served_name)
+        if requests.disconnected(request_id):  # its client went away while it was queued
+            raise RequestError(ErrorCode.cancelled, "the client disconnected")
+        # Streamed or not, the sink's cancel mark is read while it runs (worker/publisher.py).
+        stream = state.publisher.open(request_id, deliveries, request, state.served_name)
         future = state.engine.submit(request, request_id, stream=stream)
-        if stream is not None:
-            stream.attach(future)
+        stream.attach(future)
         wait([future])
-        if future.cancelled() and stream is not None and stream.cancelled:  # its client went away before it ran
+        if future.cancelled() and stream.cancelled:  # its client went away before it ran
             raise RequestError(ErrorCode.cancelled, "the client disconnected")
         if future.cancelled():  # the worker is draining: another worker answers it
             if stream is not None:

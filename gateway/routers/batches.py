@@ -14,12 +14,13 @@ from fastapi import APIRouter, Depends, Header, Query
 from chatbatch import egress
 from chatbatch.callbacks import check_url, initial_fields
 from chatbatch.dispatch import PRIORITIES, check_priority
+from chatbatch.idempotency import BATCHES, body_digest
 from chatbatch.ids import new_id
 from chatbatch.jobs import batch_object
 from chatbatch.logs import set_log_ids
 from gateway.bodies import BatchCreate, BatchList
 from gateway.errors import ApiError, not_found
-from gateway.routers.chat import CALLBACK_HEADER
+from gateway.routers.chat import CALLBACK_HEADER, IDEMPOTENCY_HEADER
 from gateway.state import Gateway, gateway, owner
 from schemas.batch import CHAT_COMPLETIONS_URL
 from schemas.chat import check_metadata
@@ -46,6 +47,7 @@ def create_batch(
     who: str = Depends(owner),
     callback: str | None = Header(default=None, alias=CALLBACK_HEADER),
     priority: str | None = Header(default=None, alias=PRIORITY_HEADER),
+    idempotency_key: str | None = Header(default=None, alias=IDEMPOTENCY_HEADER),
 ) -> dict[str, Any]:
     url = check_url(callback, state.settings.callback_secret, option=CALLBACK_HEADER)
     if url:
@@ -68,6 +70,13 @@ def create_batch(
     if record is None or record["owner"] != who:
         raise not_found("file", body.input_file_id)
     job_id = new_id("batch_")
+    if idempotency_key is not None:  # a repeat gets the batch its key's first call made
+        digest = body_digest([body.model_dump(), url, priority])
+        earlier = state.client.idempotency.first(
+            BATCHES, who, idempotency_key, digest=digest, object_id=job_id, find=lambda found: _made(state, found)
+        )
+        if earlier is not None:
+            return earlier
     set_log_ids(job_id=job_id)
     # The owner (the API key) is the unit of fair share between jobs (docs/scheduling.md).
     extra = {"owner": who, "input_file_id": body.input_file_id, "priority": priority}
@@ -80,6 +89,11 @@ def create_batch(
     state.client.jobs.hold_enqueuer(job_id, holder)
     state.enqueue_in_background(job_id, body.input_file_id, holder)
     return batch_object(state.client.jobs.get(job_id))
+
+
+def _made(state: Gateway, job_id: str) -> dict[str, Any] | None:
+    """The batch object of a job whose record exists, else None."""
+    return batch_object(state.client.jobs.get(job_id)) if state.client.jobs.exists(job_id) else None
 
 
 @router.get("/{job_id}", response_model=BatchJob)

@@ -8,8 +8,13 @@ once; its work goes on in the fleet, and its result stays readable by id.
 With `stream: true` it answers with server-sent events of chat.completion.chunk objects as
 they are generated, ending with `data: [DONE]` (gateway/streams.py); a request refused before
 the stream begins gets an ordinary JSON error, and an error after it began is sent as a
-`data: {"error": ...}` event that ends the stream. A client that disconnects cancels its
-request.
+`data: {"error": ...}` event that ends the stream.
+
+A client that disconnects, waiting or streaming, cancels its request — unless it sent an
+`Idempotency-Key`: then the request goes on, and a repeat with the same key and body (the
+client's retry) gets its answer, or follows its stream from the start, instead of running it
+again (chatbatch/idempotency.py). A 504 says `x-should-retry: false`: its request goes on, and
+a retry without a key would run it twice.
 """
 
 from __future__ import annotations
@@ -17,12 +22,12 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from fastapi import APIRouter, Depends, Header
+from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from chatbatch.callbacks import callback_state, check_url
-from chatbatch.exceptions import ChatbatchError
+from chatbatch.exceptions import ChatbatchError, IdempotencyConflictError
 from chatbatch.ids import new_id
 from chatbatch.logs import set_log_ids
 from chatbatch.requests import COMPLETED, FAILED, QUEUED
@@ -38,6 +43,10 @@ ASYNC_HEADER = "X-Chatbatch-Async"
 CALLBACK_HEADER = "X-Chatbatch-Callback-Url"
 #: Names the request in every answer of `POST /v1/chat/completions`, errors included.
 REQUEST_ID_HEADER = "X-Chatbatch-Request-Id"
+#: Names the caller's intent: a repeat gets the first call's answer (chatbatch/idempotency.py).
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+#: Status of an answer nobody reads: the client closed the connection first (as nginx logs it).
+CLIENT_CLOSED = 499
 
 
 def _record(state: Gateway, request_id: str) -> RequestRecord:
@@ -68,37 +77,65 @@ def _owned(state: Gateway, request_id: str, who: str) -> None:
 @router.post("/completions")
 async def create_completion(
     body: dict[str, Any],
+    request: Request,
     state: Gateway = Depends(gateway),
     who: str = Depends(owner),
     asynchronous: str | None = Header(default=None, alias=ASYNC_HEADER),
     callback: str | None = Header(default=None, alias=CALLBACK_HEADER),
+    idempotency_key: str | None = Header(default=None, alias=IDEMPOTENCY_HEADER),
 ) -> Response:
     request_id = new_id("chatcmpl-")
     set_log_ids(request_id=request_id)
     headers = {REQUEST_ID_HEADER: request_id}
     try:
         url = check_url(callback, state.settings.callback_secret, option=CALLBACK_HEADER)
-        await run_in_threadpool(state.client.submit, body, request_id=request_id, callback_url=url, owner=who)
+        handle = await run_in_threadpool(
+            state.client.submit, body, request_id=request_id, callback_url=url, owner=who, idempotency_key=idempotency_key
+        )
     except RequestError as error:
         refused = from_request_error(error)
         raise ApiError(refused.status, refused.message, kind=refused.kind, code=refused.code, param=refused.param, headers=headers) from None
+    except IdempotencyConflictError as error:
+        raise ApiError(422, str(error), code="idempotency_key_reused", param=IDEMPOTENCY_HEADER, headers=headers) from None
     except ChatbatchError as error:
         raise ApiError(400, str(error), code="invalid_request", headers=headers) from None
+    if handle.repeat:  # the key's first call: answer with its request
+        request_id = handle.id
+        set_log_ids(request_id=request_id)
+        headers = {REQUEST_ID_HEADER: request_id}
+    cancels = idempotency_key is None
     if asynchronous and asynchronous.lower() in ("1", "true", "yes"):
         record = await run_in_threadpool(_record, state, request_id)
         return JSONResponse(status_code=202, content=record.model_dump(), headers=headers)
     if body.get("stream") is True:  # (submit accepted it: a valid streamed request)
-        return _stream(state, request_id, body, headers)
+        return _stream(state, request_id, body, headers, cancels=cancels)
+    return await _wait(state, request, request_id, headers, cancels=cancels)
+
+
+async def _client_gone(request: Request) -> None:
+    """Returns when the client closes its connection (the body was read: the server's next
+    message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _wait(state: Gateway, request: Request, request_id: str, headers: dict[str, str], *, cancels: bool) -> Response:
+    """The answer of a waited-for request; a client gone first cancels it when `cancels`."""
     if state.waiters is None:
         raise RuntimeError("the gateway's lifespan has not started")
     waiter = asyncio.ensure_future(state.waiters.wait(request_id, state.settings.gateway_timeout))
     stopper = asyncio.ensure_future(state.stopping.wait())
+    gone = asyncio.ensure_future(_client_gone(request))
     try:
-        done, _ = await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait({waiter, stopper, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        stopper.cancel()
-        if not waiter.done():
-            waiter.cancel()
+        for task in (stopper, gone, waiter):
+            if not task.done():
+                task.cancel()
+    if waiter not in done and gone in done:
+        if cancels:
+            await run_in_threadpool(state.client.requests.disconnect, request_id)
+        return Response(status_code=CLIENT_CLOSED, headers=headers)
     if waiter not in done:
         raise ApiError(
             503,
@@ -109,7 +146,7 @@ async def create_completion(
     if result is None:
         raise ApiError(
             504, f"no answer within {state.settings.gateway_timeout:.0f}s; poll /v1/chat/completions/{request_id}",
-            kind="server_error", code="timeout", headers=headers,
+            kind="server_error", code="timeout", headers={**headers, "x-should-retry": "false"},
         )
     if "error" in result:
         failed = from_request_error(RequestError(ErrorCode(result["error"]["code"]), result["error"]["message"]))
@@ -117,14 +154,17 @@ async def create_completion(
     return JSONResponse(content=result, headers=headers)
 
 
-def _stream(state: Gateway, request_id: str, body: dict[str, Any], headers: dict[str, str]) -> StreamingResponse:
+def _stream(state: Gateway, request_id: str, body: dict[str, Any], headers: dict[str, str], *, cancels: bool) -> StreamingResponse:
     if state.streams is None:
         raise RuntimeError("the gateway's lifespan has not started")
     options = body.get("stream_options") or {}
     events = state.streams.events(
-        request_id, usage=bool(options.get("include_usage")), timeout=state.settings.gateway_timeout, stopping=state.stopping
+        request_id, usage=bool(options.get("include_usage")), timeout=state.settings.gateway_timeout, stopping=state.stopping,
+        cancels=cancels,
     )
-    return StreamingResponse(events, media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"})
+    # No caching and no buffering by proxies (nginx reads X-Accel-Buffering): chunks pass as sent.
+    sse_headers = {**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(events, media_type="text/event-stream", headers=sse_headers)
 
 
 @router.get("/requests/{request_id}", response_model=RequestRecord)

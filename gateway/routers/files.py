@@ -4,17 +4,21 @@ memory."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Depends, File, Form, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Header, UploadFile
 from fastapi.responses import FileResponse, StreamingResponse
 from starlette.responses import Response
 
+from chatbatch.idempotency import FILES, body_digest
 from chatbatch.jobs import error_file_id, output_file_id
 from gateway.bodies import FileDeleted, FileList, FileObject
 from gateway.errors import ApiError, not_found
 from gateway.routers.batches import owned_job
+from gateway.routers.chat import IDEMPOTENCY_HEADER
 from gateway.state import Gateway, gateway, owner
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
@@ -55,12 +59,43 @@ def _public(record: dict[str, Any]) -> FileObject:
 
 @router.post("", response_model=FileObject)
 def create_file(
-    file: UploadFile = File(...), purpose: str = Form(...), state: Gateway = Depends(gateway), who: str = Depends(owner)
+    file: UploadFile = File(...),
+    purpose: str = Form(...),
+    state: Gateway = Depends(gateway),
+    who: str = Depends(owner),
+    idempotency_key: str | None = Header(default=None, alias=IDEMPOTENCY_HEADER),
 ) -> FileObject:
     if purpose != "batch":
         raise ApiError(400, f"purpose '{purpose}' is not supported; use 'batch'", param="purpose", code="invalid_request")
     record = state.files.create(file.file, filename=file.filename or "upload.jsonl", purpose=purpose, owner=who)
+    if idempotency_key is not None:
+        return _once(state, who, idempotency_key, record)
     return _public(record)
+
+
+def _once(state: Gateway, who: str, key: str, record: dict[str, Any]) -> FileObject:
+    """The file an idempotency key's first upload made (this upload, stored a second time, is
+    dropped), or this one when the key is new. The upload's content is part of its intent."""
+    digest = body_digest([record["purpose"], record["filename"], _sha256(state.files.path(record["id"]))])
+    try:
+        earlier = state.client.idempotency.first(
+            FILES, who, key, digest=digest, object_id=record["id"], find=state.files.get
+        )
+    except Exception:
+        state.files.delete(record["id"])
+        raise
+    if earlier is None:
+        return _public(record)
+    state.files.delete(record["id"])
+    return _public(earlier)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stored:
+        while block := stored.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @router.get("", response_model=FileList)
