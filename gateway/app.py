@@ -24,6 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from chatbatch import __version__
 from chatbatch.settings import Settings, get_settings
 from gateway import errors
+from gateway.limits import MULTIPART_ROOM, BodyLimit
 from gateway.metrics import GatewayMetrics, HttpMetrics
 from gateway.routers import batches, chat, files, models
 from gateway.state import Gateway
@@ -77,4 +78,5 @@ def create_app(settings: Settings | None = None, *, sweeps: bool = True) -> Fast
     metrics = GatewayMetrics(settings.redis_url)
     app.add_route("/metrics", metrics.endpoint, methods=["GET"], include_in_schema=False)
     app.add_middleware(HttpMetrics, metrics=metrics)
+    app.add_middleware(BodyLimit, limit=settings.max_line_bytes, routes={("POST", "/v1/files"): settings.max_file_bytes + MULTIPART_ROOM})
     return app

@@ -21,7 +21,18 @@ from pydantic import BaseModel, Field
 
 from chatbatch import keys
 from schemas import BatchRequestOutput, ChatCompletion
-from tests.conftest import CALLBACK_SECRET, CHATBATCH, LOOPBACK, ROOT, RedisServer, Worker, batch_line, free_port, user, wait_for
+from tests.conftest import (
+    CALLBACK_SECRET,
+    CHATBATCH,
+    LOOPBACK,
+    ROOT,
+    RedisServer,
+    Worker,
+    batch_line,
+    free_port,
+    user,
+    wait_for,
+)
 
 KEY_A, KEY_B = "sk-test-alpha", "sk-test-bravo"
 SECRET = CALLBACK_SECRET
