@@ -5,6 +5,7 @@ tenant model to its test here."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import socket
 import subprocess
@@ -18,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from schemas import ChatCompletion
+from schemas import BatchRequestOutput, ChatCompletion
 from tests.conftest import (
     CHATBATCH,
     ROOT,
@@ -88,6 +89,8 @@ def test_password_redis_works_and_secrets_never_leak(base_env: dict[str, str], t
 ALICE, BOB = "sk-alice-5e1d", "sk-bob-07c4"
 #: The file size limit of the fleet below (small, so a refused upload is cut off quickly).
 FILE_LIMIT = 20 * 1024 * 1024
+#: The one address the fleet's callbacks may go to besides public ones (nothing listens there).
+ALLOWED = "127.0.0.2"
 
 
 @dataclass
@@ -112,6 +115,9 @@ def fleet(base_env: dict[str, str], tiny_model: Path, tmp_path_factory: pytest.T
     env = {
         **base_env, "CHATBATCH_REDIS_URL": server.url, "CHATBATCH_API_KEYS": f"{ALICE},{BOB}", "CHATBATCH_FILES_DIR": str(files),
         "CHATBATCH_MAX_FILE_BYTES": str(FILE_LIMIT), "CHATBATCH_HEARTBEAT_INTERVAL": "1", "TMPDIR": str(temp),
+        # Callbacks may reach this loopback address only (never 127.0.0.1, where the tests'
+        # receivers listen for what must not arrive).
+        "CHATBATCH_CALLBACK_ALLOW": ALLOWED,
     }
     worker = Worker(env, root / "worker.log", "--model", str(tiny_model))
     port = free_port()
@@ -271,3 +277,208 @@ def test_a_300mb_body_is_cut_off_at_the_line_limit_before_it_is_parsed(fleet: Fl
     with socket.create_connection((httpx.URL(fleet.url).host, httpx.URL(fleet.url).port)) as sock:
         sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ALICE}\r\nContent-Type: application/json\r\nContent-Length: {300 * 1024**2}\r\n\r\n".encode())
         assert sock.recv(64).startswith(b"HTTP/1.1 413 ")
+
+
+# What one key can reach of another's.
+
+
+def _owner_id(key: str) -> str:
+    """The owner id the gateway records for a key (a digest: keys are never stored)."""
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _batch(fleet: Fleet, key: str, lines: list[str], **headers: str) -> dict[str, Any]:
+    uploaded = httpx.post(
+        f"{fleet.url}/v1/files", headers=fleet.auth(key), files={"file": ("in.jsonl", ("\n".join(lines) + "\n").encode())}, data={"purpose": "batch"}
+    )
+    assert uploaded.status_code == 200, uploaded.text
+    created = httpx.post(
+        f"{fleet.url}/v1/batches", headers={**fleet.auth(key), **headers},
+        json={"input_file_id": uploaded.json()["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h"},
+    )
+    assert created.status_code == 200, created.text
+    return dict(created.json())
+
+
+def _ended(fleet: Fleet, key: str, batch_id: str, timeout: float = 300) -> dict[str, Any]:
+    def ended() -> dict[str, Any] | None:
+        found = httpx.get(f"{fleet.url}/v1/batches/{batch_id}", headers=fleet.auth(key)).json()
+        return dict(found) if found["status"] in ("completed", "failed", "cancelled", "expired") else None
+
+    return wait_for(ended, timeout, f"batch {batch_id}", interval=0.5)
+
+
+def test_another_keys_batch_id_reads_as_an_unknown_cursor(fleet: Fleet) -> None:
+    line = [batch_line("c", user("hi", max_tokens=1))]
+    bobs = _batch(fleet, BOB, line)
+    alices = [_batch(fleet, ALICE, line)["id"] for _ in range(2)]  # newer than bob's
+
+    def page(key: str, after: str) -> dict[str, Any]:
+        answer = httpx.get(f"{fleet.url}/v1/batches", headers=fleet.auth(key), params={"after": after, "limit": 100})
+        assert answer.status_code == 200
+        return dict(answer.json())
+
+    unknown = page(BOB, "batch_" + "0" * 32)
+    assert unknown["data"] == [] and not unknown["has_more"]
+    assert page(BOB, alices[0]) == unknown == page(BOB, alices[1]), "alice's ids tell bob nothing"
+    assert bobs["id"] not in [b["id"] for b in page(ALICE, alices[1])["data"]]
+    assert alices[0] in [b["id"] for b in page(ALICE, alices[1])["data"]]
+    assert httpx.get(f"{fleet.url}/v1/batches/{alices[0]}", headers=fleet.auth(BOB)).status_code == 404
+
+
+def test_text_that_is_not_valid_unicode_is_a_400_naming_the_field_and_mints_no_id(fleet: Fleet) -> None:
+    headers = {**fleet.auth(BOB), "Content-Type": "application/json"}
+    raw = b'{"messages": [{"role": "user", "content": "hello \\udc80"}], "max_tokens": 2}'
+    refused = httpx.post(f"{fleet.url}/v1/chat/completions", headers=headers, content=raw)
+    assert refused.status_code == 400, refused.text
+    error = refused.json()["error"]
+    assert error["code"] == "invalid_request" and error["param"] == "messages[0].content" and "Unicode" in error["message"]
+    assert "X-Chatbatch-Request-Id" not in refused.headers, "a refused body names no request"
+    answered = httpx.post(f"{fleet.url}/v1/chat/completions", headers=headers, json=user("hello", max_tokens=2), timeout=120)
+    assert answered.status_code == 200 and answered.headers["X-Chatbatch-Request-Id"] == answered.json()["id"]
+
+
+# Callbacks cannot reach inside the network.
+
+
+@dataclass
+class Receiver:
+    """A loopback HTTP receiver (at 127.0.0.1, which the fleet never allows): what arrives here
+    is what must not."""
+
+    calls: list[str]
+    url: str
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    calls: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            calls.append(self.path)
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield Receiver(calls=calls, url=f"http://127.0.0.1:{server.server_address[1]}/hook")
+    server.shutdown()
+
+
+def test_callback_urls_inside_the_network_are_refused_when_named(fleet: Fleet, receiver: Receiver) -> None:
+    port = int(httpx.URL(receiver.url).port or 0)
+    for url in (receiver.url, f"http://localhost:{port}/hook", f"http://2130706433:{port}/hook", f"http://[::ffff:127.0.0.1]:{port}/hook"):
+        refused = httpx.post(
+            f"{fleet.url}/v1/chat/completions", headers={**fleet.auth(BOB), "X-Chatbatch-Callback-Url": url, "X-Chatbatch-Async": "true"},
+            json=user("hi", max_tokens=1),
+        )
+        assert refused.status_code == 400 and url in refused.json()["error"]["message"], refused.text
+    uploaded = httpx.post(f"{fleet.url}/v1/files", headers=fleet.auth(BOB), files={"file": ("x.jsonl", b"{}\n")}, data={"purpose": "batch"}).json()
+    body = {"input_file_id": uploaded["id"], "endpoint": "/v1/chat/completions"}
+    for url in (receiver.url, "http://169.254.169.254/latest/meta-data/", "http://metadata.google.internal/computeMetadata/v1/"):
+        refused = httpx.post(f"{fleet.url}/v1/batches", headers={**fleet.auth(BOB), "X-Chatbatch-Callback-Url": url}, json=body)
+        assert refused.status_code == 400 and url in refused.json()["error"]["message"], refused.text
+    assert receiver.calls == []
+
+
+def test_a_callback_url_that_turns_internal_is_refused_at_send_and_tells_no_network_error(fleet: Fleet, receiver: Receiver) -> None:
+    """A URL the producer let through (here: a producer that allows loopback, as a name whose
+    DNS answer changes after the check would be) is checked again by the worker, which
+    refuses it: nothing arrives. And what a key holder reads of any failed delivery says it
+    failed, never how the network answered."""
+    from chatbatch.callbacks import NOT_DELIVERED, REFUSED
+    from chatbatch.settings import Settings
+    from producer import Client
+    from tests.conftest import CALLBACK_SECRET, LOOPBACK
+
+    producer = Client(Settings(redis_url=fleet.redis.url, callback_secret=CALLBACK_SECRET, callback_allow=LOOPBACK))
+    sent = producer.submit(user("call me", max_tokens=1), callback_url=receiver.url, owner=_owner_id(ALICE))
+
+    def callback(request_id: str) -> dict[str, Any] | None:
+        state = httpx.get(f"{fleet.url}/v1/chat/requests/{request_id}", headers=fleet.auth(ALICE)).json()["callback"]
+        return dict(state) if state["last_error"] else None
+
+    refused = wait_for(lambda: callback(sent.id), 120, "the refused callback")
+    assert refused["status"] == "failed" and refused["last_error"] == REFUSED and refused["attempts"] == 1
+    assert receiver.calls == []
+
+    closed = f"http://{ALLOWED}:{free_port()}/hook"  # allowed, and nobody listens: a network error
+    accepted = httpx.post(
+        f"{fleet.url}/v1/chat/completions", headers={**fleet.auth(ALICE), "X-Chatbatch-Callback-Url": closed, "X-Chatbatch-Async": "true"},
+        json=user("call me", max_tokens=1),
+    )
+    assert accepted.status_code == 202, accepted.text
+    failed = wait_for(lambda: callback(accepted.json()["id"]), 120, "the failed attempt")
+    assert failed["last_error"] == NOT_DELIVERED and "Connect" not in json.dumps(failed)
+
+
+# One key's bad lines never fail another's requests.
+
+
+def _hostile_lines(count: int) -> list[str]:
+    """Bob's lines: every other one with text no tokenizer takes (an unpaired surrogate, which
+    failed every request prepared beside it before validation refused it), the rest valid but
+    heavy or odd: many choices, a long prompt, a thousand biased tokens, stop strings that are
+    not ASCII, a nested schema, tools."""
+    odd: list[dict[str, Any]] = [
+        user("many", n=16, max_tokens=8),
+        user("word " * 300, max_tokens=4),
+        user("bias", max_tokens=4, logit_bias={str(t): -100 for t in range(1024)}),
+        user("stops", max_tokens=8, stop=["🙂", "\u0000", "日本", "\\"]),
+        user("json", max_tokens=8, response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": {
+            "type": "object", "properties": {"a": {"type": "array", "items": {"type": "object", "properties": {"b": {"type": "string"}}}}}}}}),
+        user("tools", max_tokens=8, tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}], tool_choice="required"),
+    ]
+    lines = []
+    for i in range(count):
+        body = user(f"bad {i} \udc80 text", max_tokens=4) if i % 2 else odd[(i // 2) % len(odd)]
+        lines.append(batch_line(f"bob-{i}", body))  # json.dumps escapes the surrogate as \udc80
+    return lines
+
+
+def test_a_hostile_tenant_never_fails_another_tenants_lines_or_requests(fleet: Fleet) -> None:
+    """Bob's batch of hostile lines and his hostile single requests run beside Alice's batch
+    and single requests on the same worker: every line and request of Alice's is answered,
+    and Bob's bad text is refused naming its field."""
+    bobs = _batch(fleet, BOB, _hostile_lines(240))
+    alices = _batch(fleet, ALICE, [batch_line(f"alice-{i}", user(f"question {i}", max_tokens=4)) for i in range(120)])
+    statuses: list[int] = []
+    bob_refusals: list[dict[str, Any]] = []
+
+    def alice_asks(i: int) -> None:
+        answer = httpx.post(f"{fleet.url}/v1/chat/completions", headers=fleet.auth(ALICE), json=user(f"single {i}", max_tokens=4), timeout=300)
+        if answer.status_code == 200:
+            ChatCompletion.model_validate(answer.json())
+        statuses.append(answer.status_code)
+
+    def bob_asks(i: int) -> None:
+        raw = json.dumps(user(f"single {i} \udc80", max_tokens=4)).encode()
+        answer = httpx.post(f"{fleet.url}/v1/chat/completions", headers={**fleet.auth(BOB), "Content-Type": "application/json"}, content=raw, timeout=300)
+        bob_refusals.append({"status": answer.status_code, **answer.json()["error"]})
+
+    threads = [threading.Thread(target=alice_asks, args=(i,)) for i in range(30)]
+    threads += [threading.Thread(target=bob_asks, args=(i,)) for i in range(30)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(300)
+    alice = _ended(fleet, ALICE, alices["id"])
+    bob = _ended(fleet, BOB, bobs["id"])
+
+    assert statuses == [200] * 30, "every single request of Alice's answered"
+    assert alice["status"] == "completed" and alice["request_counts"] == {"total": 120, "completed": 120, "failed": 0}
+    outputs = httpx.get(f"{fleet.url}/v1/files/{alice['output_file_id']}/content", headers=fleet.auth(ALICE)).text.splitlines()
+    assert sorted(BatchRequestOutput.model_validate_json(line).custom_id for line in outputs) == sorted(f"alice-{i}" for i in range(120))
+
+    assert all(r["status"] == 400 and r["param"] == "messages[0].content" for r in bob_refusals) and len(bob_refusals) == 30
+    assert bob["status"] == "completed" and bob["request_counts"]["total"] == 240
+    errors = [BatchRequestOutput.model_validate_json(line) for line in
+              httpx.get(f"{fleet.url}/v1/files/{bob['error_file_id']}/content", headers=fleet.auth(BOB)).text.splitlines()]
+    refused = {e.custom_id for e in errors if e.error and e.error.code.value == "invalid_request" and "body.messages[0].content" in e.error.message}
+    assert refused == {f"bob-{i}" for i in range(1, 240, 2)}
