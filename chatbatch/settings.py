@@ -99,7 +99,8 @@ class Settings(BaseSettings):
     #: Weights of owners in the fair share between jobs, "owner=weight,..." (others: 1); an
     #: owner of weight 2 gets twice the lines of one of weight 1 while both have jobs waiting.
     owner_weights: str = ""
-    #: Port on which a worker serves its Prometheus metrics (`/metrics`); unset: none.
+    #: Port on which a worker or a gateway serves its Prometheus metrics (`/metrics`), apart
+    #: from the API's port; unset: none.
     metrics_port: int | None = Field(default=None, ge=1, le=65_535)
     #: Log lines as readable `text`, or `json`: one object per line (docs/operations.md).
     log_format: Literal["text", "json"] = "text"

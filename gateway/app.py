@@ -1,7 +1,8 @@
 """The HTTP API's app factory.
 
 Endpoints: `/v1/models`, `/v1/chat/completions` (waits, like OpenAI, or streams server-sent
-events with `stream: true`; or answers at once with `X-Chatbatch-Async: true`), `/v1/chat/requests/{id}`, `/v1/files`, `/v1/batches`, and `/metrics` (Prometheus). Errors use
+events with `stream: true`; or answers at once with `X-Chatbatch-Async: true`), `/v1/chat/requests/{id}`, `/v1/files`, `/v1/batches`
+(Prometheus metrics are served on a port of their own: gateway/metrics.py). Errors use
 OpenAI's body. Auth: bearer keys from CHATBATCH_API_KEYS; each key sees only its own files,
 batches and requests (another key's objects answer 404, as if absent).
 
@@ -75,8 +76,8 @@ def create_app(settings: Settings | None = None, *, sweeps: bool = True) -> Fast
     errors.install(app)
     for router in (models.router, chat.router, files.router, batches.router):
         app.include_router(router)
-    metrics = GatewayMetrics(settings.redis_url)
-    app.add_route("/metrics", metrics.endpoint, methods=["GET"], include_in_schema=False)
+    # Served on a port of its own by `chatbatch serve --metrics-port` (gateway/metrics.py).
+    metrics = app.state.metrics = GatewayMetrics(settings.redis_url)
     app.add_middleware(HttpMetrics, metrics=metrics)
     app.add_middleware(BodyLimit, limit=settings.max_line_bytes, routes={("POST", "/v1/files"): settings.max_file_bytes + MULTIPART_ROOM})
     return app
