@@ -96,13 +96,13 @@ def gateway_url(base_env: dict[str, str], tmp_path_factory: pytest.TempPathFacto
 
 
 def test_the_gateway_counts_requests_by_route_template_and_status(gateway_url: tuple[str, str]) -> None:
-    gateway_url, metrics_url = gateway_url
-    assert httpx.get(f"{gateway_url}/metrics").status_code == 404, "the API's port serves no fleet metrics"
+    api_url, metrics_url = gateway_url
+    assert httpx.get(f"{api_url}/metrics").status_code == 404, "the API's port serves no fleet metrics"
     before = scrape(metrics_url)
     for _ in range(2):
-        assert httpx.get(f"{gateway_url}/v1/models").status_code == 200
-    assert httpx.get(f"{gateway_url}/v1/batches/batch_nobody").status_code == 404
-    assert httpx.post(f"{gateway_url}/v1/chat/completions", content=json.dumps({"messages": "no"}),
+        assert httpx.get(f"{api_url}/v1/models").status_code == 200
+    assert httpx.get(f"{api_url}/v1/batches/batch_nobody").status_code == 404
+    assert httpx.post(f"{api_url}/v1/chat/completions", content=json.dumps({"messages": "no"}),
                       headers={"Content-Type": "application/json"}).status_code == 400
     after = scrape(metrics_url)
 

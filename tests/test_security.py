@@ -474,7 +474,7 @@ def test_a_hostile_tenant_never_fails_another_tenants_lines_or_requests(fleet: F
     assert statuses == [200] * 30, "every single request of Alice's answered"
     assert alice["status"] == "completed" and alice["request_counts"] == {"total": 120, "completed": 120, "failed": 0}
     outputs = httpx.get(f"{fleet.url}/v1/files/{alice['output_file_id']}/content", headers=fleet.auth(ALICE)).text.splitlines()
-    assert sorted(BatchRequestOutput.model_validate_json(line).custom_id for line in outputs) == sorted(f"alice-{i}" for i in range(120))
+    assert sorted(str(BatchRequestOutput.model_validate_json(line).custom_id) for line in outputs) == sorted(f"alice-{i}" for i in range(120))
 
     assert all(r["status"] == 400 and r["param"] == "messages[0].content" for r in bob_refusals) and len(bob_refusals) == 30
     assert bob["status"] == "completed" and bob["request_counts"]["total"] == 240
@@ -482,3 +482,16 @@ def test_a_hostile_tenant_never_fails_another_tenants_lines_or_requests(fleet: F
               httpx.get(f"{fleet.url}/v1/files/{bob['error_file_id']}/content", headers=fleet.auth(BOB)).text.splitlines()]
     refused = {e.custom_id for e in errors if e.error and e.error.code.value == "invalid_request" and "body.messages[0].content" in e.error.message}
     assert refused == {f"bob-{i}" for i in range(1, 240, 2)}
+
+
+def test_the_api_port_shows_the_apis_description_and_nothing_of_the_fleet(fleet: Fleet) -> None:
+    """/openapi.json and /docs describe the public API to anyone (as OpenAI publishes its own),
+    and hold no key, secret or fleet data; the fleet's metrics are not on this port at all."""
+    spec = httpx.get(f"{fleet.url}/openapi.json")
+    assert spec.status_code == 200 and httpx.get(f"{fleet.url}/docs").status_code == 200
+    text = spec.text
+    for secret in (ALICE, BOB, fleet.env["CHATBATCH_CALLBACK_SECRET"], fleet.redis.url, str(fleet.files)):
+        assert secret not in text
+    upload = spec.json()["paths"]["/v1/files"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert upload["required"] == ["file", "purpose"]
+    assert httpx.get(f"{fleet.url}/metrics", headers=fleet.auth(ALICE)).status_code == 404
