@@ -20,6 +20,11 @@ the ratios, which are measured in the same run.
                                       # itself alone on an idle worker (2 rounds; best compared)
     python bench/bench.py parquet     # tiny model: peak memory of writing a 5,000-line and a
                                       # 50,000-line job's results (n 2) as Parquet
+    python bench/bench.py live        # default model, one worker, a gateway: a 128-line job alone,
+                                      # then again with --requests (64) concurrent AsyncOpenAI
+                                      # clients (half streaming, max_tokens 16) beside it:
+                                      # answered/errors, TTFT and completion p50/p95, and the job's
+                                      # tokens/s against its solo run (--repeat rounds, 3)
 
 Options: --lines, --requests, --max-tokens, --model (an MLflow model URI), --skip-memory,
 --pyfunc-requests, --memory-requests. On CUDA: `chatbatch model tinyllama-shape DIR`, then
@@ -250,7 +255,7 @@ def queue_mode(args: argparse.Namespace, workdir: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=["queue", "throughput", "structured", "continuous", "prefix", "mixed", "parquet"])
+    parser.add_argument("mode", choices=["queue", "throughput", "structured", "continuous", "prefix", "mixed", "parquet", "live"])
     parser.add_argument("--lines", type=int, help="queue: lines of the file (20,000); structured: lines per file (64)")
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, help="throughput: max_tokens (32); structured: max_tokens (192)")
@@ -261,8 +266,8 @@ def main() -> None:
     parser.add_argument("--memory-requests", type=int, default=5000, help="throughput: requests of the worker memory run (0 skips it)")
     args = parser.parse_args()
     structured = args.mode == "structured"
-    lines = {"structured": 64, "continuous": 128, "prefix": 128, "parquet": 50_000}
-    max_tokens = {"structured": 192, "continuous": 256, "prefix": 16, "mixed": 4, "parquet": 8}
+    lines = {"structured": 64, "continuous": 128, "prefix": 128, "parquet": 50_000, "live": 128}
+    max_tokens = {"structured": 192, "continuous": 256, "prefix": 16, "mixed": 4, "parquet": 8, "live": 64}
     args.lines = args.lines or lines.get(args.mode, 20_000)
     args.max_tokens = args.max_tokens or max_tokens.get(args.mode, 32)
     args.repeat = args.repeat or (2 if structured or args.mode == "mixed" else 1 if args.mode in ("continuous", "prefix") else 3)
@@ -273,7 +278,8 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="chatbatch-bench-") as tmp:
         modes = {"queue": queue_mode, "throughput": throughput_mode, "structured": structured_mode,
-                 "continuous": continuous_mode, "prefix": prefix_mode, "mixed": mixed_mode, "parquet": parquet_mode}
+                 "continuous": continuous_mode, "prefix": prefix_mode, "mixed": mixed_mode, "parquet": parquet_mode,
+                 "live": live_mode}
         modes[args.mode](args, Path(tmp))
 
 
@@ -432,7 +438,7 @@ def structured_bodies(lines: int, max_tokens: int, mode: str) -> list[tuple[dict
         body: dict[str, object] = {"messages": [{"role": "user", "content": f"Describe a fictional person (#{i}) as JSON."}],
                                    "max_tokens": max_tokens, "temperature": 0}
         if mode != "plain":
-            body["response_format"] = {"type": "json_schema", "json_schema": {"name": f"person{variant}", "schema": schema, "strict": True}}
+            body["response_format"] = {"type": "json_schema", "json_schema": {"name": f"person{variant}", "schema": schema}}
         found.append((body, schema if mode != "plain" else None))
     return found
 
@@ -741,6 +747,121 @@ def parquet_mode(args: argparse.Namespace, workdir: Path) -> None:
         growth = peaks[args.lines] - peaks[5_000]
         log(step="ratio", peak_rss_mb=peaks, growth_mb=growth, target="flat: within 10% of the 5,000-line job's peak",
             met=growth <= 0.1 * peaks[5_000])
+    finally:
+        harness.close()
+
+
+def _serve(harness: Harness) -> tuple[subprocess.Popen[bytes], str]:
+    """`chatbatch serve` on a free port of the harness's Redis; its process and URL, once up."""
+    import httpx
+
+    port = free_port()
+    log_file = (harness.workdir / "gateway.log").open("wb")
+    process = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--port", str(port)], env=harness.env,
+                               stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+    harness.workers.append(process)  # stopped with the workers
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/v1/models").status_code == 200:
+                return process, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"the gateway did not start; see {log_file.name}")
+
+
+async def _live_client(client: Any, model: str, i: int, max_tokens: int) -> dict[str, Any]:
+    """One live call (streamed for odd i): its time to first token, to completion, or its error."""
+    body = {"model": model, "messages": [{"role": "user", "content": f"{PROMPTS[i % len(PROMPTS)]} (live {i})"}],
+            "max_tokens": max_tokens, "temperature": 0}
+    started = time.perf_counter()
+    try:
+        if i % 2:
+            first = None
+            async for chunk in await client.chat.completions.create(**body, stream=True):
+                if first is None and chunk.choices and chunk.choices[0].delta.content:
+                    first = time.perf_counter() - started
+            return {"ttft": first, "total": time.perf_counter() - started}
+        await client.chat.completions.create(**body)
+        return {"total": time.perf_counter() - started}
+    except Exception as error:
+        return {"error": type(error).__name__}
+
+
+def _live_round(url: str, model: str, clients: int, max_tokens: int) -> list[dict[str, Any]]:
+    import asyncio
+
+    import openai
+
+    async def run() -> list[dict[str, Any]]:
+        sdk = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
+        try:
+            return list(await asyncio.gather(*(_live_client(sdk, model, i, max_tokens) for i in range(clients))))
+        finally:
+            await sdk.close()
+
+    return asyncio.run(run())
+
+
+def _bulk_tokens_s(client: Any, source: Path, started_event: Any = None) -> float:
+    """Generated tokens per second of a job from submit to end."""
+    started = time.perf_counter()
+    handle = client.submit_file(str(source), owner="bulk")
+    if started_event is not None:
+        started_event.set()
+    job = handle.wait(3600, poll=0.05)
+    return client.jobs.generated_tokens(job.id) / (time.perf_counter() - started)
+
+
+def live_mode(args: argparse.Namespace, workdir: Path) -> None:
+    """One worker and a gateway on the default model: a bulk job alone, then the same job with
+    `--requests` concurrent AsyncOpenAI clients (half streaming) sent once it runs; in
+    `--repeat` rounds, taking turns. Figures: live answers and errors, TTFT and completion
+    p50/p95, and the job's tokens/s beside the clients over its tokens/s alone (min, median,
+    max of the rounds)."""
+    import threading
+
+    from chatbatch.settings import Settings
+    from producer import Client
+
+    harness = Harness(workdir)
+    try:
+        model = args.model or harness.chatbatch("model", "default")
+        name = served_name(model)
+        bulk = batch_file(workdir / "bulk.jsonl", [
+            {"messages": [{"role": "user", "content": f"{PROMPTS[i % len(PROMPTS)]} (bulk {i})"}], "max_tokens": args.max_tokens,
+             "temperature": 0} for i in range(args.lines)])
+        harness.start_worker(model, name)
+        _, url = _serve(harness)
+        client = Client(Settings(redis_url=harness.url))
+        log(step="setup", model=model, bulk_lines=args.lines, bulk_max_tokens=args.max_tokens, clients=args.requests,
+            live_max_tokens=16, device=_device())
+        _live_round(url, name, 4, 4)  # warm-up
+        ratios: list[float] = []
+        for round_ in range(args.repeat):
+            solo = _bulk_tokens_s(client, bulk)
+            outcome: dict[str, float] = {}
+            running = threading.Event()
+            runner = threading.Thread(target=lambda o=outcome, r=running: o.update(tok_s=_bulk_tokens_s(client, bulk, r)))
+            runner.start()
+            running.wait(600)
+            time.sleep(2.0)  # the job's first chunks are running
+            calls = _live_round(url, name, args.requests, 16)
+            runner.join(3600)
+            errors = [call["error"] for call in calls if "error" in call]
+            ttft = [call["ttft"] for call in calls if call.get("ttft") is not None]
+            totals = [call["total"] for call in calls if "total" in call]
+            ratios.append(outcome["tok_s"] / solo)
+            log(step="round", round=round_, answered=len(totals), errors=len(errors), error_kinds=sorted(set(errors)),
+                ttft_p50_s=round(_percentile(ttft, 0.5), 3) if ttft else None, ttft_p95_s=round(_percentile(ttft, 0.95), 3) if ttft else None,
+                completion_p50_s=round(_percentile(totals, 0.5), 3) if totals else None,
+                completion_p95_s=round(_percentile(totals, 0.95), 3) if totals else None,
+                bulk_solo_tok_s=round(solo, 1), bulk_beside_live_tok_s=round(outcome["tok_s"], 1), bulk_ratio=round(ratios[-1], 3))
+        log(step="summary", bulk_ratio_min=round(min(ratios), 3), bulk_ratio_median=round(statistics.median(ratios), 3),
+            bulk_ratio_max=round(max(ratios), 3), targets={"errors": 0, "bulk_ratio": 0.8},
+            met=statistics.median(ratios) >= 0.8)
     finally:
         harness.close()
 

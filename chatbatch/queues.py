@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any
 
+from chatbatch.redisconn import BLOCKING_SOCKET_TIMEOUT
+
 if TYPE_CHECKING:
     from celery import Celery
 
@@ -70,6 +72,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # The lock a worker holds while it restores: a worker killed holding it would stop
         # every restore for kombu's default of 300 s (restores take milliseconds).
         "unacked_mutex_expire": max(5, min(30, settings.visibility_timeout)),
+        # A broker that vanishes without closing the connection (failover, NAT) must not hang a
+        # publish for ever (kombu's default); its BRPOP blocks 1 s, far under this.
+        "socket_timeout": BLOCKING_SOCKET_TIMEOUT,
     }
     return {
         "broker_url": settings.redis_url,

@@ -1,7 +1,17 @@
 """Which JSON Schema a request's answer must follow: its `response_format`, or the call a
 forced `tool_choice` asks for. Shared by the producer (which refuses a schema the grammar
 library cannot compile before anything is enqueued) and the worker (which enforces it,
-worker/grammar.py)."""
+worker/grammar.py).
+
+An object schema that lists its properties generates those properties only, unless it allows
+more (`additionalProperties` true or a schema): JSON Schema would let any other key through, and
+a grammar that follows it to the letter lets a model invent keys ({"Jason": "25} ..."}), which
+OpenAI's models never do and vLLM's default backend forbids. `closed` writes that reading into
+the schema. An object schema that lists no properties (`{"type": "object"}`, `json_object`)
+stays free: it declares nothing to keep to. Objects composed with `allOf`, or whose own
+properties sit beside `anyOf`, `oneOf` or `$ref`, stay as written, as do their parts: the
+grammar intersects the parts, and closing each would forbid the others' properties.
+"""
 
 from __future__ import annotations
 
@@ -31,7 +41,7 @@ def schema_for(request: ChatCompletionRequest) -> tuple[dict[str, Any], str] | N
     if isinstance(fmt, JsonObjectFormat):
         return ANY_OBJECT, "response_format"
     if isinstance(fmt, JsonSchemaResponseFormat):
-        return fmt.json_schema.schema_ or ANY_OBJECT, "response_format.json_schema.schema"
+        return closed(fmt.json_schema.schema_ or ANY_OBJECT), "response_format.json_schema.schema"
     return None
 
 
@@ -40,7 +50,74 @@ def _tool_index(request: ChatCompletionRequest, name: str) -> int:
 
 
 def _parameters(request: ChatCompletionRequest, index: int) -> dict[str, Any]:
-    return (request.tools or [])[index].function.parameters or {"type": "object", "properties": {}}
+    return closed((request.tools or [])[index].function.parameters or {"type": "object", "properties": {}})
+
+
+#: Keywords whose value is one schema, a list of schemas, or a map of names to schemas, that
+#: describe values the answer holds. (Conditions, `not`, `if` and the like, stay as written:
+#: closing a condition would change when it holds.)
+_ONE = ("additionalProperties", "items", "additionalItems", "contains", "unevaluatedItems", "unevaluatedProperties")
+_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems", "items")
+_MAPS = ("properties", "patternProperties", "$defs", "definitions")
+#: Keywords whose schemas are the parts of a composition.
+_PARTS = ("allOf", "anyOf", "oneOf")
+#: Keywords that say which keys an object may have besides its properties.
+_OPEN_ENDED = ("additionalProperties", "unevaluatedProperties")
+#: Keywords that list an object's own properties.
+_LISTED = ("properties", "patternProperties")
+
+
+def closed(schema: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `schema` in which every object schema that lists properties and says nothing
+    of other keys has `additionalProperties: false` (see the module's docstring for which
+    objects stay as written)."""
+    kept_open = _composed_refs(schema)
+    return _close(schema, "#", kept_open, composed=False)  # type: ignore[no-any-return]
+
+
+def _combines(node: dict[str, Any]) -> bool:
+    """Whether an object schema is composed with others: allOf, or its own properties beside
+    anyOf, oneOf or $ref (the grammar intersects them)."""
+    return "allOf" in node or (any(key in node for key in _LISTED) and any(key in node for key in ("anyOf", "oneOf", "$ref")))
+
+
+def _composed_refs(value: Any) -> set[str]:
+    """The `$ref` targets that are parts of a composition (they stay open)."""
+    found: set[str] = set()
+    if isinstance(value, dict):
+        if _combines(value):
+            parts = [value, *(part for key in _PARTS for part in value.get(key) or [] if isinstance(part, dict))]
+            found.update(part["$ref"] for part in parts if isinstance(part.get("$ref"), str))
+        for item in value.values():
+            found |= _composed_refs(item)
+    elif isinstance(value, list):
+        for item in value:
+            found |= _composed_refs(item)
+    return found
+
+
+def _close(value: Any, pointer: str, kept_open: set[str], *, composed: bool) -> Any:
+    """`closed` at one node, `pointer` its JSON pointer; `composed`: the node is a part of a
+    composition."""
+    if not isinstance(value, dict):
+        return value
+    combines = _combines(value)
+    node: dict[str, Any] = {}
+    for key, item in value.items():
+        where = f"{pointer}/{key}"
+        if key in _MAPS and isinstance(item, dict):
+            node[key] = {name: _close(part, f"{where}/{name}", kept_open, composed=False) for name, part in item.items()}
+        elif key in _LISTS and isinstance(item, list):
+            part_of = combines and key in _PARTS
+            node[key] = [_close(part, f"{where}/{i}", kept_open, composed=part_of) for i, part in enumerate(item)]
+        elif key in _ONE:
+            node[key] = _close(item, where, kept_open, composed=False)
+        else:
+            node[key] = item
+    listed = any(key in node for key in _LISTED)
+    if listed and not combines and not composed and pointer not in kept_open and not any(key in node for key in _OPEN_ENDED):
+        node["additionalProperties"] = False
+    return node
 
 
 def calls_schema(request: ChatCompletionRequest) -> dict[str, Any]:

@@ -257,7 +257,7 @@ def _answer_format(json_object: bool, schema: Path | None, logprobs: int | None)
             loaded = json.loads(schema.read_text())
         except ValueError as error:
             raise ConfigurationError(f"--schema {schema}: not JSON ({error})") from None
-        fields["response_format"] = {"type": "json_schema", "json_schema": {"name": "answer", "schema": loaded, "strict": True}}
+        fields["response_format"] = {"type": "json_schema", "json_schema": {"name": "answer", "schema": loaded}}
     if logprobs is not None:
         fields.update(logprobs=True, top_logprobs=logprobs)
     return fields

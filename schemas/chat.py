@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from schemas.errors import ErrorCode, RequestError
+from schemas.strict import check_strict_request
 
 #: Upper bounds that keep one request from occupying a worker; documented in docs/formats.md.
 MAX_N = 16
@@ -143,7 +144,8 @@ class FunctionDefinition(_Strict):
     description: str | None = None
     # Its arguments, as a JSON Schema object (none: an empty object).
     parameters: dict[str, Any] | None = None
-    # OpenAI's strict mode; chatbatch always enforces the parameters when it forces a call.
+    # OpenAI's strict mode: the parameters keep to its subset of JSON Schema (schemas/strict.py);
+    # chatbatch enforces them with a grammar whenever it forces a call, strict or not.
     strict: bool | None = None
 
 
@@ -183,7 +185,8 @@ class JsonSchemaFormat(_Strict):
     description: str | None = None
     # The JSON Schema every answer must validate against (none: any JSON object).
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")
-    # OpenAI's strict mode; chatbatch enforces the schema in either case.
+    # OpenAI's strict mode: the schema keeps to its subset of JSON Schema (schemas/strict.py);
+    # chatbatch enforces the schema with a grammar in either case.
     strict: bool | None = None
 
 
@@ -603,6 +606,7 @@ def parse_chat_request(data: Any, *, prefix: str = "", streamable: bool = False)
         raise describe_validation_error(error, prefix=prefix) from None
     _refuse_media(request, prefix)
     _check_stream(request, prefix, streamable)
+    check_strict_request(request, prefix)
     return request
 
 

@@ -80,3 +80,17 @@ def test_hermes_calls_are_parsed_and_the_rest_is_kept() -> None:
     assert parse_hermes('<tool_call>{"name": "f", "arguments": {}}</tool_call>') == (None, [("f", "{}")])
     assert parse_hermes("just text") == ("just text", [])
     assert json.loads(calls[0][1]) == {"city": "Paris"}
+
+
+def test_an_auto_call_cut_by_max_tokens_ends_the_answer_as_a_call() -> None:
+    names = {"get_weather"}
+    cut = 'Let me look. <tool_call>{"name": "get_weather", "arguments": {"city": "Par'
+    assert parse_hermes(cut, names, cut=True) == ("Let me look.", [("get_weather", '{"city": "Par')])
+    assert parse_hermes(cut, names) == (cut, []), "an answer that ended by itself keeps an open block as text"
+    assert parse_hermes('<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}', names, cut=True) == (
+        None, [("get_weather", '{"city": "Paris"}')]), "complete arguments come as JSON, without the block's own brace"
+    assert parse_hermes('<tool_call>{"name": "get_weather"', names, cut=True) == (None, [("get_weather", "")])
+    after_one = '<tool_call>{"name": "get_weather", "arguments": {}}</tool_call> and <tool_call>{"name": "get_weather", "parameters": {"d'
+    assert parse_hermes(after_one, names, cut=True) == ("and", [("get_weather", "{}"), ("get_weather", '{"d')])
+    for stays_text in ('Sure <tool_call>{"name": "get_wea', '<tool_call>{"name": "other", "arguments": {', "<tool_call>{"):
+        assert parse_hermes(stays_text, names, cut=True) == (stays_text, []), "no call without one of the tools' names written whole"

@@ -437,3 +437,18 @@ def test_a_batch_takes_its_priority_from_the_header_or_its_metadata(gateway: Gat
     with pytest.raises(openai.BadRequestError) as caught:
         create(extra_headers={"X-Chatbatch-Priority": "urgent"})
     assert "X-Chatbatch-Priority" in str(caught.value)
+
+
+def test_a_strict_schema_outside_openais_subset_is_a_400_naming_the_rule(gateway: Gateway) -> None:
+    sdk = _sdk(gateway)
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}}, "required": ["name"], "additionalProperties": False}
+    with pytest.raises(openai.BadRequestError) as caught:
+        sdk.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=5,
+                                    response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": schema, "strict": True}})
+    error = caught.value.body
+    assert isinstance(error, dict) and error["code"] == "invalid_request"
+    assert error["param"] == "response_format.json_schema.schema.properties.age"
+    assert "'required' must list every property in strict mode" in error["message"]
+    answer = sdk.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=40, temperature=0,
+                                         response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": schema}})
+    assert answer.choices[0].finish_reason in ("stop", "length"), "the same schema without strict is served"

@@ -6,6 +6,7 @@ socket timeout (5 s in redis-py 8), with keep-alive comments meanwhile."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -191,6 +192,24 @@ def test_multi_byte_characters_stream_as_the_answer(gateway: Gateway) -> None:
     assert sum(1 for chunk in chunks if chunk.choices and chunk.choices[0].delta.content) > 3, "it came in pieces"
 
 
+def test_a_forced_call_cut_by_max_tokens_streams_as_the_call_so_far(gateway: Gateway) -> None:
+    sdk = _sdk(gateway)
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 40}}, "required": ["city"], "additionalProperties": False}}}]
+    for choice, max_tokens in (({"type": "function", "function": {"name": "lookup"}}, 12), ("required", 40)):
+        body = _body("weather?", max_tokens=max_tokens, tools=tools, tool_choice=choice)
+        whole = sdk.chat.completions.create(**body).choices[0]
+        assert whole.finish_reason == "length" and whole.message.content is None, whole
+        assert [call.function.name for call in whole.message.tool_calls or []] == ["lookup"], whole  # type: ignore[union-attr]
+        arguments = whole.message.tool_calls[0].function.arguments  # type: ignore[index, union-attr]
+        assert arguments.startswith('{"city": "'), ("the arguments as far as they were written", whole)
+        chunks = list(sdk.chat.completions.create(**body, stream=True))
+        assert not any(c.delta.content for chunk in chunks for c in chunk.choices), "no grammar text as content"
+        calls = [call for chunk in chunks for c in chunk.choices for call in c.delta.tool_calls or []]
+        assert [(call.index, call.function.name, call.function.arguments) for call in calls] == [(0, "lookup", arguments)]  # type: ignore[union-attr]
+        assert chunks[-1].choices[0].finish_reason == "length"
+
+
 #: How long the stalled worker holds back every token: over twice redis-py 8's default socket
 #: timeout, and over the 10 s the issue asks for.
 STALL_SECONDS = 11.0
@@ -344,3 +363,46 @@ def _newest_request(client: redis.Redis, *, other_than: set[str]) -> str:
         return None
 
     return str(wait_for(found, 10, "the request's record"))
+
+
+def test_thirty_concurrent_streams_beside_a_busy_batch_job_all_end_whole(gateway: Gateway, redis_server: RedisServer, tmp_path: Path) -> None:
+    """30 streams at once (the official AsyncOpenAI client) while a 400-line job keeps the
+    worker busy: every stream ends with its whole content, its finish and its usage."""
+    import asyncio
+
+    lines = [json.dumps({"custom_id": f"bulk-{i}", "method": "POST", "url": "/v1/chat/completions",
+                         "body": _body(f"bulk line {i}", max_tokens=24)}) for i in range(400)]
+    sdk = _sdk(gateway)
+    upload = sdk.files.create(file=("bulk.jsonl", ("\n".join(lines) + "\n").encode()), purpose="batch")
+    batch = sdk.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h")
+    wait_for(lambda: sdk.batches.retrieve(batch.id).request_counts.completed > 0, 120, "the job to run")  # type: ignore[union-attr]
+
+    async def one(client: openai.AsyncOpenAI, i: int) -> tuple[str, str, Any, Any]:
+        text, finish, usage, request_id = "", None, None, ""
+        stream = await client.chat.completions.create(
+            **_body(f"stream {i}", max_tokens=16), stream=True, stream_options={"include_usage": True}
+        )
+        async for chunk in stream:
+            request_id = chunk.id
+            usage = chunk.usage or usage
+            for choice in chunk.choices:
+                text += choice.delta.content or ""
+                finish = choice.finish_reason or finish
+        return request_id, text, finish, usage
+
+    async def all_streams() -> list[tuple[str, str, Any, Any]]:
+        client = openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0, timeout=300)
+        try:
+            return await asyncio.gather(*(one(client, i) for i in range(30)))
+        finally:
+            await client.close()
+
+    results = asyncio.run(all_streams())
+    assert sdk.batches.retrieve(batch.id).status != "completed", "the job was still running beside the streams"
+    stored = Requests(redis_server.client(), result_ttl=60)
+    for request_id, text, finish, usage in results:
+        answer = stored.wait(request_id, 60)
+        assert answer is not None and "error" not in answer, answer
+        assert text == answer["choices"][0]["message"]["content"] and finish == answer["choices"][0]["finish_reason"]
+        assert usage is not None and usage.completion_tokens == answer["usage"]["completion_tokens"] > 0
+    sdk.batches.cancel(batch.id)

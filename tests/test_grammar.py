@@ -13,7 +13,7 @@ import torch
 
 from chatbatch.structured import check_schema, schema_for
 from schemas import ErrorCode, RequestError, parse_chat_request
-from worker.grammar import Grammars, apply_bitmask, forced_calls
+from worker.grammar import Grammars, apply_bitmask, cut_calls, forced_calls
 
 SCHEMA = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}, "c": {"enum": ["a", "b"]}},
           "required": ["n", "c"], "additionalProperties": False}
@@ -80,7 +80,7 @@ def test_forced_calls_follow_tool_choice() -> None:
     tools: list[dict[str, Any]] = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"a": {"type": "integer"}}}}},
              {"type": "function", "function": {"name": "g"}}]
     named = _request(tools=tools, tool_choice={"type": "function", "function": {"name": "f"}})
-    assert schema_for(named) == (tools[0]["function"]["parameters"], "tools[0].function.parameters")
+    assert schema_for(named) == ({**tools[0]["function"]["parameters"], "additionalProperties": False}, "tools[0].function.parameters")
     assert forced_calls('{"a":1}', named) == [("f", '{"a": 1}')]
     required = _request(tools=tools, tool_choice="required", parallel_tool_calls=False)
     schema, _ = schema_for(required)  # type: ignore[misc]
@@ -107,3 +107,83 @@ def test_required_calls_keep_each_tools_defs_and_errors_name_the_tool(grammars: 
         check_schema(_request(tools=[plain, broken], tool_choice="required"))
     with pytest.raises(RequestError, match=r"'tools\[1\]\.function\.parameters'"):
         check_schema(_request(tools=[plain, broken], tool_choice={"type": "function", "function": {"name": "c"}}))
+
+
+def _accepts(grammars: Grammars, schema: dict[str, Any], text: str) -> bool:
+    matcher = grammars.matcher(schema, "response_format.json_schema.schema")
+    return bool(matcher.consume_tokens(grammars.tokenizer.tokenize_str(text))) and bool(matcher.is_accepting())
+
+
+def _format(schema: dict[str, Any]) -> Any:
+    return _request(response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}})
+
+
+def test_a_schema_generates_no_key_it_does_not_declare_unless_it_allows_more(grammars: Grammars) -> None:
+    person: dict[str, Any] = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
+                                               "pet": {"type": "object", "properties": {"kind": {"type": "string"}}}}}
+    schema, _ = schema_for(_format(person))  # type: ignore[misc]
+    assert _accepts(grammars, schema, '{"name": "Jason", "age": 25, "pet": {"kind": "cat"}}')
+    assert _accepts(grammars, schema, '{"age": 25}'), "properties that are not required may still be left out"
+    assert not _accepts(grammars, schema, '{"Jason": "25} Im safe now!"}')
+    assert not _accepts(grammars, schema, '{"name": "J", "pet": {"kind": "cat", "legs": 4}}'), "nested objects too"
+    assert person["properties"]["pet"] == {"type": "object", "properties": {"kind": {"type": "string"}}}, "the request is left as sent"
+
+    allowed = {**person, "additionalProperties": True}
+    assert _accepts(grammars, schema_for(_format(allowed))[0], '{"name": "J", "extra": [1]}')  # type: ignore[index]
+    typed = {**person, "additionalProperties": {"type": "integer"}}
+    assert _accepts(grammars, schema_for(_format(typed))[0], '{"name": "J", "extra": 1}')  # type: ignore[index]
+    assert not _accepts(grammars, schema_for(_format(typed))[0], '{"name": "J", "extra": "x"}')  # type: ignore[index]
+    free = {"type": "object", "properties": {"meta": {"type": "object"}}}
+    assert _accepts(grammars, schema_for(_format(free))[0], '{"meta": {"any": 1}}'), "an object that lists no properties stays free"  # type: ignore[index]
+    assert _accepts(grammars, schema_for(_request(response_format={"type": "json_object"}))[0], '{"any": 1}')  # type: ignore[index]
+
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"a": {"type": "integer"}}}}}]
+    named, _ = schema_for(_request(tools=tools, tool_choice={"type": "function", "function": {"name": "f"}}))  # type: ignore[misc]
+    assert not _accepts(grammars, named, '{"a": 1, "b": 2}')
+    required, _ = schema_for(_request(tools=tools, tool_choice="required"))  # type: ignore[misc]
+    assert not _accepts(grammars, required, '[{"name": "f", "arguments": {"b": 2}}]')
+    assert _accepts(grammars, required, '[{"name": "f", "arguments": {"a": 2}}]')
+
+
+def test_composed_objects_keep_every_parts_properties(grammars: Grammars) -> None:
+    """allOf parts, and properties beside anyOf or $ref, are intersected by the grammar: they
+    stay as written (closing each part would make the whole unsatisfiable)."""
+    base = {"type": "object", "properties": {"id": {"type": "integer"}}, "required": ["id"]}
+    inherited = {"$defs": {"Base": base},
+                 "allOf": [{"$ref": "#/$defs/Base"}, {"properties": {"name": {"type": "string"}}, "required": ["name"]}]}
+    request = _format(inherited)
+    check_schema(request)
+    assert _accepts(grammars, schema_for(request)[0], '{"id": 1, "name": "x"}')  # type: ignore[index]
+    tagged = {"type": "object", "properties": {"kind": {"type": "integer"}}, "required": ["kind"],
+              "anyOf": [{"properties": {"a": {"type": "integer"}}, "required": ["a"]}, {"properties": {"b": {"type": "integer"}}, "required": ["b"]}]}
+    assert _accepts(grammars, schema_for(_format(tagged))[0], '{"kind": 1, "b": 2}')  # type: ignore[index]
+    union = {"anyOf": [{"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}, {"type": "null"}]}
+    assert not _accepts(grammars, schema_for(_format(union))[0], '{"a": 1, "z": 2}'), "a plain union's objects are closed"  # type: ignore[index]
+    named_property = {"type": "object", "properties": {"properties": {"type": "object", "properties": {"x": {"type": "integer"}}}}}
+    assert _accepts(grammars, schema_for(_format(named_property))[0], '{"properties": {"x": 1}}')  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    ("text", "calls"),
+    [
+        ("", []),
+        ('[{"name": "get', []),
+        ('[{"name": "get"', [("get", "")]),
+        ('[{"name": "get_weather", "argu', [("get_weather", "")]),
+        ('[{"name": "get_weather", "arguments": {"city": "Par', [("get_weather", '{"city": "Par')]),
+        ('[{"name": "get_weather", "arguments": {"city": "Paris"}', [("get_weather", '{"city": "Paris"}')]),
+        ('[{"name": "get", "arguments": {}}, {"name": "get_weather", "arguments": {"ci',
+         [("get", "{}"), ("get_weather", '{"ci')]),
+        ('[{"name": "get", "arguments": {}}, ', [("get", "{}")]),
+    ],
+)
+def test_a_required_call_cut_by_max_tokens_is_the_calls_as_far_as_written(text: str, calls: list[tuple[str, str]]) -> None:
+    tools = [{"type": "function", "function": {"name": "get"}}, {"type": "function", "function": {"name": "get_weather"}}]
+    assert cut_calls(text, _request(tools=tools, tool_choice="required")) == calls
+
+
+def test_a_named_call_cut_by_max_tokens_keeps_its_name_and_the_arguments_written() -> None:
+    named = _request(tools=[{"type": "function", "function": {"name": "f"}}], tool_choice={"type": "function", "function": {"name": "f"}})
+    assert cut_calls("", named) == [("f", "")]
+    assert cut_calls('{"a": [1, ', named) == [("f", '{"a": [1, ')]
+    assert cut_calls('{"a":1}', named) == [("f", '{"a": 1}')]

@@ -41,7 +41,7 @@ TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
 
 
 def _schema(name: str, schema: dict[str, Any]) -> dict[str, Any]:
-    return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
+    return {"type": "json_schema", "json_schema": {"name": name, "schema": schema}}
 
 
 def _run_file(client: Client, tmp_path: Path, lines: list[str]) -> dict[str, BatchRequestOutput]:
@@ -241,3 +241,47 @@ def test_a_pyfunc_model_refuses_what_needs_the_decode_loop(aof_redis: RedisServe
         assert client.chat(user("abc"), timeout=120).choices[0].message.content == "cba"
     finally:
         worker.stop()
+
+
+def test_a_forced_call_cut_by_max_tokens_is_a_call_not_text(tiny_worker: Worker, redis_server: RedisServer, tmp_path: Path) -> None:
+    """Greedy answers cut at several lengths: each is tool calls (never grammar text in
+    `content`), finish_reason "length", and the arguments are the beginning of those of the
+    same answer left to end."""
+    client = Client(Settings(redis_url=redis_server.url))
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    asks: dict[str, dict[str, Any]] = {"required": dict(tool_choice="required", parallel_tool_calls=False), "named": dict(tool_choice=named)}
+
+    def body(ask: dict[str, Any], max_tokens: int) -> dict[str, object]:
+        return user("weather?", tools=[WEATHER, TIME], max_tokens=max_tokens, temperature=0, **ask)
+
+    wholes = {kind: _completion(line) for kind, line in _run_file(client, tmp_path, [batch_line(kind, body(ask, 120)) for kind, ask in asks.items()]).items()}
+    cuts = {kind: sorted({1, *(whole.usage.completion_tokens * k // 5 for k in range(1, 5)), whole.usage.completion_tokens - 2}) for kind, whole in wholes.items()}
+    lines = [batch_line(f"{kind}-{cut}", body(asks[kind], cut)) for kind in asks for cut in cuts[kind]]
+    answers = {custom_id: _completion(line) for custom_id, line in _run_file(client, tmp_path, lines).items()}
+    for kind, whole in wholes.items():
+        assert whole.choices[0].finish_reason == "tool_calls" and len(whole.choices[0].message.tool_calls or []) == 1
+        full = (whole.choices[0].message.tool_calls or [])[0].function
+        with_name = 0
+        for cut in cuts[kind]:
+            answer = answers[f"{kind}-{cut}"]
+            choice = answer.choices[0]
+            assert choice.finish_reason == "length" and answer.usage.completion_tokens == cut, (kind, cut, choice)
+            assert choice.message.content is None, (kind, cut, choice.message.content)
+            for call in choice.message.tool_calls or []:
+                assert call.id.startswith("call_") and call.type == "function"
+                assert call.function.name == full.name and full.arguments.startswith(call.function.arguments), (kind, cut, call)
+                with_name += 1
+        assert with_name >= 3, f"{kind}: most cuts come after the call's name was written"
+        if kind == "named":
+            assert with_name == len(cuts[kind]), "a named call has its name from the first token"
+
+
+def test_a_schema_without_additional_properties_generates_only_its_keys(tiny_worker: Worker, redis_server: RedisServer, tmp_path: Path) -> None:
+    client = Client(Settings(redis_url=redis_server.url))
+    open_point = {key: value for key, value in POINT.items() if key != "additionalProperties"}
+    lines = [batch_line(f"p-{i}", user(f"a point {i}", response_format=_schema("point", open_point), max_tokens=60, temperature=1.0, seed=i))
+             for i in range(8)]
+    for custom_id, line in _run_file(client, tmp_path, lines).items():
+        choice = _completion(line).choices[0]
+        assert choice.finish_reason == "stop", (custom_id, choice)
+        assert set(json.loads(choice.message.content or "")) == {"x", "ok"}, (custom_id, choice.message.content)

@@ -8,6 +8,9 @@
   for `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, earlier calls written that way
   into the assistant's text, and tool results in `<tool_response>` blocks.
 - With `tool_choice: "auto"` the model chooses; its calls are parsed from the Hermes format.
+  An answer that `max_tokens` cut inside a `<tool_call>` block whose JSON names one of the
+  tools (`{"name": "f"` written whole) ends with that call, its arguments as far as they were
+  written; a block cut before its name stays text.
   A template with a tool-call format of its own other than Hermes gets `unsupported_parameter`
   for "auto" (naming the model); "required" and a named function work with every template,
   since the grammar writes the call.
@@ -26,6 +29,9 @@ from schemas.errors import ErrorCode, RequestError
 logger = logging.getLogger(__name__)
 
 _TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+#: A call block that the end of the answer cut: its name (group 1) and, once written, the key of
+#: its arguments (group 2).
+_CUT_CALL = re.compile(r'<tool_call>\s*\{\s*"name"\s*:\s*"([^"\\]*)"(\s*,\s*"(?:arguments|parameters)"\s*:\s*)?')
 
 
 def _arguments(text: str) -> Any:
@@ -149,10 +155,21 @@ class ChatFormat:
         return [{"role": "system", "content": note}, *messages]
 
 
-def parse_hermes(text: str, names: set[str] | None = None) -> tuple[str | None, list[tuple[str, str]]]:
+def written_arguments(text: str) -> str:
+    """A cut call's arguments: the JSON value that begins `text` when it is complete (as
+    compact JSON), else `text` as written."""
+    try:
+        value, _ = json.JSONDecoder().raw_decode(text.lstrip())
+    except ValueError:
+        return text
+    return json.dumps(value, separators=(", ", ": "), ensure_ascii=False)
+
+
+def parse_hermes(text: str, names: set[str] | None = None, *, cut: bool = False) -> tuple[str | None, list[tuple[str, str]]]:
     """(the text left around them, or None when nothing is, [(name, arguments JSON)]) of the
     `<tool_call>` blocks of an answer; blocks that are not a JSON call of one of `names` (any
-    name, when None) stay text."""
+    name, when None) stay text. `cut`: `max_tokens` ended the answer, and a last block left open
+    after its name is a call whose arguments are the text written so far."""
     calls: list[tuple[str, str]] = []
     kept: list[str] = []
     last = 0
@@ -168,6 +185,11 @@ def parse_hermes(text: str, names: set[str] | None = None) -> tuple[str | None, 
         kept.append(text[last : match.start()])
         last = match.end()
         calls.append((name, arguments if isinstance(arguments, str) else json.dumps(arguments, separators=(", ", ": "), ensure_ascii=False)))
-    kept.append(text[last:])
+    tail = text[last:]
+    opened = _CUT_CALL.search(tail, tail.rfind("</tool_call>") + 1) if cut else None
+    if opened is not None and (names is None or opened.group(1) in names):
+        calls.append((opened.group(1), written_arguments(tail[opened.end():]) if opened.group(2) else ""))
+        tail = tail[: opened.start()]
+    kept.append(tail)
     rest = "".join(kept).strip()
     return (rest or None) if calls else text, calls

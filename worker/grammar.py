@@ -6,7 +6,8 @@ per distinct grammar (an LRU cache keyed by its text) and copied per row. Each d
 sampler asks every constrained row's matcher for its token bitmask (llguidance fills them in
 parallel, without the GIL), masks those rows' logits, samples, and tells each matcher the
 token chosen. Every answer therefore parses, and validates against its schema, whatever the
-model; an answer cut by `max_tokens` ends `length`, as with OpenAI.
+model; an answer cut by `max_tokens` ends `length`, as with OpenAI. A forced call cut that way
+is still a call (`cut_calls`): the calls as far as they were written, never grammar text.
 
 JSON is generated with fixed separators (", " and ": ") and no free whitespace, so that a model
 cannot spend its tokens on whitespace.
@@ -15,6 +16,7 @@ cannot spend its tokens on whitespace.
 from __future__ import annotations
 
 import json
+import re
 import sys
 import threading
 from collections import OrderedDict
@@ -23,6 +25,7 @@ from typing import Any
 from chatbatch.structured import JSON_OPTIONS
 from schemas.chat import ChatCompletionRequest, NamedToolChoice
 from schemas.errors import ErrorCode, RequestError
+from worker.chat_format import written_arguments
 
 #: Compiled grammars kept (each a pristine matcher that rows copy).
 CACHE_SIZE = 256
@@ -123,3 +126,33 @@ def forced_calls(text: str, request: ChatCompletionRequest) -> list[tuple[str, s
     if isinstance(choice, NamedToolChoice):
         return [(choice.function.name, json.dumps(json.loads(text), separators=(", ", ": "), ensure_ascii=False))]
     return [(call["name"], json.dumps(call["arguments"], separators=(", ", ": "), ensure_ascii=False)) for call in json.loads(text)]
+
+
+#: The start of one call of a `tool_choice: "required"` answer, as the grammar writes it: its
+#: name (group 1), the name's closing quote (2), and the arguments' key (3), each when written.
+_CALL_START = re.compile(r'\s*\{"name": "([A-Za-z0-9_-]*)(")?(, "arguments": )?')
+_SEPARATOR = re.compile(r"\s*,\s*")
+
+
+def cut_calls(text: str, request: ChatCompletionRequest) -> list[tuple[str, str]]:
+    """(name, arguments as far as they were written) of each call of a forced-call answer that
+    `max_tokens` cut: a call appears once its name is written whole; its arguments are JSON text
+    when complete, else the text written so far (possibly empty)."""
+    choice = request.effective_tool_choice
+    if isinstance(choice, NamedToolChoice):
+        return [(choice.function.name, written_arguments(text))]
+    calls: list[tuple[str, str]] = []
+    decoder = json.JSONDecoder()
+    position = 1 if text.startswith("[") else len(text)
+    while position < len(text):
+        try:
+            call, position = decoder.raw_decode(text, position)
+        except ValueError:
+            start = _CALL_START.match(text, position)
+            if start is not None and start.group(2):
+                calls.append((start.group(1), written_arguments(text[start.end():]) if start.group(3) else ""))
+            break
+        calls.append((call["name"], json.dumps(call["arguments"], separators=(", ", ": "), ensure_ascii=False)))
+        separator = _SEPARATOR.match(text, position)
+        position = separator.end() if separator and separator.end() > position else len(text)
+    return calls

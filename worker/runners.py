@@ -25,7 +25,7 @@ from schemas.chat import (
 from schemas.errors import ErrorCode, RequestError
 from worker.chat_format import ChatFormat, parse_hermes
 from worker.engine import Pending
-from worker.grammar import Grammars, forced_calls
+from worker.grammar import Grammars, cut_calls, forced_calls
 from worker.stops import StopFinder
 
 logger = logging.getLogger(__name__)
@@ -437,16 +437,8 @@ class TransformersRunner:
 
     def _choice(self, row: _Row, request: ChatCompletionRequest) -> ChatCompletionChoice:
         """One choice of the answer: its text or tool calls, finish reason and log probabilities."""
-        text = row.text or ""
-        content: str | None = text
         finish = row.finish or "length"
-        calls: list[tuple[str, str]] = []
-        if request.calls_tools and finish == "stop":
-            calls, content = forced_calls(text, request), None
-        elif request.tools and request.effective_tool_choice == "auto" and self.format.hermes:
-            content, calls = parse_hermes(text, {tool.function.name for tool in request.tools})
-            if request.parallel_tool_calls is False:
-                calls = calls[:1]
+        content, calls = self._calls(row.text or "", finish, request)
         tool_calls = [
             ToolCall.model_construct(id=new_id("call_"), type="function", function=FunctionCall.model_construct(name=name, arguments=arguments))
             for name, arguments in calls
@@ -458,8 +450,19 @@ class TransformersRunner:
             index=row.choice,
             message=ChatCompletionMessage.model_construct(role="assistant", content=content, tool_calls=tool_calls or None),
             logprobs=logprobs,
-            finish_reason="tool_calls" if tool_calls else finish,
+            finish_reason="tool_calls" if tool_calls and finish == "stop" else finish,
         )
+
+    def _calls(self, text: str, finish: str, request: ChatCompletionRequest) -> tuple[str | None, list[tuple[str, str]]]:
+        """(content, [(name, arguments)]) of an answer's text. A forced call is calls only, also
+        when `max_tokens` cut it (`finish` "length": the calls as far as they were written);
+        with `tool_choice: "auto"` the model's Hermes blocks are calls, a cut last one too."""
+        if request.calls_tools:
+            return None, forced_calls(text, request) if finish == "stop" else cut_calls(text, request)
+        if request.tools and request.effective_tool_choice == "auto" and self.format.hermes:
+            content, calls = parse_hermes(text, {tool.function.name for tool in request.tools}, cut=finish == "length")
+            return content, calls[:1] if request.parallel_tool_calls is False else calls
+        return text, []
 
     def _token_logprobs(self, row: _Row) -> list[TokenLogprob]:
         """The log probabilities of the tokens the answer returns (a stop string's tokens and
