@@ -87,6 +87,20 @@ end
 return 1
 """.replace("GRACE", str(CALLBACK_GRACE))
 
+#: What a key holder reads of a failed attempt (`callback_last_error`): whether it was sent,
+#: never how the network answered (a scanner's signal); the workers' logs have the cause.
+NOT_DELIVERED = "not delivered: the receiver did not answer 2xx in time (the workers' logs have the cause)"
+REFUSED = "not sent: the URL's host is, or resolves to, an address callbacks may not go to (CHATBATCH_CALLBACK_ALLOW)"
+NO_SECRET = "not sent: CHATBATCH_CALLBACK_SECRET is not set on the worker"
+EXPIRED = "not sent: the object expired from Redis"
+
+
+def shown_error(error: str) -> str:
+    """The delivery error kept in the record for key holders to read: chatbatch's own
+    sentences as they are, any network or HTTP error as NOT_DELIVERED."""
+    return error if error in (REFUSED, NO_SECRET, EXPIRED) else NOT_DELIVERED
+
+
 #: What `claim` answers instead of an attempt number.
 NO_CALLBACK, SETTLED, BUSY = -1, -2, -3
 

@@ -11,6 +11,14 @@ class ConfigurationError(ChatbatchError):
     """The command cannot start: bad option, unreadable file, no Redis."""
 
 
+class RefusedDestination(ConfigurationError):
+    """A callback URL whose destination callbacks may not go to (chatbatch/egress.py)."""
+
+
+class UnresolvedDestination(RefusedDestination):
+    """A callback URL whose host does not resolve (now: a worker tries again later)."""
+
+
 class InputTooLargeError(ConfigurationError):
     """An input file is over a size or line limit."""
 

@@ -637,7 +637,8 @@ class Jobs:
 
     def page(self, owner: str, *, limit: int, after: str | None = None) -> tuple[list[BatchJob], bool]:
         """The jobs of `owner` (the HTTP API's key owner), newest first, after the job `after`:
-        up to `limit`, and whether there are more."""
+        up to `limit`, and whether there are more. A cursor that is not one of `owner`'s jobs
+        reads as an unknown one (an empty page): another owner's job id gives nothing away."""
         found: list[BatchJob] = []
         passed = after is None
         for start in range(0, self.redis.zcard(keys.JOBS), 500):
@@ -646,10 +647,11 @@ class Jobs:
             for job_id in ids:
                 pipe.hget(keys.job(job_id), "owner")
             for job_id, job_owner in zip(ids, pipe.execute()):
+                mine = maybe_text(job_owner) == owner
                 if not passed:
-                    passed = job_id == after
+                    passed = job_id == after and mine
                     continue
-                if maybe_text(job_owner) != owner:
+                if not mine:
                     continue
                 if len(found) == limit:
                     return found, True

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from chatbatch.egress import Allowed
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -77,6 +80,11 @@ class Settings(BaseSettings):
     api_keys: str = ""
     #: The key that signs callbacks (HMAC-SHA256); needed before a request may name a callback.
     callback_secret: str = ""
+    #: Callback destinations allowed although not public, comma-separated host names,
+    #: addresses or CIDR networks (e.g. `127.0.0.1` for local development); every other URL
+    #: that is, or resolves to, a loopback, private, link-local, metadata or reserved address
+    #: is refused (chatbatch/egress.py).
+    callback_allow: str = ""
     #: Tries per callback before its delivery is marked failed (backoff 1 s, 2 s, 4 s, ... 60 s).
     callback_max_attempts: int = Field(default=6, ge=1)
     #: Seconds a callback receiver has to answer.
@@ -91,7 +99,8 @@ class Settings(BaseSettings):
     #: Weights of owners in the fair share between jobs, "owner=weight,..." (others: 1); an
     #: owner of weight 2 gets twice the lines of one of weight 1 while both have jobs waiting.
     owner_weights: str = ""
-    #: Port on which a worker serves its Prometheus metrics (`/metrics`); unset: none.
+    #: Port on which a worker or a gateway serves its Prometheus metrics (`/metrics`), apart
+    #: from the API's port; unset: none.
     metrics_port: int | None = Field(default=None, ge=1, le=65_535)
     #: Log lines as readable `text`, or `json`: one object per line (docs/operations.md).
     log_format: Literal["text", "json"] = "text"
@@ -118,6 +127,21 @@ class Settings(BaseSettings):
 
         parse_weights(value)
         return value
+
+    @field_validator("callback_allow")
+    @classmethod
+    def _allowed(cls, value: str) -> str:
+        from chatbatch.egress import Allowed
+
+        Allowed.parse(value)
+        return value
+
+    @property
+    def allowed_callbacks(self) -> Allowed:
+        """`callback_allow`, parsed."""
+        from chatbatch.egress import Allowed
+
+        return Allowed.parse(self.callback_allow)
 
     @property
     def model_cache(self) -> Path:

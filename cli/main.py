@@ -150,12 +150,16 @@ def worker(
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=8000, show_default=True)
-def serve(host: str, port: int) -> None:
+@click.option(
+    "--metrics-port", type=click.IntRange(1, 65_535),
+    help="Serve Prometheus metrics on this port, not the API's (default: CHATBATCH_METRICS_PORT, else none).",
+)
+def serve(host: str, port: int, metrics_port: int | None) -> None:
     """Serve the OpenAI-compatible HTTP API (chat completions, files, batches, callbacks)."""
     _logging("INFO")
     from gateway import serve as run
 
-    run(get_settings(), host, port)
+    run(get_settings(), host, port, metrics_port)
 
 
 @cli.command()

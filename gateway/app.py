@@ -1,7 +1,8 @@
 """The HTTP API's app factory.
 
 Endpoints: `/v1/models`, `/v1/chat/completions` (waits, like OpenAI, or streams server-sent
-events with `stream: true`; or answers at once with `X-Chatbatch-Async: true`), `/v1/chat/requests/{id}`, `/v1/files`, `/v1/batches`, and `/metrics` (Prometheus). Errors use
+events with `stream: true`; or answers at once with `X-Chatbatch-Async: true`), `/v1/chat/requests/{id}`, `/v1/files`, `/v1/batches`
+(Prometheus metrics are served on a port of their own: gateway/metrics.py). Errors use
 OpenAI's body. Auth: bearer keys from CHATBATCH_API_KEYS; each key sees only its own files,
 batches and requests (another key's objects answer 404, as if absent).
 
@@ -25,6 +26,7 @@ from chatbatch import __version__
 from chatbatch.settings import Settings, get_settings
 from gateway import errors
 from gateway.headers import ResponseHeaders
+from gateway.limits import MULTIPART_ROOM, BodyLimit
 from gateway.metrics import GatewayMetrics, HttpMetrics
 from gateway.routers import batches, chat, files, models
 from gateway.state import Gateway
@@ -75,8 +77,11 @@ def create_app(settings: Settings | None = None, *, sweeps: bool = True) -> Fast
     errors.install(app)
     for router in (models.router, chat.router, files.router, batches.router):
         app.include_router(router)
-    metrics = GatewayMetrics(settings.redis_url)
-    app.add_route("/metrics", metrics.endpoint, methods=["GET"], include_in_schema=False)
+    # Served on a port of its own by `chatbatch serve --metrics-port` (gateway/metrics.py).
+    metrics = app.state.metrics = GatewayMetrics(settings.redis_url)
+    # The last added is the outermost: every answer, a body limit's 413 included, is counted in
+    # the metrics and carries the response headers.
+    app.add_middleware(BodyLimit, limit=settings.max_line_bytes, routes={("POST", "/v1/files"): settings.max_file_bytes + MULTIPART_ROOM})
     app.add_middleware(HttpMetrics, metrics=metrics)
     app.add_middleware(ResponseHeaders)
     return app

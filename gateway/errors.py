@@ -57,6 +57,8 @@ def _http_error(request: Request, error: HTTPException) -> JSONResponse:
         return error_response(404, f"Invalid URL ({request.method} {request.url.path}): no such route", "invalid_request_error", "not_found")
     if error.status_code == 405:
         return error_response(405, f"Method {request.method} is not allowed on {request.url.path}", "invalid_request_error", "method_not_allowed")
+    if error.status_code == 413:
+        return error_response(413, str(error.detail), "invalid_request_error", "request_too_large", headers={"Connection": "close"})
     if error.status_code == 400:
         message = f"the request body could not be parsed ({error.detail}): check its format and Content-Type"
         return error_response(400, message, "invalid_request_error", "invalid_request")

@@ -35,35 +35,19 @@ class FileStore:
     def path(self, file_id: str) -> Path:
         return self.directory / f"{file_id}.jsonl"
 
-    def create(self, stream: BinaryIO, *, filename: str, purpose: str, owner: str) -> dict[str, Any]:
-        """Store an upload, streamed to disk; refuses one over `max_bytes`.
+    def upload(self, filename: str) -> Upload:
+        """A new upload, to be written block by block as it arrives."""
+        return Upload(self, filename)
 
-        Raises:
-            InputTooLargeError: the upload is over the file size limit (nothing is kept).
-        """
+    def _record(self, upload: Upload, *, purpose: str, owner: str) -> dict[str, Any]:
         file_id = new_id("file-")
-        target = self.path(file_id)
-        partial = target.with_suffix(".part")
-        size = 0
-        try:
-            with partial.open("wb") as out:
-                while block := stream.read(1 << 20):
-                    size += len(block)
-                    if size > self.max_bytes:
-                        raise InputTooLargeError(
-                            f"{filename} is over the limit of {self.max_bytes:,} bytes: split it or "
-                            "raise CHATBATCH_MAX_FILE_BYTES"
-                        )
-                    out.write(block)
-            os.replace(partial, target)
-        finally:
-            partial.unlink(missing_ok=True)
+        os.replace(upload.partial, self.path(file_id))
         record: dict[str, Any] = {
             "id": file_id,
             "object": "file",
-            "bytes": size,
+            "bytes": upload.size,
             "created_at": int(time.time()),
-            "filename": filename,
+            "filename": upload.filename,
             "purpose": purpose,
             "status": "processed",
             "owner": owner,
@@ -96,3 +80,53 @@ class FileStore:
         pipe.zrem(keys.FILES, file_id)
         pipe.execute()
         self.path(file_id).unlink(missing_ok=True)
+
+
+class Upload:
+    """An upload being written: its content goes to a partial file in the store's directory
+    as it arrives, counted against the store's limit before each block is written, so no more
+    than `max_bytes` is ever written; `keep` makes it a file (and mints its id), `discard`
+    drops it. Not thread-safe: one writer at a time.
+    """
+
+    def __init__(self, store: FileStore, filename: str) -> None:
+        self.store = store
+        self.filename = filename
+        self.size = 0
+        self.partial = store.directory / f"upload-{new_id('')}.part"
+        self._out: BinaryIO | None = self.partial.open("wb")
+
+    def write(self, block: bytes) -> None:
+        """Append a block.
+
+        Raises:
+            InputTooLargeError: the block would take the upload over the limit (it is not
+                written; the upload is discarded).
+        """
+        if self.size + len(block) > self.store.max_bytes:
+            self.discard()
+            raise InputTooLargeError(
+                f"{self.filename} is over the limit of {self.store.max_bytes:,} bytes: split it or "
+                "raise CHATBATCH_MAX_FILE_BYTES"
+            )
+        if self._out is None:
+            raise ValueError("the upload was kept or discarded already")
+        self._out.write(block)
+        self.size += len(block)
+
+    def keep(self, *, purpose: str, owner: str) -> dict[str, Any]:
+        """The upload as a stored file: its record (with its new id)."""
+        if self._out is None:
+            raise ValueError("the upload was discarded already")
+        self._out.close()
+        self._out = None
+        try:
+            return self.store._record(self, purpose=purpose, owner=owner)
+        finally:
+            self.partial.unlink(missing_ok=True)
+
+    def discard(self) -> None:
+        if self._out is not None:
+            self._out.close()
+            self._out = None
+        self.partial.unlink(missing_ok=True)

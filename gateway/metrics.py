@@ -1,14 +1,18 @@
-"""The gateway's Prometheus metrics, at `GET /metrics` (no key needed, like any exporter): HTTP
-requests by method, route and status, their duration, and the fleet's queue and job gauges read
-from Redis at scrape time (chatbatch/metrics.py)."""
+"""The gateway's Prometheus metrics: HTTP requests by method, route and status, their duration,
+and the fleet's queue and job gauges read from Redis at scrape time (chatbatch/metrics.py).
+
+They are served on a port of their own (`chatbatch serve --metrics-port`, or
+CHATBATCH_METRICS_PORT), never on the API's: they describe the whole fleet (served models,
+queue depths, jobs by status), which no tenant's key should read, and a scraper needs no key on
+a port the cluster keeps to itself, as the workers' metrics port and Envoy's or TGI's metrics
+listeners do (docs/operations.md#what-is-exposed).
+"""
 
 from __future__ import annotations
 
 import time
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from starlette.requests import Request
-from starlette.responses import Response
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from chatbatch.metrics import FleetCollector, fleet_queues, scrape_client
@@ -32,10 +36,10 @@ class GatewayMetrics:
         client = scrape_client(redis_url)
         self.registry.register(FleetCollector(client, lambda: fleet_queues(client)))
 
-    def endpoint(self, _: Request) -> Response:
-        """The scrape: a plain function, so Starlette runs it in its thread pool, off the event
-        loop (it reads Redis)."""
-        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+    def serve(self, port: int, host: str) -> None:
+        """Serve `/metrics` on `port` of `host`'s interface, in a thread of its own (the scrape
+        reads Redis there, off the event loop)."""
+        start_http_server(port, addr=host, registry=self.registry)
 
 
 class HttpMetrics:

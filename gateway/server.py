@@ -41,8 +41,13 @@ class _Server(uvicorn.Server):
         await super().serve(sockets)
 
 
-def serve(settings: Settings, host: str, port: int) -> None:
+def serve(settings: Settings, host: str, port: int, metrics_port: int | None = None) -> None:
+    """Serve the API on `port`, and its Prometheus metrics on `metrics_port` (default:
+    CHATBATCH_METRICS_PORT; none when neither is set), both on `host`'s interface."""
     app = create_app(settings)
+    metrics_port = metrics_port or settings.metrics_port
+    if metrics_port:
+        app.state.metrics.serve(metrics_port, host)
     # log_config=None: uvicorn's records go to chatbatch's handler (chatbatch/logs.py), not to
     # handlers of its own.
     config = uvicorn.Config(

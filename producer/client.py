@@ -10,7 +10,7 @@ from typing import IO, Any
 
 import redis
 
-from chatbatch import keys, registry
+from chatbatch import egress, keys, registry
 from chatbatch.callbacks import check_url, initial_fields
 from chatbatch.dispatch import (
     DEFAULT_OWNER,
@@ -170,12 +170,15 @@ class Client:
 
         Raises:
             RequestError: the body is invalid, or names a model no worker serves.
-            ConfigurationError: a callback URL that cannot be used.
+            ConfigurationError: a callback URL that cannot be used (RefusedDestination: one
+                that is, or resolves to, an address callbacks may not go to).
             IdempotencyKeyError: a malformed key, or one first sent with another body.
         """
         callback_url = check_url(callback_url, self.settings.callback_secret)
         request = parse_chat_request(body, streamable=True)
         check_schema(request)
+        if callback_url:
+            egress.check(callback_url, self.settings.allowed_callbacks)
         size = len(request.model_dump_json())
         if size > self.settings.max_line_bytes:
             raise RequestError(
@@ -278,6 +281,8 @@ class Client:
             except ValueError as error:
                 raise ConfigurationError(f"--metadata: {error}") from None
         callback_url = check_url(callback_url, settings.callback_secret, option="--callback-url")
+        if callback_url:
+            egress.check(callback_url, settings.allowed_callbacks, option="--callback-url")
         extra = share_fields(priority, owner)
         extra.update(tracking_fields(mlflow_experiment))
         if callback_url:

@@ -579,6 +579,70 @@ def _refuse_media(request: ChatCompletionRequest, prefix: str) -> None:
                 )
 
 
+def _bad_text(value: str) -> int | None:
+    """The index of the first character of `value` that UTF-8 cannot encode (an unpaired
+    surrogate, which a JSON `\\udc80` escape decodes to), or None."""
+    if value.isascii():
+        return None
+    try:
+        value.encode()
+    except UnicodeEncodeError as error:
+        return error.start
+    return None
+
+
+def _has_bad_text(data: Any) -> bool:
+    """Whether any string (key or value) in a decoded JSON value is not valid Unicode: one
+    pass, without paths (the common case is none)."""
+    stack = [data]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            if _bad_text(value) is not None:
+                return True
+        elif isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+    return False
+
+
+def _bad_text_path(data: Any) -> tuple[str, str]:
+    """The field path of the first string that is not valid Unicode, and where in it: "a key"
+    (the path is then its object's) or "character N". Iterative: nesting depth costs no
+    recursion."""
+    stack: list[tuple[Any, str]] = [(data, "")]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str):
+            index = _bad_text(value)
+            if index is not None:
+                return path, f"character {index}"
+        elif isinstance(value, dict):
+            for key in value:
+                if isinstance(key, str) and _bad_text(key) is not None:
+                    return path, "a key"
+            stack.extend((item, f"{path}.{key}" if path else str(key)) for key, item in reversed(value.items()))
+        elif isinstance(value, list):
+            stack.extend((item, f"{path}[{index}]") for index, item in reversed(list(enumerate(value))))
+    return "", "a string"
+
+
+def _refuse_unencodable(data: dict[str, Any], prefix: str) -> None:
+    """Text that no tokenizer can take, nor Redis store, nor JSON carry as UTF-8 is refused
+    here, naming its field, rather than failing later beside other requests."""
+    if not _has_bad_text(data):
+        return
+    path, where = _bad_text_path(data)
+    field = prefix + path if path else prefix.rstrip(".") or "body"
+    raise RequestError(
+        ErrorCode.invalid_request,
+        f"'{field}': {where} is not valid Unicode (an unpaired surrogate, such as \\udc80): send UTF-8 text",
+        param=field,
+    )
+
+
 def parse_chat_request(data: Any, *, prefix: str = "", streamable: bool = False) -> ChatCompletionRequest:
     """Validate a decoded request body.
 
@@ -597,6 +661,7 @@ def parse_chat_request(data: Any, *, prefix: str = "", streamable: bool = False)
             ErrorCode.invalid_request,
             f"'{prefix.rstrip('.') or 'body'}' must be a JSON object, got {type(data).__name__}",
         )
+    _refuse_unencodable(data, prefix)
     body = _refuse_unsupported(data, prefix)
     try:
         request = ChatCompletionRequest.model_validate(body)

@@ -23,6 +23,8 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 #: Signs callbacks; producers and workers share it.
 CALLBACK_SECRET = "whsec-test-3c1f"
+#: CHATBATCH_CALLBACK_ALLOW for tests whose callback receivers listen on loopback.
+LOOPBACK = "127.0.0.1"
 CHATBATCH = [sys.executable, "-m", "cli"]
 
 
@@ -258,7 +260,9 @@ class Worker:
 
 @pytest.fixture(scope="session")
 def tiny_worker(tiny_model: Path, base_env: dict[str, str], redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
-    env = {**base_env, "CHATBATCH_BATCH_WAIT_MS": "50"}
+    # Loopback callback receivers: the tests' own (callbacks go to public addresses only
+    # unless allowed).
+    env = {**base_env, "CHATBATCH_BATCH_WAIT_MS": "50", "CHATBATCH_CALLBACK_ALLOW": LOOPBACK}
     worker = Worker(env, tmp_path_factory.mktemp("logs") / "tiny-worker.log", "--model", str(tiny_model))
     try:
         worker.wait_ready("tiny-llama-chat", redis_server.client())

@@ -24,7 +24,7 @@ from chatbatch.requests import Requests
 from chatbatch.settings import Settings
 from producer import Client
 from schemas import BatchJob, ChatCompletion
-from tests.conftest import CALLBACK_SECRET, RedisServer, Worker, batch_line, user, wait_for
+from tests.conftest import CALLBACK_SECRET, LOOPBACK, RedisServer, Worker, batch_line, user, wait_for
 
 MODEL = "tiny-llama-chat"
 
@@ -147,11 +147,11 @@ def _signed(headers: dict[str, str], body: bytes) -> bool:
 def test_the_fleet_calls_back_a_request_and_a_batch_once_each_with_no_gateway(
     aof_redis: RedisServer, base_env: dict[str, str], tiny_model: Path, receiver: Receiver, tmp_path: Path
 ) -> None:
-    env = {**base_env, "CHATBATCH_REDIS_URL": aof_redis.url, "CHATBATCH_HEARTBEAT_INTERVAL": "1"}
+    env = {**base_env, "CHATBATCH_REDIS_URL": aof_redis.url, "CHATBATCH_HEARTBEAT_INTERVAL": "1", "CHATBATCH_CALLBACK_ALLOW": LOOPBACK}
     worker = Worker(env, tmp_path / "worker.log", "--model", str(tiny_model))
     try:
         worker.wait_ready(MODEL, aof_redis.client())
-        client = Client(Settings(redis_url=aof_redis.url, callback_secret=CALLBACK_SECRET))
+        client = Client(Settings(redis_url=aof_redis.url, callback_secret=CALLBACK_SECRET, callback_allow=LOOPBACK))
         hook = f"http://127.0.0.1:{receiver.port}/hook"
         request = client.submit(user("call me back", max_tokens=3), callback_url=hook)
         source = tmp_path / "in.jsonl"

@@ -242,22 +242,28 @@ class _FailingModel:
 
 
 def test_a_failing_step_answers_every_request_it_held(runner) -> None:  # type: ignore[no-untyped-def]
-    """The model fails in the step after one request finished: that request keeps its answer,
-    the others get internal_error, and the engine goes on."""
+    """The model fails once, in the step after one request finished: that request keeps its
+    answer, the requests the batch held run again apart and are answered as alone, and the
+    engine goes on. A request alone in a batch that fails keeps the error."""
     from schemas import ErrorCode, RequestError
 
     if runner.decode != "dynamic":
         pytest.skip("the slot layout settles rows only after its device steps")
     engine = Engine(runner, batch_wait=0.0)
     short = engine.submit(_request("short", max_tokens=1), "short")
-    long = engine.submit(_request("long", max_tokens=10), "long")
+    longs = [engine.submit(_request(text, max_tokens=10), text) for text in ("long", "longer")]
     model = runner.model
     runner.model = _FailingModel(model, fail_on=2)  # the prefill, then the first decode step
     try:
         engine.start()
         assert short.result(timeout=60).usage.completion_tokens == 1
+        for text, future in zip(("long", "longer"), longs):
+            answer = future.result(timeout=60)
+            assert answer.choices[0].message.content == _generate_alone(runner, text, answer.usage.completion_tokens)
+        runner.model = _FailingModel(model, fail_on=2)
+        alone = engine.submit(_request("alone", max_tokens=10), "alone")
         with pytest.raises(RequestError) as error:
-            long.result(timeout=60)
+            alone.result(timeout=60)
         assert error.value.code is ErrorCode.internal_error and "out of memory" in error.value.message
         runner.model = model
         assert isinstance(engine.submit(_request("after", max_tokens=3), "after").result(timeout=60), ChatCompletion)

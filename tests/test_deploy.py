@@ -223,7 +223,7 @@ def test_every_chatbatch_variable_of_the_pods_is_a_known_setting() -> None:
 # The gateway
 
 
-def test_the_gateway_reads_its_keys_from_a_secret_is_probed_and_scraped_on_its_port() -> None:
+def test_the_gateway_reads_its_keys_from_a_secret_is_probed_and_scraped_on_its_metrics_port() -> None:
     for gateway in _chatbatch_deployments("serve"):
         container = _container(gateway)
         assert _option(container, "--host") == "0.0.0.0"
@@ -236,10 +236,15 @@ def test_the_gateway_reads_its_keys_from_a_secret_is_probed_and_scraped_on_its_p
         if "httpGet" in probe:
             assert probe["httpGet"]["path"] == "/v1/models"
         assert named.get(probe.get("httpGet", probe.get("tcpSocket", {})).get("port")) == port
+        # Metrics on a port of their own, which the Service does not expose (docs/operations.md).
+        metrics = Settings.model_validate({"metrics_port": env["CHATBATCH_METRICS_PORT"]}).metrics_port
+        assert metrics != port and metrics in named.values()
         annotations = _pod(gateway)["metadata"]["annotations"]
         assert annotations["prometheus.io/scrape"] == "true"
-        assert annotations["prometheus.io/port"] == str(port)
+        assert annotations["prometheus.io/port"] == str(metrics)
         assert annotations["prometheus.io/path"] == "/metrics"
+        service = _objects("Service")[gateway["metadata"]["name"]]
+        assert [p["targetPort"] for p in service["spec"]["ports"]] == ["http"]
         assert gateway["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > _pre_stop_sleep(container)
 
 
@@ -377,7 +382,7 @@ def _bind_mounts(service: Manifest) -> dict[str, Path]:
     return mounts
 
 
-def test_compose_prometheus_scrapes_the_worker_metrics_port_and_the_gateway() -> None:
+def test_compose_prometheus_scrapes_the_worker_and_gateway_metrics_ports() -> None:
     services = _compose_services()
     prometheus = services["prometheus"]
     config_path = next(arg.split("=", 1)[1] for arg in prometheus["command"] if arg.startswith("--config.file="))
@@ -389,10 +394,10 @@ def test_compose_prometheus_scrapes_the_worker_metrics_port_and_the_gateway() ->
         for target in static["targets"]
     }
     worker_port = services["worker"]["environment"]["CHATBATCH_METRICS_PORT"]
-    gateway_command = services["gateway"]["command"]
-    gateway_port = gateway_command[gateway_command.index("--port") + 1]
+    gateway_port = services["gateway"]["environment"]["CHATBATCH_METRICS_PORT"]
     assert ("/metrics", f"worker:{worker_port}") in scraped
     assert ("/metrics", f"gateway:{gateway_port}") in scraped
+    assert all(not mapping.endswith(f":{gateway_port}") for mapping in services["gateway"]["ports"]), "metrics stay inside"
 
 
 def test_compose_grafana_provisions_prometheus_and_the_dashboard() -> None:

@@ -486,3 +486,100 @@ def test_service_tiers_order_single_requests_and_batch_lines(runner) -> None:  #
     assert finished[:4] == ["priority", "priority", "default", "default"], finished
     last_line = max(i for i, name in enumerate(finished) if name == "line")
     assert min(i for i, name in enumerate(finished) if name in ("flex", "line-flex")) > last_line, finished
+
+
+# A request that breaks fails alone, whatever the reason.
+
+NEIGHBOURS = ["hi", "Explain batching.", "fox?", "print('x')", "a b c d e f g"]
+HOSTILE = "word " * 60  # the only prompt whose positions pass 60
+
+
+def _bypassing_validation(text: str):  # type: ignore[no-untyped-def]
+    """A request whose content validation would refuse (as an older producer could send):
+    what reaches the engine is the engine's to survive."""
+    request = _request("placeholder", temperature=0, max_tokens=8)
+    request.messages[0].content = text
+    return request
+
+
+def _assert_neighbours_answer_as_alone(runner, outcomes) -> None:  # type: ignore[no-untyped-def]
+    for text, outcome in zip(NEIGHBOURS, outcomes):
+        assert isinstance(outcome, ChatCompletion), (text, outcome)
+        assert outcome.choices[0].message.content == _generate_alone(runner, text, outcome.usage.completion_tokens), text
+
+
+@pytest.mark.parametrize("schedule", ["continuous", "request"])
+def test_text_the_tokenizer_refuses_fails_alone(runner, schedule: str) -> None:  # type: ignore[no-untyped-def]
+    """An unpaired surrogate makes the tokenizer's batch encode raise for every prompt in the
+    call: the engine encodes one by one, and only that request fails (invalid_request)."""
+    requests = [_request(text, temperature=0, max_tokens=8) for text in NEIGHBOURS]
+    requests.insert(2, _bypassing_validation("bad \udc80 text"))
+    outcomes, _ = _run_together(runner, requests, schedule=schedule)
+    refused = outcomes.pop(2)
+    assert isinstance(refused, RequestError) and refused.code is ErrorCode.invalid_request
+    assert refused.param == "messages" and "tokenizer refused" in refused.message
+    _assert_neighbours_answer_as_alone(runner, outcomes)
+
+
+class _BreaksOn:
+    """The runner's model, failing every forward pass (`prefill` ones, or decode steps) in
+    which some row's position passes `limit`: a request that breaks any batch it is in."""
+
+    def __init__(self, model, limit: int, *, prefill: bool) -> None:  # type: ignore[no-untyped-def]
+        self.model, self.limit, self.prefill, self.failures = model, limit, prefill, 0
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        return getattr(self.model, name)
+
+    def __call__(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if (kwargs["input_ids"].shape[1] > 1) == self.prefill and int(kwargs["position_ids"].max()) > self.limit:
+            self.failures += 1
+            raise RuntimeError("this row breaks its batch")
+        return self.model(*args, **kwargs)
+
+
+@pytest.mark.parametrize(("schedule", "prefill"), [("continuous", True), ("continuous", False), ("request", True), ("request", False)])
+def test_a_request_that_breaks_its_batch_fails_alone(runner, schedule: str, prefill: bool) -> None:  # type: ignore[no-untyped-def]
+    """The model fails whenever one request is in the batch, at its prefill or at a decode
+    step: the batch runs again in halves (or the joining requests one at a time) until that
+    request fails alone; every other request is answered as it would be alone."""
+    requests = [_request(text, temperature=0, max_tokens=8) for text in NEIGHBOURS]
+    requests.insert(3, _request(HOSTILE, temperature=0, max_tokens=8))
+    model = runner.model
+    runner.model = broken = _BreaksOn(model, 60, prefill=prefill)
+    try:
+        outcomes, _ = _run_together(runner, requests, schedule=schedule)
+    finally:
+        runner.model = model
+    assert broken.failures >= 2  # in its batch, then alone
+    hostile = outcomes.pop(3)
+    assert isinstance(hostile, RequestError) and hostile.code is ErrorCode.internal_error
+    assert "breaks its batch" in hostile.message
+    _assert_neighbours_answer_as_alone(runner, outcomes)
+
+
+class _BrokenSink:
+    """A streamed request's sink that fails at its first token (its stream cannot be written)."""
+
+    cancelled = False
+    sent = False
+
+    def put(self, choice: int, token: int) -> None:
+        raise OSError("the stream's sink failed")
+
+
+def test_a_row_that_breaks_leaves_and_its_neighbours_go_on(runner) -> None:  # type: ignore[no-untyped-def]
+    """A row whose own per-token work fails (here its stream) finishes at once with
+    internal_error; the rows beside it decode on in the same batch, never run again."""
+    engine = Engine(runner, batch_wait=0.0)
+    futures = [engine.submit(_request(text, temperature=0, max_tokens=8), f"n{i}") for i, text in enumerate(NEIGHBOURS)]
+    broken = engine.submit(_request("stream me", temperature=0, max_tokens=8), "broken", stream=_BrokenSink())
+    engine.start()
+    try:
+        with pytest.raises(RequestError) as error:
+            broken.result(timeout=120)
+        assert error.value.code is ErrorCode.internal_error and "sink failed" in error.value.message
+        _assert_neighbours_answer_as_alone(runner, [future.result(timeout=120) for future in futures])
+        assert engine.stats["batches"] == 1  # one running batch took them all, and nothing ran again
+    finally:
+        engine.stop()

@@ -21,7 +21,18 @@ from pydantic import BaseModel, Field
 
 from chatbatch import keys
 from schemas import BatchRequestOutput, ChatCompletion
-from tests.conftest import CALLBACK_SECRET, CHATBATCH, ROOT, RedisServer, Worker, batch_line, free_port, user, wait_for
+from tests.conftest import (
+    CALLBACK_SECRET,
+    CHATBATCH,
+    LOOPBACK,
+    ROOT,
+    RedisServer,
+    Worker,
+    batch_line,
+    free_port,
+    user,
+    wait_for,
+)
 
 KEY_A, KEY_B = "sk-test-alpha", "sk-test-bravo"
 SECRET = CALLBACK_SECRET
@@ -40,7 +51,7 @@ def gateway(tiny_worker: Worker, base_env: dict[str, str], tmp_path_factory: pyt
     port = free_port()
     log = tmp_path_factory.mktemp("gateway") / "gateway.log"
     env = {**base_env, "CHATBATCH_API_KEYS": f"{KEY_A},{KEY_B}", "CHATBATCH_CALLBACK_SECRET": SECRET,
-           "CHATBATCH_CALLBACK_MAX_ATTEMPTS": "4"}
+           "CHATBATCH_CALLBACK_MAX_ATTEMPTS": "4", "CHATBATCH_CALLBACK_ALLOW": LOOPBACK}
     with log.open("wb") as out:
         process = subprocess.Popen([*CHATBATCH, "serve", "--port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"

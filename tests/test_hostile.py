@@ -95,6 +95,7 @@ def test_every_line_ends_as_exactly_one_line(tiny_worker: Worker, redis_server: 
         ({"messages": [{"role": "user", "content": "x"}] * 2049}, ErrorCode.invalid_request),
         (user("x", temperature=-1), ErrorCode.invalid_request),
         ({"messages": []}, ErrorCode.invalid_request),
+        (user("an unpaired surrogate \udc80"), ErrorCode.invalid_request),
     ],
 )
 def test_single_requests_over_the_limits_are_refused_at_submit(redis_server: RedisServer, body: dict, code: ErrorCode) -> None:  # type: ignore[type-arg]

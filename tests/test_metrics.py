@@ -88,19 +88,23 @@ def test_a_workers_counters_and_histograms_grow_by_a_jobs_exact_counts(metered: 
 
 
 @pytest.fixture(scope="module")
-def gateway_url(base_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with served_gateway(base_env, tmp_path_factory.mktemp("gateway") / "gateway.log") as url:
-        yield url
+def gateway_url(base_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """The gateway's API URL, and its metrics URL on a port of their own."""
+    port = free_port()
+    with served_gateway({**base_env, "CHATBATCH_METRICS_PORT": str(port)}, tmp_path_factory.mktemp("gateway") / "gateway.log") as url:
+        yield url, f"http://127.0.0.1:{port}/metrics"
 
 
-def test_the_gateway_counts_requests_by_route_template_and_status(gateway_url: str) -> None:
-    before = scrape(f"{gateway_url}/metrics")
+def test_the_gateway_counts_requests_by_route_template_and_status(gateway_url: tuple[str, str]) -> None:
+    api_url, metrics_url = gateway_url
+    assert httpx.get(f"{api_url}/metrics").status_code == 404, "the API's port serves no fleet metrics"
+    before = scrape(metrics_url)
     for _ in range(2):
-        assert httpx.get(f"{gateway_url}/v1/models").status_code == 200
-    assert httpx.get(f"{gateway_url}/v1/batches/batch_nobody").status_code == 404
-    assert httpx.post(f"{gateway_url}/v1/chat/completions", content=json.dumps({"messages": "no"}),
+        assert httpx.get(f"{api_url}/v1/models").status_code == 200
+    assert httpx.get(f"{api_url}/v1/batches/batch_nobody").status_code == 404
+    assert httpx.post(f"{api_url}/v1/chat/completions", content=json.dumps({"messages": "no"}),
                       headers={"Content-Type": "application/json"}).status_code == 400
-    after = scrape(f"{gateway_url}/metrics")
+    after = scrape(metrics_url)
 
     def grew(name: str, **labels: str) -> float:
         return total(after, name, **labels) - total(before, name, **labels)
@@ -114,13 +118,13 @@ def test_the_gateway_counts_requests_by_route_template_and_status(gateway_url: s
     assert any(name == "chatbatch_jobs" for name, _ in after)
 
 
-def test_the_metrics_exported_are_those_the_dashboard_and_alerts_name(metered: tuple[Worker, str], gateway_url: str) -> None:
+def test_the_metrics_exported_are_those_the_dashboard_and_alerts_name(metered: tuple[Worker, str], gateway_url: tuple[str, str]) -> None:
     """tests/test_deploy.py checks the dashboard, the KEDA triggers and the alerts against
     EXPORTED; here EXPORTED is checked against real scrapes of a worker and a gateway."""
     from tests.test_deploy import EXPORTED, HISTOGRAMS
 
     found: set[str] = set()
-    for url in (metered[1], f"{gateway_url}/metrics"):
+    for url in (metered[1], gateway_url[1]):
         for family in text_string_to_metric_families(httpx.get(url, timeout=10).text):
             if family.name.startswith("chatbatch_"):
                 found.add(family.name + "_total" if family.type == "counter" else family.name)

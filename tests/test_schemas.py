@@ -227,3 +227,33 @@ def test_chunks_are_sized_to_the_file() -> None:
     assert chunk_lines(10) == MIN_CHUNK_LINES
     assert chunk_lines(6_400) == 100  # about 64 chunks
     assert chunk_lines(50_000) == MAX_CHUNK_LINES
+
+
+@pytest.mark.parametrize(
+    ("raw", "field"),
+    [
+        (b'{"messages": [{"role": "user", "content": "ok"}, {"role": "user", "content": "a\\udc80"}]}', "body.messages[1].content"),
+        (b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\ud800"}]}]}', "body.messages[0].content[0].text"),
+        (b'{"messages": [{"role": "user", "content": "x"}], "stop": ["\\udfff"]}', "body.stop[0]"),
+        (b'{"messages": [{"role": "user", "content": "x"}], "metadata": {"\\udc80": "v"}}', "body.metadata"),
+        (b'{"messages": [{"role": "user", "content": "x"}], "\\udc80": 1}', "body"),
+    ],
+)
+def test_text_that_is_not_valid_unicode_is_refused_naming_its_field(raw: bytes, field: str) -> None:
+    """An unpaired surrogate (a JSON escape no UTF-8 text can hold) is refused where it was
+    named, in a batch line and in a single request, never passed on to fail in the engine;
+    the message carries the field's path, not the text (which no JSON error line could hold)."""
+    line = b'{"custom_id": "s", "method": "POST", "url": "/v1/chat/completions", "body": ' + raw + b"}"
+    with pytest.raises(LineError) as caught:
+        parse_batch_line(line, 5)
+    error = caught.value.error
+    assert error.code is ErrorCode.invalid_request and error.param == field and "not valid Unicode" in error.message
+    json.dumps(error.message, ensure_ascii=False).encode()  # an error line can carry it
+    with pytest.raises(RequestError) as single:
+        parse_chat_request(json.loads(raw))
+    assert single.value.param == ("body" if field == "body" else field.removeprefix("body."))
+
+
+def test_any_valid_unicode_passes() -> None:
+    text = "héllo wörld, 日本語, emoji 🙂, a lone backslash \\ud800 written out, and a NUL \x00"
+    assert parse_chat_request({"messages": [{"role": "user", "content": text}], "metadata": {"ключ": "значение"}}).messages[0].content == text

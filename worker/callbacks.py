@@ -7,6 +7,12 @@ attempt, and Celery retries it with exponential backoff (1 s, 2 s, 4 s, ... 60 s
 failure or a timeout, up to CHATBATCH_CALLBACK_MAX_ATTEMPTS attempts. The delivery state lives
 in the record (chatbatch/callbacks.py), so a relayed duplicate or a redelivered task never
 delivers twice.
+
+Each attempt resolves the URL's host afresh and checks every address (chatbatch/egress.py): a
+destination that is, or has come to resolve to, a non-public address is refused for good; the
+POST connects to a checked address (the name is not resolved again), follows no redirect and
+ignores proxy variables. The record keeps only whether it was delivered (`shown_error`); the
+cause of a failure goes to the logs.
 """
 
 from __future__ import annotations
@@ -19,8 +25,9 @@ from typing import Any
 
 from celery.utils.time import get_exponential_backoff_interval
 
-from chatbatch import callbacks
+from chatbatch import callbacks, egress
 from chatbatch.events import Consumer
+from chatbatch.exceptions import RefusedDestination, UnresolvedDestination
 from chatbatch.jobs import batch_object
 from chatbatch.queues import CALLBACK_QUEUE, TASK_CALLBACK
 from chatbatch.redisconn import text
@@ -79,7 +86,7 @@ def deliver(task: Any, state: WorkerState, kind: str, object_id: str, event_id: 
         logger.info("callback for %s %s delivered (attempt %d)", kind, object_id, attempt)
         return
     wait = backoff(retries)
-    state.callbacks.failed(kind, object_id, holder, error, final=final, keep_lease=wait + settings.callback_timeout + 30)
+    state.callbacks.failed(kind, object_id, holder, callbacks.shown_error(error), final=final, keep_lease=wait + settings.callback_timeout + 30)
     if final:
         logger.error("callback for %s %s failed for good after %d attempts (%s)", kind, object_id, attempt, error)
         return
@@ -90,15 +97,21 @@ def deliver(task: Any, state: WorkerState, kind: str, object_id: str, event_id: 
 def _attempt(state: WorkerState, kind: str, object_id: str, event_id: str, attempt: int) -> tuple[str, bool]:
     """POST the signed body once: ("", _) when the receiver took it, else (the error, whether
     it is final)."""
-    import httpx
-
     settings = state.settings
     url = state.callbacks.url(kind, object_id)
     payload = body(state, kind, object_id)
     if not settings.callback_secret:
-        return "CHATBATCH_CALLBACK_SECRET is not set on the worker", True
+        return callbacks.NO_SECRET, True
     if url is None or payload is None:
-        return "the object expired from Redis", True
+        return callbacks.EXPIRED, True
+    final = attempt >= settings.callback_max_attempts
+    try:
+        destination = egress.check(url, settings.allowed_callbacks)
+    except UnresolvedDestination as unresolved:
+        return str(unresolved), final
+    except RefusedDestination as refused:
+        logger.warning("callback for %s %s refused: %s", kind, object_id, refused)
+        return callbacks.REFUSED, True
     headers = {
         "Content-Type": "application/json",
         callbacks.SIGNATURE_HEADER: callbacks.sign(settings.callback_secret, payload, int(time.time())),
@@ -107,14 +120,30 @@ def _attempt(state: WorkerState, kind: str, object_id: str, event_id: str, attem
         callbacks.EVENT_ID_HEADER: event_id,
         callbacks.ATTEMPT_HEADER: str(attempt),
     }
-    final = attempt >= settings.callback_max_attempts
-    try:
-        response = httpx.post(url, content=payload, headers=headers, timeout=settings.callback_timeout)
-    except (httpx.InvalidURL, httpx.UnsupportedProtocol) as failure:
-        return f"{type(failure).__name__}: {failure}", True
-    except httpx.HTTPError as failure:
-        return type(failure).__name__, final
-    return ("" if 200 <= response.status_code < 300 else f"HTTP {response.status_code}"), final
+    return post(destination, payload, headers, timeout=settings.callback_timeout), final
+
+
+def post(destination: egress.Destination, payload: bytes, headers: dict[str, str], *, timeout: float) -> str:
+    """POST to the destination's checked addresses in turn (the next one only when one cannot
+    be connected to), with the URL's own host in `Host` and as the TLS server name; never
+    resolving the host again, following no redirect and ignoring proxy variables. Returns ""
+    when the receiver took it (2xx), else what went wrong (for the logs)."""
+    import httpx
+
+    headers = {**headers, "Host": destination.host_header}
+    extensions = {"sni_hostname": destination.url.raw_host.decode("ascii")} if destination.url.scheme == "https" else {}
+    error = "no address to connect to"
+    with httpx.Client(trust_env=False, follow_redirects=False, timeout=timeout) as client:
+        for address in destination.addresses:
+            try:
+                response = client.post(destination.target(address), content=payload, headers=headers, extensions=extensions)
+            except httpx.ConnectError as failure:
+                error = f"ConnectError: {failure}"
+                continue
+            except httpx.HTTPError as failure:
+                return f"{type(failure).__name__}: {failure}"
+            return "" if 200 <= response.status_code < 300 else f"HTTP {response.status_code}"
+    return error
 
 
 def send_due(state: WorkerState, app: Any) -> int:

@@ -20,6 +20,11 @@ finished ones copies the whole cache, which for short answers joining every few 
 more than the steps themselves.
 
 A request is answered as soon as its last row finishes; nothing waits for the batch to end.
+
+A request breaks alone: its prefill failing as it joins leaves the batch as it was
+(`JoinRefused`: the engine tries the joining requests one at a time), and a row whose own
+per-token work fails (its stop strings, its stream, its text) finishes at once with
+internal_error while the other rows decode on.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from schemas.chat import ChatCompletion, PromptTokensDetails
 from schemas.errors import ErrorCode, RequestError
-from worker.engine import Pending
+from worker.engine import JoinRefused, Pending
 from worker.kvcache import pad_left
 from worker.prefix_cache import BLOCK, PrefixCache, block_keys, reusable_blocks
 
@@ -163,11 +168,34 @@ class ContinuousDecode:
         return max(cached) + max(len(item.prepared.prompt_ids) - c for item, c in zip(items, cached))
 
     def admit(self, items: list[Pending]) -> None:
-        """Prefill these requests and add their rows to the batch."""
+        """Prefill these requests and add their rows to the batch.
+
+        Raises:
+            JoinRefused: their rows or their prefill failed; the batch is as it was.
+        """
         import torch
 
         with torch.inference_mode():
             self._admit(items)
+
+    def _prefilled(self, items: list[Pending]) -> tuple[list[_Row], list[list[int]], Any, torch.Tensor, torch.Tensor]:
+        """Take requests in and compute their prompts' KV, changing nothing of the running
+        batch: their rows, each row's prompt, and the prefill's cache, mask and logits.
+
+        Raises:
+            JoinRefused: any failure (the requests are let go again).
+        """
+        requests, counts = set(self._requests), (self.prompt_tokens, self.cached_tokens)
+        try:
+            rows, prompts, prefixes = self._register(items)
+            cache, mask, logits, starts = self._prefill(prompts, prefixes)
+            self._keep_blocks(cache, prompts, prefixes, starts)
+        except Exception as error:
+            for key in set(self._requests) - requests:
+                del self._requests[key]
+            self.prompt_tokens, self.cached_tokens = counts
+            raise JoinRefused(f"{type(error).__name__}: {error}") from error
+        return rows, prompts, cache, mask, logits
 
     def step(self) -> list[tuple[Pending, ChatCompletion | RequestError]]:
         """Choose every row's next token (in the slot layout: for up to SYNC_EVERY steps), let
@@ -181,10 +209,7 @@ class ContinuousDecode:
         return answers
 
     def _admit(self, items: list[Pending]) -> None:
-        rows, prompts, prefixes = self._register(items)
-        cache, mask, logits, starts = self._prefill(prompts, prefixes)
-        self._keep_blocks(cache, prompts, prefixes, starts)
-        self._place(rows, prompts, cache, mask, logits)
+        self._place(*self._prefilled(items))
 
     def _register(self, items: list[Pending]) -> tuple[list[_Row], list[list[int]], list[list[list[tuple[Any, Any]]]]]:
         """Take requests in: their rows, each row's prompt, and the cached blocks each starts with."""
@@ -342,7 +367,7 @@ class ContinuousDecode:
         finished: list[int] = []
         for j, token in enumerate(tokens.tolist()):
             row = self.rows[j]
-            if row is not None and runner._advance(row, token):
+            if row is not None and self._advance(row, (token,)):
                 finished.append(j)
         if finished:
             self._settle([(self.rows[j], self._ids[j]) for j in finished])  # type: ignore[misc]
@@ -361,6 +386,20 @@ class ContinuousDecode:
         runner.decode_steps += 1
         self._logits = runner._last_logits(tokens[:, None], self._mask, self._next_pos[:, None], self._cache)
         self._next_pos = self._next_pos + 1
+
+    def _advance(self, row: _Row, tokens: tuple[int, ...] | list[int]) -> bool:
+        """Give a row its new tokens (`runner._advance`, up to the one that finishes it); True
+        once it is finished. A row whose own work fails (its stop strings, its stream) is
+        finished with that failure, and the batch goes on without it."""
+        try:
+            for token in tokens:
+                if self.runner._advance(row, token):
+                    return True
+            return False
+        except Exception as error:
+            logger.exception("a row of request %s failed; its neighbours go on", self._requests[row.item].item.request_id)
+            row.failure = f"{type(error).__name__}: {error}"
+            return True
 
     def _compact(self) -> None:
         """Drop the vacant places when a quarter of the batch or more is vacant (no waiting
@@ -398,8 +437,12 @@ class ContinuousDecode:
         found = sampler.logprobs_of() if sampler.logprob_rows else {}
         created = int(time.time())
         for row, row_id in finished:
-            if row.text is None:
-                row.text = self.runner.tokenizer.decode(row.tokens, skip_special_tokens=True)
+            if row.text is None and row.failure is None:
+                try:
+                    row.text = self.runner.text_of(row)
+                except Exception as error:  # this row's text; its neighbours' stand
+                    logger.exception("the text of a row of request %s could not be made", self._requests[row.item].item.request_id)
+                    row.failure = f"{type(error).__name__}: {error}"
             if row.params.logprobs is not None:
                 row.logprobs = found.get(row_id, [])
             row.grammar_error = sampler.grammar_error(row_id)
@@ -518,13 +561,12 @@ class SlotDecode(ContinuousDecode):
         if plan is None or sum(item.request.n for item in items) > self._slots.count(None):
             raise RuntimeError("admitted requests that do not fit the slots")  # the engine asks `fits` first
         shift, column = plan
+        # Prefilled first, apart from the slots: a failure leaves them as they were.
+        joining = self._prefilled(items)
         if shift:
             self._shift(shift)
-        rows, prompts, prefixes = self._register(items)
-        cache, mask, logits, starts = self._prefill(prompts, prefixes)
-        self._keep_blocks(cache, prompts, prefixes, starts)
         self._move_to(column)
-        self._place(rows, prompts, cache, mask, logits)
+        self._place(*joining)
 
     def _shift(self, count: int) -> None:
         """Move every slot's columns `count` to the left (the running rows left them all)."""
@@ -603,7 +645,7 @@ class SlotDecode(ContinuousDecode):
             self._column += 1
         by_slot = torch.stack(produced, dim=1).tolist()
         self._sampler.flush()
-        done = [slot for slot, row in enumerate(self._slots) if row is not None and any(runner._advance(row, token) for token in by_slot[slot])]
+        done = [slot for slot, row in enumerate(self._slots) if row is not None and self._advance(row, by_slot[slot])]
         if done:
             self._settle([(self._slots[slot], self._slot_ids[slot]) for slot in done])  # type: ignore[misc]
             for slot in done:

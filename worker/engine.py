@@ -5,6 +5,12 @@ lines to `Engine.submit_many()` and take the answers as a callback delivers them
 thread collects pending requests until `max_batch_size` sequences or the `batch_wait` deadline,
 groups them by prompt length (length bucketing keeps padding low), and hands each group to the
 runner as one batched generation. A request's error resolves only its own future.
+
+A request that breaks fails alone, whatever the reason: preparing many at once falls back to
+one at a time when it raises; a batch that fails as a whole runs again in halves, down to the
+one request that fails alone (a streamed request that has sent tokens cannot start again: it
+fails with its batch); requests whose prefill fails as they join a running batch join one at a
+time; and a running batch that fails is dropped, its requests run again apart.
 """
 
 from __future__ import annotations
@@ -143,9 +149,19 @@ class Pending:
     started_at: float = 0.0
     first_token_at: float = 0.0
     #: A streamed request's sink (worker/publisher.py RequestStream): the runner hands it each
-    #: generated token (`put(choice, token)`), and ends the request's rows at their next token
-    #: once its `cancelled` is set (the client went away).
+    #: generated token (`put(choice, token)`, which sets its `sent`), and ends the request's
+    #: rows at their next token once its `cancelled` is set (the client went away).
     stream: Any = None
+
+    @property
+    def restartable(self) -> bool:
+        """Whether it can be generated again from the start (nothing of it was streamed)."""
+        return self.stream is None or not self.stream.sent
+
+
+class JoinRefused(Exception):
+    """Requests could not join a running batch (their prefill failed), and the batch is as it
+    was: the engine tries them one at a time."""
 
 
 class _Figures:
@@ -394,11 +410,7 @@ class Engine:
         """Prepare requests in the engine thread, all at once (the tokenizer encodes them as
         one batch); good ones join the backlog, bad ones are answered at once. Returns the rows
         added."""
-        try:
-            errors = self.runner.prepare_many(items)
-        except Exception as failure:  # a tokenizer bug must fail these requests, not the worker
-            logger.exception("preparing %d requests failed", len(items))
-            errors = [RequestError(ErrorCode.internal_error, f"could not prepare the request: {failure}")] * len(items)
+        errors = self._prepare_each(items)
         rows = 0
         for item, error in zip(items, errors):
             if error is None:
@@ -408,6 +420,18 @@ class Engine:
                 self._observe(item, error)
                 self._fail(item, error)
         return rows
+
+    def _prepare_each(self, items: list[Pending]) -> list[RequestError | None]:
+        """The runner's `prepare_many`; when it raises, each request is prepared alone, so
+        that only a request that fails alone fails (with internal_error), not its neighbours."""
+        try:
+            return self.runner.prepare_many(items)
+        except Exception as failure:
+            if len(items) == 1:
+                logger.exception("preparing request %s failed", items[0].request_id)
+                return [RequestError(ErrorCode.internal_error, f"could not prepare the request: {failure}")]
+            logger.warning("preparing %d requests together failed (%s): preparing each alone", len(items), failure)
+        return [error for item in items for error in self._prepare_each([item])]
 
     @classmethod
     def _fail(cls, item: Pending, error: RequestError) -> None:
@@ -515,7 +539,7 @@ class Engine:
         self._figures.backlog = len(backlog)
         try:
             if admitted:
-                running.admit(admitted)
+                admitted = self._join(admitted)
                 self.stats["batches"] += 1
                 self.stats["largest_batch"] = max(self.stats["largest_batch"], len(running))
             occupied = len(running)
@@ -525,15 +549,40 @@ class Engine:
             chosen = time.monotonic()
             for item in admitted:
                 item.first_token_at = chosen
-        except Exception as error:  # the model failed: every request in the batch fails, not the worker
-            logger.exception("the running batch of %d requests failed", len(running.requests))
-            answers = running.abandon(RequestError(ErrorCode.internal_error, f"generation failed: {error}"))
-            answered = {id(item) for item, _ in answers}
-            # Requests admitted this step that the batch had not taken in yet fail too.
-            answers += [(item, RequestError(ErrorCode.internal_error, f"generation failed: {error}"))
-                        for item in admitted if id(item) not in answered]
+        except Exception as error:  # the batch failed as a whole: its requests run again apart
+            answers = self._after_failure(error, admitted)
         self._answer(answers)
         self.stats["busy_seconds"] = round(self.stats["busy_seconds"] + time.monotonic() - started, 3)
+
+    def _join(self, items: list[Pending]) -> list[Pending]:
+        """Admit requests into the running batch; when their prefill fails (the batch is as it
+        was), each tries alone, and one that fails alone is answered with internal_error.
+        Returns those admitted."""
+        try:
+            self.running.admit(items)
+            return items
+        except JoinRefused as refused:
+            if len(items) == 1:
+                logger.warning("request %s could not join the running batch: %s", items[0].request_id, refused.__cause__ or refused)
+                self._answer([(items[0], RequestError(ErrorCode.internal_error, f"the request could not start: {refused}"))])
+                return []
+            logger.warning("%d requests could not join the running batch together (%s): each tries alone", len(items), refused)
+        return [item for one in items for item in self._join([one])]
+
+    def _after_failure(self, error: Exception, admitted: list[Pending]) -> list[tuple[Pending, ChatCompletion | RequestError]]:
+        """The running batch failed as a whole (its model, or a step no row can be blamed for):
+        it is dropped; the answers it had settled stand, and the requests it held run again
+        apart (`_isolate`), so that only a request that fails alone fails."""
+        running = self.running
+        logger.exception("the running batch of %d requests failed: running them again apart", len(running.requests))
+        failure = RequestError(ErrorCode.internal_error, f"generation failed: {error}")
+        held = running.abandon(failure)
+        answers = [(item, result) for item, result in held if result is not failure]
+        failed = [item for item, result in held if result is failure]
+        # Requests admitted this step that the batch had not taken in yet run again too.
+        seen = {id(item) for item, _ in held}
+        failed += [item for item in admitted if id(item) not in seen]
+        return answers + list(zip(failed, self._isolate(failed, failure)))
 
     def _admissions(self, backlog: list[Pending]) -> tuple[list[Pending], list[Pending]]:
         """The waiting requests to admit now, in `_order`. Admission stops at the first
@@ -816,14 +865,7 @@ class Engine:
         started = time.monotonic()
         for item in batch:
             item.started_at = started
-        try:
-            results = self.runner.run_batch(batch)
-            if len(results) != len(batch):
-                raise RuntimeError(f"runner returned {len(results)} results for {len(batch)} requests")
-        except Exception as error:
-            logger.exception("batch of %d requests failed", len(batch))
-            failure = RequestError(ErrorCode.internal_error, f"generation failed: {error}")
-            results = [failure] * len(batch)
+        results = self._generate(batch)
         generated = 0
         for item, result in zip(batch, results):
             self._observe(item, result)
@@ -844,3 +886,32 @@ class Engine:
         logger.debug(
             "batch of %d requests (%d sequences): %d tokens in %.3fs", len(batch), rows, generated, elapsed
         )
+
+    def _generate(self, batch: list[Pending]) -> list[ChatCompletion | RequestError]:
+        """The runner's answers for a batch; when the batch fails as a whole, its requests run
+        again apart (`_isolate`)."""
+        try:
+            results = self.runner.run_batch(batch)
+            if len(results) != len(batch):
+                raise RuntimeError(f"runner returned {len(results)} results for {len(batch)} requests")
+            return results
+        except Exception as error:
+            logger.exception("batch of %d requests failed", len(batch))
+            return self._isolate(batch, RequestError(ErrorCode.internal_error, f"generation failed: {error}"))
+
+    def _isolate(self, batch: list[Pending], failure: RequestError) -> list[ChatCompletion | RequestError]:
+        """Answers for the requests of a batch that failed with `failure`: they run again in
+        halves, each half split again if it fails, so a request that breaks every batch it is
+        in ends alone with its error, and the others are answered (a transient failure costs
+        one rerun). A request alone, and a streamed one that has sent tokens, keep `failure`."""
+        if len(batch) == 1:
+            return [failure]
+        again = [item for item in batch if item.restartable]
+        results: dict[int, ChatCompletion | RequestError] = {id(item): failure for item in batch}
+        if again:
+            logger.warning("running %d requests of a failed batch again, in halves", len(again))
+        half = (len(again) + 1) // 2
+        for part in (again[:half], again[half:]):
+            if part:
+                results.update(zip(map(id, part), self._generate(part)))
+        return [results[id(item)] for item in batch]

@@ -79,6 +79,9 @@ class RequestStream:
         self.stops = request.stop_sequences
         #: Set by the publisher when the client went away; the engine reads it at every token.
         self.cancelled = False
+        #: Set by the engine thread with the first token it streams: from then on the request
+        #: cannot be generated again from the start (its client has text already).
+        self.sent = False
         #: Set by the publisher when this stream's text could not be made or written: it wrote
         #: (or tries to write) an error entry, and writes nothing more.
         self.broken = False
@@ -92,6 +95,7 @@ class RequestStream:
     def put(self, choice: int, token: int) -> None:
         """Hand over a generated token of a choice (engine thread; cheap)."""
         if not self.silent:
+            self.sent = True
             self._publisher.push((self, choice, token))
 
     def attach(self, future: Any) -> None:

@@ -103,6 +103,9 @@ class _Row:
     finder: StopFinder | None = None
     #: The request's stream sink, when it is streamed (`Pending.stream`).
     stream: Any = None
+    #: Why the row's own work failed (its stop strings, stream or text), when it did: the row
+    #: ended there, and its request gets internal_error.
+    failure: str | None = None
 
 
 class TransformersRunner:
@@ -243,6 +246,26 @@ class TransformersRunner:
             return [list(encoding.ids) for encoding in backend.encode_batch(texts, add_special_tokens=False)]
         return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
+    def _encode_each(self, texts: list[str]) -> list[list[int] | RequestError]:
+        """Token ids of each text: all in one call, or, when that call raises (one text the
+        tokenizer refuses fails the whole call), one text at a time, so that only a text the
+        tokenizer refuses gets an error (invalid_request), not its neighbours."""
+        try:
+            return list(self._encode_many(texts))
+        except Exception as failure:
+            if len(texts) == 1:
+                return [RequestError(
+                    ErrorCode.invalid_request,
+                    f"the model's tokenizer refused the rendered messages ({type(failure).__name__}: {str(failure)[:200]}): send plain UTF-8 text",
+                    param="messages",
+                )]
+            logger.warning("encoding %d prompts together failed (%s): encoding each alone", len(texts), type(failure).__name__)
+        return [ids for text in texts for ids in self._encode_each([text])]
+
+    def text_of(self, row: _Row) -> str:
+        """A finished row's text, from its tokens."""
+        return str(self.tokenizer.decode(row.tokens, skip_special_tokens=True))
+
     # Hooks called by the engine.
 
     def prepare_many(self, items: list[Pending]) -> list[RequestError | None]:
@@ -260,8 +283,8 @@ class TransformersRunner:
                 errors[index] = RequestError(
                     ErrorCode.invalid_request, f"the model's chat template refused the messages: {error}", param="messages"
                 )
-        for index, prompt_ids in zip(rendered, self._encode_many(texts)):
-            errors[index] = self._fit(items[index], prompt_ids)
+        for index, prompt_ids in zip(rendered, self._encode_each(texts)):
+            errors[index] = prompt_ids if isinstance(prompt_ids, RequestError) else self._fit(items[index], prompt_ids)
         return errors
 
     def _check(self, request: ChatCompletionRequest) -> RequestError | None:
@@ -325,6 +348,9 @@ class TransformersRunner:
                 results.append(self._completion(item, mine, created))
             except RequestError as error:  # this request's answer cannot be given; its neighbours' can
                 results.append(error)
+            except Exception as error:
+                logger.exception("building the answer of %s failed", item.request_id)
+                results.append(RequestError(ErrorCode.internal_error, f"the answer could not be built: {error}"))
         return results
 
     def _run_dynamic(self, items: list[Pending]) -> list[ChatCompletion | RequestError]:
@@ -358,6 +384,8 @@ class TransformersRunner:
                 raise RequestError(ErrorCode.cancelled, f"the client disconnected ({generated} tokens generated)")
             if row.grammar_error:
                 raise RequestError(ErrorCode.internal_error, f"the answer's grammar failed: {row.grammar_error}")
+            if row.failure:
+                raise RequestError(ErrorCode.internal_error, f"generation failed for this request: {row.failure}")
         prompt_tokens = len(item.prepared.prompt_ids)
         completion_tokens = sum(row.generated for row in rows)
         return ChatCompletion.model_construct(
@@ -563,9 +591,13 @@ class TransformersRunner:
             next_pos = next_pos + 1
             cache_position = cache_position + 1
         for row, tokens in zip(rows, produced[:count, :step].tolist()):
-            self._finish(row, tokens)
-            if row.text is None:
-                row.text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
+            try:
+                self._finish(row, tokens)
+                if row.text is None:
+                    row.text = self.text_of(row)
+            except Exception as error:  # this row's own work (stop strings, stream, text); its neighbours' stands
+                logger.exception("a row of a static batch failed; its neighbours are answered")
+                row.failure = f"{type(error).__name__}: {error}"
         self._keep_logprobs(rows, sampler)
 
     def _has_stop(self, watcher: StopFinder, tokens: list[int]) -> bool:

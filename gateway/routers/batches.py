@@ -11,6 +11,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Header, Query
 
+from chatbatch import egress
 from chatbatch.callbacks import check_url, initial_fields
 from chatbatch.dispatch import PRIORITIES, check_priority
 from chatbatch.idempotency import BATCHES, body_digest
@@ -49,6 +50,8 @@ def create_batch(
     idempotency_key: str | None = Header(default=None, alias=IDEMPOTENCY_HEADER),
 ) -> dict[str, Any]:
     url = check_url(callback, state.settings.callback_secret, option=CALLBACK_HEADER)
+    if url:
+        egress.check(url, state.settings.allowed_callbacks, option=CALLBACK_HEADER)
     # The header, else `metadata.priority` when it names a priority (any other value there is
     # the caller's own metadata, kept as it is).
     named = (body.metadata or {}).get("priority")

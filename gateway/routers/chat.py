@@ -28,7 +28,6 @@ from starlette.concurrency import run_in_threadpool
 
 from chatbatch.callbacks import callback_state, check_url
 from chatbatch.exceptions import ChatbatchError, IdempotencyConflictError
-from chatbatch.ids import new_id
 from chatbatch.logs import set_log_ids
 from chatbatch.requests import COMPLETED, FAILED, QUEUED
 from gateway.bodies import RequestRecord
@@ -84,25 +83,21 @@ async def create_completion(
     callback: str | None = Header(default=None, alias=CALLBACK_HEADER),
     idempotency_key: str | None = Header(default=None, alias=IDEMPOTENCY_HEADER),
 ) -> Response:
-    request_id = new_id("chatcmpl-")
-    set_log_ids(request_id=request_id)
-    headers = {REQUEST_ID_HEADER: request_id}
+    # The request's id is minted by `submit` once the body passed validation (a refused body
+    # names no request); with a repeated idempotency key it is the first call's.
     try:
         url = check_url(callback, state.settings.callback_secret, option=CALLBACK_HEADER)
-        handle = await run_in_threadpool(
-            state.client.submit, body, request_id=request_id, callback_url=url, owner=who, idempotency_key=idempotency_key
-        )
+        handle = await run_in_threadpool(state.client.submit, body, callback_url=url, owner=who, idempotency_key=idempotency_key)
     except RequestError as error:
         refused = from_request_error(error)
-        raise ApiError(refused.status, refused.message, kind=refused.kind, code=refused.code, param=refused.param, headers=headers) from None
+        raise ApiError(refused.status, refused.message, kind=refused.kind, code=refused.code, param=refused.param) from None
     except IdempotencyConflictError as error:
-        raise ApiError(422, str(error), code="idempotency_key_reused", param=IDEMPOTENCY_HEADER, headers=headers) from None
+        raise ApiError(422, str(error), code="idempotency_key_reused", param=IDEMPOTENCY_HEADER) from None
     except ChatbatchError as error:
-        raise ApiError(400, str(error), code="invalid_request", headers=headers) from None
-    if handle.repeat:  # the key's first call: answer with its request
-        request_id = handle.id
-        set_log_ids(request_id=request_id)
-        headers = {REQUEST_ID_HEADER: request_id}
+        raise ApiError(400, str(error), code="invalid_request") from None
+    request_id = handle.id
+    set_log_ids(request_id=request_id)
+    headers = {REQUEST_ID_HEADER: request_id}
     cancels = idempotency_key is None
     if asynchronous and asynchronous.lower() in ("1", "true", "yes"):
         record = await run_in_threadpool(_record, state, request_id)

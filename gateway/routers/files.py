@@ -9,12 +9,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Depends, File, Form, Header, UploadFile
+from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import FileResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from chatbatch.idempotency import FILES, body_digest
 from chatbatch.jobs import error_file_id, output_file_id
+from gateway import uploads
 from gateway.bodies import FileDeleted, FileList, FileObject
 from gateway.errors import ApiError, not_found
 from gateway.routers.batches import owned_job
@@ -57,19 +59,42 @@ def _public(record: dict[str, Any]) -> FileObject:
     return FileObject.model_validate({k: v for k, v in record.items() if k != "owner"})
 
 
-@router.post("", response_model=FileObject)
-def create_file(
-    file: UploadFile = File(...),
-    purpose: str = Form(...),
+#: The body `create_file` reads itself (gateway/uploads.py), described for /openapi.json.
+_UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file", "purpose"],
+                    "properties": {"file": {"type": "string", "format": "binary"}, "purpose": {"type": "string", "enum": ["batch"]}},
+                }
+            }
+        },
+    }
+}
+
+
+@router.post("", response_model=FileObject, openapi_extra=_UPLOAD_BODY)
+async def create_file(
+    request: Request,
     state: Gateway = Depends(gateway),
     who: str = Depends(owner),
     idempotency_key: str | None = Header(default=None, alias=IDEMPOTENCY_HEADER),
 ) -> FileObject:
+    # The body is parsed as it streams in, the file counted against CHATBATCH_MAX_FILE_BYTES
+    # before each block is written (FastAPI's UploadFile would spool it whole first).
+    upload, fields = await uploads.receive(request, state.files)
+    purpose = fields.get("purpose")
     if purpose != "batch":
-        raise ApiError(400, f"purpose '{purpose}' is not supported; use 'batch'", param="purpose", code="invalid_request")
-    record = state.files.create(file.file, filename=file.filename or "upload.jsonl", purpose=purpose, owner=who)
+        upload.discard()
+        if purpose is None:
+            raise ApiError(400, "'purpose' is required: send purpose=batch", param="purpose", code="invalid_request")
+        raise ApiError(400, f"purpose '{purpose[:40]}' is not supported; use 'batch'", param="purpose", code="invalid_request")
+    record = await run_in_threadpool(upload.keep, purpose=purpose, owner=who)
     if idempotency_key is not None:
-        return _once(state, who, idempotency_key, record)
+        return await run_in_threadpool(_once, state, who, idempotency_key, record)
     return _public(record)
 
 

@@ -15,7 +15,10 @@ from scenarios import API_KEY, BASE_URL, DEFAULT, TIMEOUT, TINY, main, scenario
 class City(BaseModel):
     """A city and its population."""
 
-    name: str = Field(max_length=10)
+    # A pattern, not maxLength: LangChain's json_schema method sends strict mode, whose
+    # supported keywords (OpenAI's) include pattern and not maxLength. Either keeps the random
+    # model's name short enough to end within max_tokens.
+    name: str = Field(pattern=r"^[A-Za-z]{1,10}$")
     population: int = Field(ge=0, le=100_000_000)
 
 
