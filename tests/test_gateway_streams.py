@@ -275,7 +275,7 @@ def test_streams_and_waits_outlive_a_first_token_held_back(stalled: Stalled) -> 
     raw SSE reader (through the gateway that sends keep-alive comments) and the Python API's
     stream all wait over STALL_SECONDS for their first token; every one then ends with the
     whole answer."""
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "hello"}], "temperature": 0, "max_tokens": 8}
+    body: dict[str, Any] = {"model": MODEL, "messages": [{"role": "user", "content": "hello"}], "temperature": 0, "max_tokens": 8}
     sdk = openai.OpenAI(base_url=f"{stalled.url}/v1", api_key="unused", max_retries=0, timeout=120)
     whole = sdk.chat.completions.create(**body)
     stalled.hold()
@@ -333,8 +333,9 @@ def test_streams_and_waits_outlive_a_first_token_held_back(stalled: Stalled) -> 
 
 
 def test_a_waiting_client_that_leaves_cancels_its_request_and_a_504_is_not_retried(stalled: Stalled) -> None:
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "hello"}], "temperature": 0, "max_tokens": 8}
+    body: dict[str, Any] = {"model": MODEL, "messages": [{"role": "user", "content": "hello"}], "temperature": 0, "max_tokens": 8}
     client = stalled.redis.client()
+    earlier = _request_ids(client)
     stalled.hold()
     try:
         # The SDK must not retry a 504 whose request goes on.
@@ -343,7 +344,7 @@ def test_a_waiting_client_that_leaves_cancels_its_request_and_a_504_is_not_retri
         ongoing = impatient.headers["x-chatbatch-request-id"]
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(f"{stalled.url}/v1/chat/completions", json=body, timeout=2)
-        left = _newest_request(client, other_than={ongoing})
+        left = _new_request(client, other_than=earlier | {ongoing})
         wait_for(lambda: client.hget(keys.request(left), "disconnected"), 10, "the disconnect mark")
     finally:
         stalled.release()
@@ -354,13 +355,13 @@ def test_a_waiting_client_that_leaves_cancels_its_request_and_a_504_is_not_retri
     assert kept is not None and kept["choices"][0]["message"]["content"], kept
 
 
-def _newest_request(client: redis.Redis, *, other_than: set[str]) -> str:
+def _request_ids(client: redis.Redis) -> set[str]:
+    return {key.decode().rsplit(":", 1)[-1] for key in client.scan_iter(match=keys.request("*"))}
+
+
+def _new_request(client: redis.Redis, *, other_than: set[str]) -> str:
     def found() -> str | None:
-        for key in client.scan_iter(match=keys.request("*")):
-            request_id = key.decode().rsplit(":", 1)[-1]
-            if request_id not in other_than and not client.exists(keys.result(request_id)):
-                return request_id
-        return None
+        return next(iter(_request_ids(client) - other_than), None)
 
     return str(wait_for(found, 10, "the request's record"))
 
