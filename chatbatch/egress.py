@@ -109,7 +109,8 @@ def refusal(address: Address) -> str | None:
         return "cloud metadata"
     if address.is_loopback:
         return "loopback"
-    if address.is_link_local:
+    if address.is_link_local or (isinstance(address, ipaddress.IPv6Address) and address.is_site_local):
+        # fec0::/10, site-local (deprecated, still routed inside some networks), is private.
         return "link-local"
     if address.is_multicast:
         return "multicast"

@@ -48,6 +48,14 @@ _CLAIM = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return ARGV[1] end
 return redis.call('GET', KEYS[1])
 """
+# KEYS: the claim. ARGV: the object id it names now, the new claim's JSON, TTL. Points the claim at
+# the new object if it still names the old one (or is gone); returns the claim in force.
+_REPLACE = """
+local claim = redis.call('GET', KEYS[1])
+if claim and cjson.decode(claim)['id'] ~= ARGV[1] then return claim end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+return ARGV[2]
+"""
 # KEYS: the claim. ARGV: the object id it must name. Drops the claim if it names that object.
 _RELEASE = """
 local claim = redis.call('GET', KEYS[1])
@@ -87,6 +95,7 @@ class Idempotency:
         self.ttl = ttl
         self._claim = client.register_script(_CLAIM)
         self._release = client.register_script(_RELEASE)
+        self._replace = client.register_script(_REPLACE)
 
     @staticmethod
     def _key(kind: str, owner: str, key: str) -> str:
@@ -113,10 +122,13 @@ class Idempotency:
         """Drop the claim of `key` if it names `object_id` (its call failed before making it)."""
         self._release(keys=[self._key(kind, owner, key)], args=[object_id])
 
-    def replace(self, kind: str, owner: str, key: str, *, digest: str, object_id: str) -> None:
-        """Point `key` at `object_id` (the object its first call made is gone)."""
+    def replace(self, kind: str, owner: str, key: str, *, gone: str, digest: str, object_id: str) -> str:
+        """Point `key` at `object_id` if it still names `gone` (an object that is no more);
+        returns the object the key names then: `object_id`, or what another call put there
+        first."""
         claim = json.dumps({"id": object_id, "body": digest})
-        self.redis.set(self._key(kind, owner, key), claim, ex=self.ttl)
+        found = json.loads(text(self._replace(keys=[self._key(kind, owner, key)], args=[gone, claim, self.ttl])))
+        return str(found["id"])
 
     def first(
         self, kind: str, owner: str, key: str, *, digest: str, object_id: str, find: Callable[[str], T | None]
@@ -124,18 +136,19 @@ class Idempotency:
         """For a call about to make `object_id`: None when it claimed `key` (it goes on and
         makes the object); else the object the key's first call made (`find(id)`), waited
         for while that call is still making it. A first object that is gone (deleted, expired,
-        or never made) gives its claim to this call, which goes on (None).
+        or never made) gives its claim to one of the calls that find it gone, which goes on
+        (None); the others get that one's object.
 
         Raises:
             IdempotencyKeyError: the key is malformed.
             IdempotencyConflictError: the key was first sent with another body.
         """
         named = self.claim(kind, owner, key, digest=digest, object_id=object_id)
-        if named == object_id:
-            return None
-        deadline = time.monotonic() + MADE_WITHIN_SECONDS
-        while (found := find(named)) is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if found is None:
-            self.replace(kind, owner, key, digest=digest, object_id=object_id)
-        return found
+        while named != object_id:
+            deadline = time.monotonic() + MADE_WITHIN_SECONDS
+            while (found := find(named)) is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if found is not None:
+                return found
+            named = self.replace(kind, owner, key, gone=named, digest=digest, object_id=object_id)
+        return None

@@ -91,8 +91,10 @@ class Settings(BaseSettings):
     callback_timeout: float = Field(default=10.0, gt=0)
     #: Where the HTTP API keeps uploaded files (shared storage when several gateways run).
     files_dir: Path | None = None
-    #: How long `POST /v1/chat/completions` waits for the answer before it returns 504.
-    gateway_timeout: float = Field(default=600.0, gt=0)
+    #: How long `POST /v1/chat/completions` waits for the answer before it returns 504: under
+    #: the openai SDK's own timeout (600 s), so that the SDK gets the 504 that tells it not to
+    #: retry, rather than giving up first, which cancels the request and sends it again.
+    gateway_timeout: float = Field(default=570.0, gt=0)
     #: Seconds between keep-alive comments (`: ping`) of a streamed answer while no chunk is
     #: sent, so that proxies and clients with idle timeouts keep the stream open.
     stream_ping_seconds: float = Field(default=15.0, gt=0)

@@ -13,6 +13,7 @@ from typing import Any
 
 import uvicorn
 
+from chatbatch.exceptions import ConfigurationError
 from chatbatch.settings import Settings
 from gateway.app import create_app
 from gateway.state import Gateway
@@ -47,7 +48,13 @@ def serve(settings: Settings, host: str, port: int, metrics_port: int | None = N
     app = create_app(settings)
     metrics_port = metrics_port or settings.metrics_port
     if metrics_port:
-        app.state.metrics.serve(metrics_port, host)
+        try:
+            app.state.metrics.serve(metrics_port, host)
+        except OSError as error:
+            raise ConfigurationError(
+                f"cannot serve the gateway's metrics on {host}:{metrics_port} ({error.strerror}): "
+                "choose a free port with --metrics-port or CHATBATCH_METRICS_PORT"
+            ) from None
     # log_config=None: uvicorn's records go to chatbatch's handler (chatbatch/logs.py), not to
     # handlers of its own.
     config = uvicorn.Config(

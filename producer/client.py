@@ -192,9 +192,12 @@ class Client:
         sent = request.model_dump(exclude_none=True)
         if idempotency_key is not None:
             digest = body_digest([sent, callback_url])
-            named = self.idempotency.claim(CHAT, owner or "", idempotency_key, digest=digest, object_id=request_id)
-            if named != request_id:
-                return RequestHandle(named, self, queue=queue, repeat=True)
+            earlier = self.idempotency.first(
+                CHAT, owner or "", idempotency_key, digest=digest, object_id=request_id,
+                find=lambda found: found if self.requests.get(found) else None,
+            )
+            if earlier is not None:
+                return RequestHandle(earlier, self, queue=queue, repeat=True)
         try:
             self.requests.record(request_id, queue=queue, body=sent, owner=owner, callback_url=callback_url)
         except BaseException:

@@ -36,6 +36,7 @@ from worker.callbacks import post
         ("168.63.129.16", "cloud metadata"),
         ("169.254.1.1", "link-local"),
         ("fe80::1", "link-local"),
+        ("fec0::1", "link-local"),
         ("224.0.0.1", "multicast"),
         ("ff02::1", "multicast"),
         ("0.0.0.0", "private"),

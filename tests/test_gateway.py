@@ -357,6 +357,7 @@ def test_sigterm_answers_a_waiting_request_503_and_its_result_stays_readable(
     waiting.join(10)
     (answer,) = answers
     assert answer.status_code == 503
+    assert answer.headers["x-should-retry"] == "false", "the request goes on: a retry would run it twice"
     error = answer.json()["error"]
     assert error["type"] == "server_error" and error["code"] == "gateway_stopping"
     request_id = answer.headers["X-Chatbatch-Request-Id"]

@@ -211,7 +211,7 @@ def test_a_forced_call_cut_by_max_tokens_streams_as_the_call_so_far(gateway: Gat
 
 
 #: How long the stalled worker holds back every token: over twice redis-py 8's default socket
-#: timeout, and over the 10 s the issue asks for.
+#: timeout.
 STALL_SECONDS = 11.0
 
 

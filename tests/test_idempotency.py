@@ -134,3 +134,28 @@ def test_a_repeated_upload_and_batch_make_one_file_and_one_batch(gateway: str, t
     changed = httpx.post(f"{gateway}/v1/batches", json={**create, "metadata": {"run": "2"}}, headers={"Idempotency-Key": "batch-1"})
     assert changed.status_code == 422, changed.text
     wait_for(lambda: sdk.batches.retrieve(batches[0].id).status == "completed", 120, "the batch")
+
+
+def test_repeats_that_find_the_first_object_gone_make_one_object_between_them(redis_server: RedisServer) -> None:
+    """The key's first call claimed it and died before making its object: of two repeats that
+    find it gone, one takes the claim and makes the object; the other gets that object."""
+    claims = Idempotency(redis_server.client(), ttl=60)
+    digest = body_digest({"file": "a"})
+    claims.claim("files", "carol", "gone-1", digest=digest, object_id="never-made")
+    made: dict[str, str] = {}
+    outcomes: dict[str, Any] = {}
+
+    def repeat(name: str) -> None:
+        found = claims.first("files", "carol", "gone-1", digest=digest, object_id=name, find=made.get)
+        if found is None:
+            made[name] = f"object of {name}"
+        outcomes[name] = found
+
+    threads = [threading.Thread(target=repeat, args=(name,)) for name in ("second", "third")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(made) == 1, made
+    (maker,) = made
+    assert outcomes == {maker: None, ({"second", "third"} - {maker}).pop(): made[maker]}

@@ -818,9 +818,9 @@ class Engine:
         return True
 
     def _choose_batch(self, backlog: list[Pending]) -> tuple[list[Pending], list[Pending]]:
-        """The oldest request of the most urgent service tier, plus the requests nearest to it
-        in length, within the limits."""
-        oldest = min(backlog, key=lambda item: (_URGENCY[item.request.tier], item.enqueued_at))
+        """The oldest request of the most urgent service tier among single requests (else among
+        batch lines), plus the requests nearest to it in length, within the limits."""
+        oldest = min(backlog, key=lambda item: (not item.interactive, _URGENCY[item.request.tier], item.enqueued_at))
         if oldest.alone:
             return [oldest], [item for item in backlog if item is not oldest]
         by_length = sorted(backlog, key=lambda item: (abs(item.cost - oldest.cost), item.enqueued_at))

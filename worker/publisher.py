@@ -215,7 +215,13 @@ class Publisher:
             if not stream.broken:
                 self._guarded(stream, entries, lambda s=stream, r=record: self._ending(s, r))
             self._open.pop(stream.request_id, None)
-        checking = list(self._open.values()) if entries or time.monotonic() - self._checked >= CANCEL_CHECK_SECONDS else []
+        # Every open sink's cancel mark is read each CANCEL_CHECK_SECONDS; a stream's also with
+        # each write of its entries (free in the same round trip), a silent sink's never more
+        # often: plain requests add no reads per token.
+        due = time.monotonic() - self._checked >= CANCEL_CHECK_SECONDS
+        if due:
+            self._checked = time.monotonic()
+        checking = [stream for stream in self._open.values() if due or (entries and not stream.silent)]
         try:
             self._write(entries, checking)
         except redis.RedisError as error:
@@ -254,7 +260,6 @@ class Publisher:
             pipe.hexists(keys.request(stream.request_id), DISCONNECTED)
         replies = pipe.execute()
         if checking:
-            self._checked = time.monotonic()
             for stream, gone in zip(checking, replies[-len(checking) :]):
                 if gone and not stream.cancelled:
                     logger.info("request %s: its client disconnected; cancelling it", stream.request_id)

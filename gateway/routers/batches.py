@@ -82,9 +82,14 @@ def create_batch(
     extra = {"owner": who, "input_file_id": body.input_file_id, "priority": priority}
     if url:
         extra.update(initial_fields(url))
-    state.client.create_job(
-        job_id, source=body.input_file_id, metadata=body.metadata or None, completion_window=body.completion_window, extra=extra,
-    )
+    try:
+        state.client.create_job(
+            job_id, source=body.input_file_id, metadata=body.metadata or None, completion_window=body.completion_window, extra=extra,
+        )
+    except BaseException:
+        if idempotency_key is not None:  # nothing was made: a retry with the key may make it
+            state.client.idempotency.release(BATCHES, who, idempotency_key, job_id)
+        raise
     holder = new_id(f"{state.name}-")
     state.client.jobs.hold_enqueuer(job_id, holder)
     state.enqueue_in_background(job_id, body.input_file_id, holder)

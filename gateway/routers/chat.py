@@ -13,8 +13,9 @@ the stream begins gets an ordinary JSON error, and an error after it began is se
 A client that disconnects, waiting or streaming, cancels its request — unless it sent an
 `Idempotency-Key`: then the request goes on, and a repeat with the same key and body (the
 client's retry) gets its answer, or follows its stream from the start, instead of running it
-again (chatbatch/idempotency.py). A 504 says `x-should-retry: false`: its request goes on, and
-a retry without a key would run it twice.
+again (chatbatch/idempotency.py); a request that names a callback goes on too. A 504, and the
+503 of a stopping gateway, say `x-should-retry: false` (unless the call has a key): the request
+goes on, and a retry without a key would run it twice.
 """
 
 from __future__ import annotations
@@ -98,13 +99,15 @@ async def create_completion(
     request_id = handle.id
     set_log_ids(request_id=request_id)
     headers = {REQUEST_ID_HEADER: request_id}
-    cancels = idempotency_key is None
+    # A client that leaves cancels its request, unless someone else still wants the answer: its
+    # retry (an idempotency key) or its callback.
+    cancels = idempotency_key is None and url is None
     if asynchronous and asynchronous.lower() in ("1", "true", "yes"):
         record = await run_in_threadpool(_record, state, request_id)
         return JSONResponse(status_code=202, content=record.model_dump(), headers=headers)
     if body.get("stream") is True:  # (submit accepted it: a valid streamed request)
         return _stream(state, request_id, body, headers, cancels=cancels)
-    return await _wait(state, request, request_id, headers, cancels=cancels)
+    return await _wait(state, request, request_id, headers, cancels=cancels, keyed=idempotency_key is not None)
 
 
 async def _client_gone(request: Request) -> None:
@@ -114,8 +117,11 @@ async def _client_gone(request: Request) -> None:
         pass
 
 
-async def _wait(state: Gateway, request: Request, request_id: str, headers: dict[str, str], *, cancels: bool) -> Response:
-    """The answer of a waited-for request; a client gone first cancels it when `cancels`."""
+async def _wait(state: Gateway, request: Request, request_id: str, headers: dict[str, str], *, cancels: bool, keyed: bool) -> Response:
+    """The answer of a waited-for request; a client gone first cancels it when `cancels`. A
+    503 or 504 whose request goes on tells the SDKs not to retry it, unless the retry carries
+    the same idempotency key (`keyed`), which finds the same request."""
+    no_retry = {} if keyed else {"x-should-retry": "false"}
     if state.waiters is None:
         raise RuntimeError("the gateway's lifespan has not started")
     waiter = asyncio.ensure_future(state.waiters.wait(request_id, state.settings.gateway_timeout))
@@ -135,13 +141,13 @@ async def _wait(state: Gateway, request: Request, request_id: str, headers: dict
         raise ApiError(
             503,
             f"the gateway is stopping; request {request_id} goes on: read it at /v1/chat/completions/{request_id}",
-            kind="server_error", code="gateway_stopping", headers=headers,
+            kind="server_error", code="gateway_stopping", headers={**headers, **no_retry},
         )
     result = waiter.result()
     if result is None:
         raise ApiError(
             504, f"no answer within {state.settings.gateway_timeout:.0f}s; poll /v1/chat/completions/{request_id}",
-            kind="server_error", code="timeout", headers={**headers, "x-should-retry": "false"},
+            kind="server_error", code="timeout", headers={**headers, **no_retry},
         )
     if "error" in result:
         failed = from_request_error(RequestError(ErrorCode(result["error"]["code"]), result["error"]["message"]))
