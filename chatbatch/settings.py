@@ -73,6 +73,10 @@ class Settings(BaseSettings):
     #: How batches are decoded: auto (compiled on CUDA, dynamic elsewhere), dynamic, static or
     #: compiled; see docs/engine.md.
     decode: Literal["auto", "dynamic", "static", "compiled"] = "auto"
+    #: The dtype the model's weights and activations run in: auto (bfloat16 on CUDA and on CPUs
+    #: with AMX or AVX-512 bf16, as torch detects them; float32 elsewhere), float32, bfloat16 or
+    #: float16; see docs/engine.md.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     #: How long writing a job's S3 files keeps retrying (on top of boto3's own retries) before
     #: the job fails; each failed try leaves nothing behind.
     s3_retry_seconds: float = Field(default=120.0, ge=0)

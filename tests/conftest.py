@@ -179,6 +179,10 @@ def base_env(redis_server: RedisServer, chatbatch_home: Path, s3_server: S3Serve
         CHATBATCH_HOME=str(chatbatch_home),
         CHATBATCH_CALLBACK_SECRET=CALLBACK_SECRET,
         CHATBATCH_CALLBACK_MAX_ATTEMPTS="4",
+        # Tests compare greedy answers across batches, runs and paths: in float32 a request's
+        # greedy answer does not depend on what shares its batch, in bfloat16 it may
+        # (docs/engine.md). tests/test_dtypes.py runs the other dtypes and `auto`.
+        CHATBATCH_DTYPE="float32",
         HF_HUB_OFFLINE="1",
         TRANSFORMERS_OFFLINE="1",
         MLFLOW_TRACKING_URI=f"file://{chatbatch_home}/mlruns",

@@ -24,7 +24,7 @@ SYSTEM = "You are a careful assistant. Answer briefly and plainly, in one line. 
 def runner(request: pytest.FixtureRequest, tiny_model: Path):  # type: ignore[no-untyped-def]
     """Each decode mode: rows joining a growing cache (dynamic), or slots of one static cache
     (static; compiled, the CUDA default, runs the same steps through torch.compile)."""
-    return load_runner(str(tiny_model), Settings(redis_url="redis://127.0.0.1:1/0", decode=request.param))
+    return load_runner(str(tiny_model), Settings(redis_url="redis://127.0.0.1:1/0", decode=request.param, dtype="float32"))
 
 
 def _request(text: str, system: str | None = None, **extra: object):  # type: ignore[no-untyped-def]
@@ -149,7 +149,7 @@ def test_prefix_reuse_answers_as_no_reuse_and_reports_cached_tokens(runner, tiny
     assert prompt >= 2 * BLOCK, "the shared system prompt spans at least two blocks"
 
     def run(reuse: bool) -> dict[str, ChatCompletion]:
-        settings = Settings(redis_url="redis://127.0.0.1:1/0", decode=runner.decode, prefix_cache_mb=64 if reuse else 0)
+        settings = Settings(redis_url="redis://127.0.0.1:1/0", decode=runner.decode, prefix_cache_mb=64 if reuse else 0, dtype="float32")
         own = load_runner(str(tiny_model), settings)
         engine = Engine(own, batch_wait=0.0)
         finishes = _run_lines(engine, requests)
@@ -174,7 +174,7 @@ def _cached(answer: ChatCompletion) -> int:
 
 
 def test_the_prefix_cache_stays_within_its_bound(tiny_model: Path) -> None:
-    own = load_runner(str(tiny_model), Settings(redis_url="redis://127.0.0.1:1/0", decode="dynamic", prefix_cache_mb=1))
+    own = load_runner(str(tiny_model), Settings(redis_url="redis://127.0.0.1:1/0", decode="dynamic", prefix_cache_mb=1, dtype="float32"))
     config = own.model.config
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads

@@ -61,7 +61,7 @@ PROMPTS = [
 
 
 def test_batched_greedy_equals_one_at_a_time_on_the_default_model(default_model: Path) -> None:
-    runner = load_runner(str(default_model), Settings(redis_url="redis://127.0.0.1:1/0"))
+    runner = load_runner(str(default_model), Settings(redis_url="redis://127.0.0.1:1/0", dtype="float32"))
     requests = [parse_chat_request({"messages": [{"role": "user", "content": p}], "temperature": 0, "max_tokens": 16}) for p in PROMPTS]
     outcomes, stats = _run_together(runner, requests, max_batch_size=16)
     assert stats["batches"] == 1 and stats["largest_batch"] == 16

@@ -19,7 +19,7 @@ from worker.model import load_runner
 def runner(request: pytest.FixtureRequest, tiny_model: Path):  # type: ignore[no-untyped-def]
     """The tiny model's runner in each decode mode: the static one (preallocated cache, checks
     on the device, the CUDA default) must answer exactly as the dynamic one."""
-    return load_runner(str(tiny_model), Settings(redis_url="redis://127.0.0.1:1/0", decode=request.param))
+    return load_runner(str(tiny_model), Settings(redis_url="redis://127.0.0.1:1/0", decode=request.param, dtype="float32"))
 
 
 def _request(text: str, **extra: object):  # type: ignore[no-untyped-def]
@@ -391,7 +391,7 @@ def test_every_request_feature_in_one_batch_in_each_decode_mode(runner, tiny_mod
     (alone,), _ = _run_together(runner, [requests[4]])
     assert alone.choices[0].message.content == plain.message.content
     if runner.decode != "dynamic":
-        dynamic = load_runner(str(tiny_model), Settings(redis_url="redis://127.0.0.1:1/0", decode="dynamic"))
+        dynamic = load_runner(str(tiny_model), Settings(redis_url="redis://127.0.0.1:1/0", decode="dynamic", dtype="float32"))
         reference, _ = _run_together(dynamic, requests)
         for mine, theirs in zip(outcomes, reference):
             assert mine.choices[0].message.content == theirs.choices[0].message.content

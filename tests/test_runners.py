@@ -107,7 +107,7 @@ def runner(tiny_model: Path) -> Any:
     """The tiny model, loaded in this process too: the reference for the worker's numbers."""
     from worker.model import load_runner
 
-    return load_runner(str(tiny_model), Settings(redis_url="redis://127.0.0.1:1/0"))
+    return load_runner(str(tiny_model), Settings(redis_url="redis://127.0.0.1:1/0", dtype="float32"))
 
 
 def _top_tokens(runner: Any, text: str, count: int) -> list[int]:

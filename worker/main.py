@@ -77,6 +77,8 @@ class Background:
                     "model_loads": model_loading.LOADS,
                     # Where the model runs: cpu, cuda:0, ... (a pyfunc model: pyfunc).
                     "device": str(getattr(state.engine.runner, "device", "pyfunc")),
+                    # What the model runs in: bfloat16, float32, ... (a pyfunc model: null).
+                    "dtype": getattr(state.engine.runner, "dtype", None),
                     # The URI served and, for models:/ URIs, the registered name and version loaded.
                     **getattr(state.engine.runner, "lineage", {}),
                     # The answers' system_fingerprint: workers that share it share a set-up.

@@ -14,6 +14,7 @@ from typing import Any
 from chatbatch import __version__
 from chatbatch.settings import Settings
 from worker.builders import default_model
+from worker.dtypes import dtype_name
 from worker.engine import Engine
 
 logger = logging.getLogger(__name__)
@@ -132,14 +133,18 @@ def load_runner(uri: str, settings: Settings, *, served_name: str | None = None)
                 device=settings.device,
                 decode=settings.decode,
                 prefix_cache_bytes=settings.prefix_cache_mb * 1024 * 1024,
+                dtype=settings.dtype,
             )
-            kind = f"transformers ({runner.device}, {runner.model.dtype})"
+            #: The dtype the model runs in (CHATBATCH_DTYPE, `auto` resolved), for the heartbeat.
+            runner.dtype = dtype_name(runner.model.dtype)
+            kind = f"transformers ({runner.device}, {runner.dtype})"
         else:
             import mlflow.pyfunc
 
             if task not in (None, "llm/v1/chat", "agent/v1/chat"):
                 raise ValueError(f"{uri} is a {task} model; chatbatch serves llm/v1/chat models")
             runner = PyfuncRunner(mlflow.pyfunc.load_model(str(path)), served_name=name)
+            runner.dtype = None  # whatever the model's own predict uses
             kind = "pyfunc predict, one request at a time"
         LOADS += 1
         #: Seconds the load took (the worker's `chatbatch_model_load_seconds`).

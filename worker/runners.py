@@ -128,9 +128,11 @@ class TransformersRunner:
         device: str = "auto",
         decode: str = "auto",
         prefix_cache_bytes: int = 512 * 1024 * 1024,
+        dtype: str = "auto",
     ) -> None:
         import torch
 
+        from worker.dtypes import choose
         from worker.prefix_cache import PrefixCache
 
         if getattr(tokenizer, "chat_template", None) is None:
@@ -148,9 +150,7 @@ class TransformersRunner:
         self.decode = decode
         self._static_caches: dict[tuple[int, int], Any] = {}
         self._compiled_step: Any = None
-        if self.device.type == "cuda" and model.dtype == torch.float32:
-            model = model.to(torch.bfloat16)
-        self.model = model.to(self.device).eval()
+        self.model = model.to(device=self.device, dtype=choose(dtype, self.device)).eval()
         self.tokenizer = tokenizer
         self.served_name = served_name
         self.default_max_tokens = default_max_tokens
