@@ -988,8 +988,9 @@ def _agree(one: dict[str, Any], other: dict[str, Any]) -> int:
 
 def peer_mode(args: argparse.Namespace, workdir: Path) -> None:
     """One file end to end through chatbatch (a warm worker, defaults) and offline through
-    vLLM's CPU build (its defaults), taking turns `--repeat` times; then once through a
-    float32 worker, for what the default dtype costs in agreement. Figures: tokens/s of each,
+    vLLM's CPU build (its defaults), taking turns `--repeat` times; then through a float32
+    worker and a fresh default one, for what the default dtype costs in agreement and gains in
+    speed. Figures: tokens/s of each,
     chatbatch over vLLM (min, median, max of the rounds), and how many answers agree."""
     python = peer_python()
     harness = Harness(workdir)
@@ -1017,12 +1018,20 @@ def peer_mode(args: argparse.Namespace, workdir: Path) -> None:
                 answers_agree=_agree(ours["answers"], theirs["answers"]))
         peer.close()
         harness.stop_worker(worker)
-        harness.start_worker(str(model), name, {"CHATBATCH_DTYPE": "float32"})
-        chatbatch_answers(harness, warm)
-        fp32 = chatbatch_answers(harness, source)
+        # A float32 worker, then a fresh default one right after it: the cost of the default
+        # dtype in agreement, and its speed against float32 in adjacent runs.
+        dtypes = {}
+        for label, env in (("float32", {"CHATBATCH_DTYPE": "float32"}), ("default", {})):
+            worker = harness.start_worker(str(model), name, env)
+            chatbatch_answers(harness, warm)
+            dtypes[label] = chatbatch_answers(harness, source) | {"dtype": worker_info(harness, name, worker.pid).get("dtype")}
+            harness.stop_worker(worker)
+        fp32, default = dtypes["float32"], dtypes["default"]
         ours, theirs = rounds[-1]
-        log(step="float32", chatbatch_tok_s=round(fp32["tokens"] / fp32["s"], 1),
-            default_dtype_agrees_with_float32=_agree(ours["answers"], fp32["answers"]),
+        log(step="dtypes", float32_tok_s=round(fp32["tokens"] / fp32["s"], 1), default_dtype=default["dtype"],
+            default_tok_s=round(default["tokens"] / default["s"], 1),
+            default_over_float32=round((default["tokens"] / default["s"]) / (fp32["tokens"] / fp32["s"]), 2),
+            default_agrees_with_float32=_agree(default["answers"], fp32["answers"]),
             float32_agrees_with_vllm=_agree(fp32["answers"], theirs["answers"]))
         ratios = [(o["tokens"] / o["s"]) / (t["tokens"] / t["s"]) for o, t in rounds]
         log(step="summary", chatbatch_tok_s=round(statistics.median(o["tokens"] / o["s"] for o, _ in rounds), 1),
