@@ -17,7 +17,7 @@ from schemas import ChatCompletion, parse_chat_request
 from tests.conftest import RedisServer, Worker, run_cli, user
 from tests.test_engine import PROMPTS, _generate_alone, _run_together
 from worker.dtypes import choose, cpu_capabilities, cpu_runs_bf16, dtype_name
-from worker.model import load_runner
+from worker.model import build_engine, load_runner
 
 CPU = torch.device("cpu")
 
@@ -61,6 +61,12 @@ def test_auto_loads_the_model_in_the_dtype_auto_picks_here(tiny_model: Path) -> 
     runner = load_runner(str(tiny_model), _settings(dtype="auto"))
     assert runner.model.dtype == choose("auto", CPU)
     assert runner.dtype == dtype_name(choose("auto", CPU))
+
+
+def test_the_system_fingerprint_differs_between_dtypes(tiny_model: Path) -> None:
+    settings = {name: _settings(dtype=name) for name in ("float32", "bfloat16")}
+    prints = {name: build_engine(load_runner(str(tiny_model), s), s).fingerprint for name, s in settings.items()}
+    assert None not in prints.values() and prints["float32"] != prints["bfloat16"]
 
 
 def test_bf16_greedy_alone_equals_generate_and_a_batch_answers_the_same_every_time(tiny_model: Path) -> None:
