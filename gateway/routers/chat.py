@@ -28,7 +28,6 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from chatbatch.callbacks import callback_state, check_url
-from chatbatch.exceptions import ChatbatchError, IdempotencyConflictError
 from chatbatch.logs import set_log_ids
 from chatbatch.requests import COMPLETED, FAILED, QUEUED
 from gateway.bodies import RequestRecord
@@ -92,10 +91,8 @@ async def create_completion(
     except RequestError as error:
         refused = from_request_error(error)
         raise ApiError(refused.status, refused.message, kind=refused.kind, code=refused.code, param=refused.param) from None
-    except IdempotencyConflictError as error:
-        raise ApiError(422, str(error), code="idempotency_key_reused", param=IDEMPOTENCY_HEADER) from None
-    except ChatbatchError as error:
-        raise ApiError(400, str(error), code="invalid_request") from None
+    # Any other ChatbatchError (a bad callback URL, an idempotency key) is answered by the app's
+    # handler (gateway/errors.py): 400, or 422 for a key sent with another body.
     request_id = handle.id
     set_log_ids(request_id=request_id)
     headers = {REQUEST_ID_HEADER: request_id}
