@@ -122,6 +122,29 @@ def test_batch_lines_join_once_an_eighth_of_the_rows_is_free(runner) -> None:  #
     assert runs[8][0] < runs[0][0], f"{runs[8][0]} joins holding against {runs[0][0]} joining at every step"
 
 
+def test_single_requests_waiting_for_a_full_batch_join_a_few_at_a_time(runner) -> None:  # type: ignore[no-untyped-def]
+    """Single requests are held as batch lines are, when every row is busy: each join is a
+    prefill pass the rows beside them pay for; the answers are the same."""
+    if runner.decode != "dynamic":
+        pytest.skip("the slot layout frees rows at host syncs; it does not hold requests")
+    # Rows that finish one at a time: one frees up at each step.
+    no_eos = {str(t): -100 for t in runner.eos_ids}
+    requests = [_request(f"single {i}", max_tokens=4 + i % 16, logit_bias=no_eos) for i in range(48)]
+    runs = {}
+    for hold in (0, 8):
+        engine = Engine(runner, batch_wait=0.0, max_batch_size=16)
+        engine.running.hold_steps = hold
+        futures = [engine.submit(request, f"s{i}") for i, request in enumerate(requests)]
+        engine.start()
+        try:
+            answers = [future.result(timeout=120).choices[0].message.content for future in futures]
+        finally:
+            engine.stop()
+        runs[hold] = (engine.stats["batches"], answers)
+    assert runs[8][1] == runs[0][1]
+    assert runs[8][0] < runs[0][0], f"{runs[8][0]} joins holding against {runs[0][0]} joining at every step"
+
+
 def test_a_single_request_is_admitted_ahead_of_waiting_batch_lines(runner) -> None:  # type: ignore[no-untyped-def]
     engine = Engine(runner, batch_wait=0.0, max_batch_size=2)
     finishes = Finishes()

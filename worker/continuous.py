@@ -140,7 +140,7 @@ class ContinuousDecode:
 
     #: Most rows this batch can hold, when it has a fixed number of slots.
     capacity: int | None = None
-    #: Most steps batch lines wait for an eighth of the rows to be free before they join
+    #: Most steps waiting requests wait for an eighth of the rows to be free before they join
     #: (each join is a prefill forward pass of its own, costing about one decode step however
     #: few rows it brings; the engine's `_holds`).
     hold_steps = 8

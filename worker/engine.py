@@ -637,11 +637,13 @@ class Engine:
 
         Each join prefills in a forward pass of its own, which costs about as much as a decode
         step of the whole batch however few rows it brings; a free row left for a step costs
-        one row of that step. So lines join once an eighth of the rows is free (or all that
+        one row of that step. So requests join once an eighth of the rows is free (or all that
         wait fit), or after the decode's `hold_steps` steps, as TGI's router does with its
-        waiting-served ratio. A single request never waits for this."""
+        waiting-served ratio. Single requests wait too: with every row busy they arrive about
+        one per freed row, and joining each alone would add a prefill pass per request to the
+        decode of every line beside them (a wait of at most `hold_steps` steps)."""
         most = getattr(self.running, "hold_steps", 0)
-        if not rows or not most or not joinable or any(item.interactive for item in joinable):
+        if not rows or not most or not joinable:
             self._held = 0
             return False
         wanted = min(max(1, self._most_rows() // 8), sum(item.rows for item in joinable))
