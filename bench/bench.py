@@ -145,12 +145,12 @@ def engine_alone(runner: object, source: Path, settings: object) -> tuple[float,
     """Seconds and generated tokens for the engine alone on the lines of `source`, in this
     process: read and validate each line, run it, no queue (the model is already loaded)."""
     from schemas import parse_batch_line
-    from worker import heap
-    from worker.model import build_engine
+    from worker.models.model import build_engine
+    from worker.service import heap
 
     engine = build_engine(runner, settings)  # type: ignore[arg-type]
     engine.start()
-    # The heap settings a worker applies once it is ready (worker/heap.py), so that both paths
+    # The heap settings a worker applies once it is ready (worker/service/heap.py), so that both paths
     # run under the same garbage collector.
     heap.settle()
     started = time.perf_counter()
@@ -215,7 +215,7 @@ def queue_mode(args: argparse.Namespace, workdir: Path) -> None:
                   for i in range(args.lines)]
         source = batch_file(workdir / "lines.jsonl", bodies)
         settings = Settings(redis_url=harness.url)
-        from worker.model import load_runner
+        from worker.models.model import load_runner
 
         runner = load_runner(model, settings)
         worker = harness.start_worker(model, "tiny-llama-chat")
@@ -328,7 +328,7 @@ def served_name(model: str) -> str:
     MLflow here would weigh on the measured paths)."""
     return str(json.loads(subprocess.run(
         [sys.executable, "-c", "import json, sys; from mlflow.models import Model; "
-         "from worker.model import served_name_for; from pathlib import Path; "
+         "from worker.models.model import served_name_for; from pathlib import Path; "
          "print(json.dumps(served_name_for(sys.argv[1], Path(sys.argv[1]), Model.load(sys.argv[1] + '/MLmodel'))))", model],
         capture_output=True, text=True, check=True, cwd=ROOT).stdout))
 
@@ -353,7 +353,7 @@ def throughput_mode(args: argparse.Namespace, workdir: Path) -> None:
         base = base_tokens / base_s
         log(step="mlflow_pyfunc_one_at_a_time", s=round(base_s, 1), tokens=base_tokens, tok_s=round(base, 1))
 
-        from worker.model import load_runner
+        from worker.models.model import load_runner
 
         alone_s, alone_tokens = engine_alone(load_runner(model, settings), source, settings)
         alone = alone_tokens / alone_s

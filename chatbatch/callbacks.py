@@ -1,6 +1,6 @@
 """Callbacks: a signed POST to the URL a request or a batch named, when it ends.
 
-The workers send them (worker/callbacks.py), as Celery tasks with retry and backoff, whether or
+The workers send them (worker/service/callbacks.py), as Celery tasks with retry and backoff, whether or
 not a gateway runs. This module owns what both sides share: the signature, and the delivery
 state kept in the job or request record (`callback_status`, `callback_attempts`,
 `callback_last_error`, `callback_delivered_at`), changed only here, each change atomic.

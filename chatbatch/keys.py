@@ -126,7 +126,7 @@ def result_ready(request_id: str) -> str:
 def result_stream(request_id: str) -> str:
     """Stream: a streamed request's chat.completion.chunk objects as they are generated, then
     its end or error entry, each entry with the delivery that wrote it; written by the worker
-    (worker/publisher.py), read with blocking XREAD (chatbatch/streams.py), with the result's TTL."""
+    (worker/service/publisher.py), read with blocking XREAD (chatbatch/streams.py), with the result's TTL."""
     return f"{PREFIX}result:{request_id}:stream"
 
 
@@ -160,7 +160,7 @@ CALLBACKS_DUE = PREFIX + "callbacks:due"
 #: Stream of notifications: one entry per answered single request and per ended job.
 EVENTS = PREFIX + "events"
 
-# The recovery sweep (worker/recovery.py).
+# The recovery sweep (worker/service/recovery.py).
 
 #: Hash: job id -> "answered lines:unix seconds" when the recovery sweep last saw it move.
 RECOVERY_SEEN = PREFIX + "recovery:seen"
@@ -172,7 +172,7 @@ RECOVERY_LOCK = PREFIX + "recovery:lock"
 #: String: held by the process running the job sweep (expiry, stalled writes).
 SWEEP_LOCK = PREFIX + "sweep:lock"
 
-# MLflow tracking of jobs (worker/tracking.py).
+# MLflow tracking of jobs (worker/service/tracking.py).
 
 #: Set of the jobs with an MLflow experiment whose run has not been ended yet.
 TRACKED_JOBS = PREFIX + "tracking:jobs"

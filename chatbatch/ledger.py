@@ -1,7 +1,7 @@
 """The chunk ledger: what the fleet keeps about a job's chunks while they are in flight.
 
 - Pending chunks: the producer keeps each chunk's lines (as sent) until every line of it is
-  answered, so that a chunk whose message the broker lost can be sent again (worker/recovery.py).
+  answered, so that a chunk whose message the broker lost can be sent again (worker/service/recovery.py).
 - Delivery counts: how many times each chunk reached a worker. A chunk delivered again after a
   worker died runs its lines one at a time, as suspects.
 - Attempts: how many times a suspect line ran alone; past CHATBATCH_MAX_DELIVERIES it becomes an

@@ -2,7 +2,7 @@
 time (broker queue depth, chunks waiting in job backlogs and in flight, open jobs by status).
 
 Every name starts with `chatbatch_`; docs/observability.md lists them all. A worker's own
-metrics are in worker/metrics.py, the gateway's HTTP metrics in gateway/metrics.py.
+metrics are in worker/service/metrics.py, the gateway's HTTP metrics in gateway/metrics.py.
 """
 
 from __future__ import annotations

@@ -51,7 +51,7 @@ def worker_queues(batch_queues: list[str]) -> list[str]:
 
 def chunk_argsrepr(job_id: str, chunk: str, lines: int) -> str:
     """How a chunk task shows in its message (Celery would otherwise render every line into it);
-    worker/recovery.py finds chunks on the queues by it."""
+    worker/service/recovery.py finds chunks on the queues by it."""
     return f"({job_id!r}, {chunk!r}, <{lines} lines>)"
 
 

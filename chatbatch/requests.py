@@ -11,7 +11,7 @@ the notification, and drops the pending entry.
 
 A streamed request whose reader went away (the HTTP client disconnected, or `Client.stream`'s
 iterator was closed early) is marked in its record (`disconnect`); the worker streaming it reads
-the mark and cancels the request (worker/publisher.py), whose result is then a `cancelled`
+the mark and cancels the request (worker/service/publisher.py), whose result is then a `cancelled`
 error record.
 
 Reads (`result`, `wait`, `get`) never write.

@@ -2,7 +2,7 @@
 them, turned into what a reader passes on (chat.completion.chunk objects, then an end or an
 error).
 
-The worker (worker/publisher.py) adds to `chatbatch:result:<id>:stream` one entry per batch of
+The worker (worker/service/publisher.py) adds to `chatbatch:result:<id>:stream` one entry per batch of
 chunks it publishes, an end entry, and an error entry when the request fails; each entry
 carries the delivery of the task that wrote it. If a worker dies mid-stream, Celery delivers
 the request again and the new delivery streams from its start: a reader that has passed

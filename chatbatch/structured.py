@@ -1,7 +1,7 @@
 """Which JSON Schema a request's answer must follow: its `response_format`, or the call a
 forced `tool_choice` asks for. Shared by the producer (which refuses a schema the grammar
 library cannot compile before anything is enqueued) and the worker (which enforces it,
-worker/grammar.py).
+worker/decode/grammar.py).
 
 An object schema that lists its properties generates those properties only, unless it allows
 more (`additionalProperties` true or a schema): JSON Schema would let any other key through, and

@@ -73,9 +73,9 @@ def model() -> None:
 
 
 def _build(name: str, *args: Any, **kwargs: Any) -> None:
-    """Run the model builder `worker.builders.<name>` and print the path it saved to."""
+    """Run the model builder `worker.models.builders.<name>` and print the path it saved to."""
     _logging("WARNING")
-    from worker import builders
+    from worker.models import builders
 
     try:
         click.echo(getattr(builders, name)(*args, **kwargs))
@@ -130,7 +130,7 @@ def worker(
 ) -> None:
     """Run a Celery worker that serves one model (one worker per GPU)."""
     _logging(loglevel)
-    from worker.main import run_worker
+    from worker.service.main import run_worker
 
     try:
         run_worker(

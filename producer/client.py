@@ -339,7 +339,7 @@ class Client:
         )
         if created:
             if extra.get("mlflow_experiment"):
-                # The workers' tracker makes and keeps its MLflow run (worker/tracking.py).
+                # The workers' tracker makes and keeps its MLflow run (worker/service/tracking.py).
                 self.redis.sadd(keys.TRACKED_JOBS, job_id)
             return None
         job = self.jobs.get(job_id)

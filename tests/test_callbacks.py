@@ -1,5 +1,5 @@
 """Callbacks: their signature and delivery state (chatbatch/callbacks.py) on a real
-redis-server, and delivery by the fleet (worker/callbacks.py) to a real local HTTP receiver
+redis-server, and delivery by the fleet (worker/service/callbacks.py) to a real local HTTP receiver
 with no gateway running."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""worker/chat_format.py: roles and tools as templates take them, and tool calls parsed back."""
+"""worker/decode/chat_format.py: roles and tools as templates take them, and tool calls parsed back."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from schemas import parse_chat_request
-from worker.chat_format import ChatFormat, parse_hermes
+from worker.decode.chat_format import ChatFormat, parse_hermes
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather now", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]

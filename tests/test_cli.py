@@ -153,7 +153,7 @@ def test_model_is_loaded_once_per_worker_process(tiny_worker: Worker, base_env: 
     info = wait_for(beat, 30, "a heartbeat with the requests")
     assert info["model_loads"] == 1
     assert tiny_worker.output().count("loaded model") == 1
-    # Once ready, the worker froze what it loaded out of garbage collection (worker/heap.py).
+    # Once ready, the worker froze what it loaded out of garbage collection (worker/service/heap.py).
     assert info["frozen_objects"] > 100_000  # type: ignore[operator]
 
 

@@ -13,9 +13,9 @@ from chatbatch.settings import Settings
 from schemas import ChatCompletion, parse_chat_request
 from schemas.chat import ChatCompletionRequest
 from tests.test_engine import PROMPTS, _generate_alone
-from worker.engine import Engine
-from worker.model import load_runner
-from worker.prefix_cache import BLOCK
+from worker.engine.prefix_cache import BLOCK
+from worker.engine.scheduler import Engine
+from worker.models.model import load_runner
 
 SYSTEM = "You are a careful assistant. Answer briefly and plainly, in one line. " * 4
 

@@ -10,7 +10,7 @@ from chatbatch.settings import Settings
 from schemas import ChatCompletion, parse_chat_request
 from tests.conftest import RedisServer, Worker, run_cli
 from tests.test_engine import _generate_alone, _run_together
-from worker.model import load_runner
+from worker.models.model import load_runner
 
 pytestmark = pytest.mark.default_model
 NAME = "SmolLM2-135M-Instruct"

@@ -1,4 +1,4 @@
-"""The streamed text of a row (worker/detokenizer.py), with the tiny model's real byte-level
+"""The streamed text of a row (worker/decode/detokenizer.py), with the tiny model's real byte-level
 tokenizer: multi-byte characters split over tokens, and stop strings held back."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from worker.builders import tiny_tokenizer
-from worker.detokenizer import Detokenizer
+from worker.decode.detokenizer import Detokenizer
+from worker.models.builders import tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

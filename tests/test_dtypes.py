@@ -1,4 +1,4 @@
-"""CHATBATCH_DTYPE (worker/dtypes.py): what `auto` picks from the instruction sets torch
+"""CHATBATCH_DTYPE (worker/models/dtypes.py): what `auto` picks from the instruction sets torch
 reports, the model run in the dtype asked for, greedy answers within a dtype, the dtype in the
 heartbeat and `chatbatch models`, and a wrong value refused."""
 
@@ -16,8 +16,8 @@ from producer import Client
 from schemas import ChatCompletion, parse_chat_request
 from tests.conftest import RedisServer, Worker, run_cli, user
 from tests.test_engine import PROMPTS, _generate_alone, _run_together
-from worker.dtypes import choose, cpu_capabilities, cpu_runs_bf16, dtype_name
-from worker.model import build_engine, load_runner
+from worker.models.dtypes import choose, cpu_capabilities, cpu_runs_bf16, dtype_name
+from worker.models.model import build_engine, load_runner
 
 CPU = torch.device("cpu")
 

@@ -14,7 +14,7 @@ import pytest
 from chatbatch.egress import Address, Allowed, check, refusal
 from chatbatch.exceptions import RefusedDestination, UnresolvedDestination
 from chatbatch.settings import Settings
-from worker.callbacks import post
+from worker.service.callbacks import post
 
 
 @pytest.mark.parametrize(

@@ -11,8 +11,8 @@ import pytest
 
 from chatbatch.settings import Settings
 from schemas import ChatCompletion, ErrorCode, RequestError, parse_chat_request
-from worker.engine import Engine
-from worker.model import load_runner
+from worker.engine.scheduler import Engine
+from worker.models.model import load_runner
 
 
 @pytest.fixture(scope="module", params=["dynamic", "static"])
@@ -240,7 +240,7 @@ def test_submit_many_answers_each_ticket_once_through_its_callback(runner) -> No
     an answer or an error, or from the canceller; a cancelled ticket never runs."""
     from concurrent.futures import CancelledError, InvalidStateError
 
-    from worker.engine import Ticket
+    from worker.engine.scheduler import Ticket
 
     held = Held(runner)
     calls: list[tuple[Ticket, str]] = []
@@ -293,7 +293,7 @@ def test_a_chunks_answers_are_freed_as_soon_as_its_task_lets_go(runner) -> None:
     import time
     import weakref
 
-    from worker.engine import Ticket
+    from worker.engine.scheduler import Ticket
 
     class Task:
         def __init__(self) -> None:
@@ -427,7 +427,7 @@ def test_stop_strings_do_not_cut_an_answer_a_grammar_shapes(runner) -> None:  # 
 def test_a_later_chunk_goes_in_turn_with_an_earlier_one(runner) -> None:  # type: ignore[no-untyped-def]
     """Batch lines of two chunks are taken and admitted in turn, so a small chunk queued behind
     a large one is answered early, not after the whole of it (docs/scheduling.md)."""
-    from worker.engine import Ticket
+    from worker.engine.scheduler import Ticket
 
     finished: list[str] = []
     lock = threading.Lock()
@@ -455,7 +455,7 @@ def test_a_later_chunk_goes_in_turn_with_an_earlier_one(runner) -> None:  # type
 def test_service_tiers_order_single_requests_and_batch_lines(runner) -> None:  # type: ignore[no-untyped-def]
     """`priority` requests go before `default` ones of their kind, and `flex` single requests
     wait behind batch lines (docs/scheduling.md); every answer names the tier it ran in."""
-    from worker.engine import Ticket
+    from worker.engine.scheduler import Ticket
 
     finished: list[str] = []
     lock = threading.Lock()

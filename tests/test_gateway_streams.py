@@ -1,5 +1,5 @@
 """Streamed answers (`stream: true`) through `chatbatch serve` and a real worker
-(gateway/streams.py, worker/publisher.py): the official openai package's stream, the same text
+(gateway/streams.py, worker/service/publisher.py): the official openai package's stream, the same text
 as the whole answer, usage, n > 1, stop strings, a client that disconnects, and streams and
 waits that outlive a worker holding back its first token for longer than redis-py's default
 socket timeout (5 s in redis-py 8), with keep-alive comments meanwhile."""

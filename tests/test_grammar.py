@@ -1,4 +1,4 @@
-"""worker/grammar.py and chatbatch/structured.py: schemas compiled once, refused clearly, and
+"""worker/decode/grammar.py and chatbatch/structured.py: schemas compiled once, refused clearly, and
 masks that only let valid JSON through."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 
 from chatbatch.structured import check_schema, schema_for
 from schemas import ErrorCode, RequestError, parse_chat_request
-from worker.grammar import Grammars, apply_bitmask, cut_calls, forced_calls
+from worker.decode.grammar import Grammars, apply_bitmask, cut_calls, forced_calls
 
 SCHEMA = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}, "c": {"enum": ["a", "b"]}},
           "required": ["n", "c"], "additionalProperties": False}

@@ -1,4 +1,4 @@
-"""The worker's garbage collector settings (worker/heap.py)."""
+"""The worker's garbage collector settings (worker/service/heap.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from worker import heap
+from worker.service import heap
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""worker/kombu_mends.py: each mend of kombu's Redis transport, against a real redis-server
+"""worker/service/kombu_mends.py: each mend of kombu's Redis transport, against a real redis-server
 killed and restarted around the step it mends (each test fails without its mend), and the
 shape check that refuses an untested kombu."""
 
@@ -44,7 +44,7 @@ def test_a_channel_closed_after_its_connection_keeps_its_messages(aof_redis: Red
     visibility timeout."""
     from kombu import Connection
 
-    from worker.kombu_mends import restore_on_a_closed_connection
+    from worker.service.kombu_mends import restore_on_a_closed_connection
 
     restore_on_a_closed_connection()
     with Connection(aof_redis.url) as connection:
@@ -64,7 +64,7 @@ def test_a_message_taken_as_redis_goes_away_is_kept(aof_redis: RedisServer) -> N
     in between must not lose it (the worker retries the second step until Redis is back)."""
     from kombu import Connection
 
-    from worker.kombu_mends import record_taken_message
+    from worker.service.kombu_mends import record_taken_message
 
     record_taken_message()
     with Connection(aof_redis.url) as connection:
@@ -91,7 +91,7 @@ def test_an_ack_on_a_dropped_connection_is_logged_not_raised(aof_redis: RedisSer
     errors it skips), which would stop Celery's consumer restart. The mend logs it instead."""
     from kombu import Connection
 
-    from worker.kombu_mends import ack_on_a_lost_connection, restore_on_a_closed_connection
+    from worker.service.kombu_mends import ack_on_a_lost_connection, restore_on_a_closed_connection
 
     restore_on_a_closed_connection()
     ack_on_a_lost_connection()
@@ -115,7 +115,7 @@ def test_an_untested_kombu_is_refused_with_a_clear_message() -> None:
         "def append(self, message, delivery_tag, extra=None): pass\n"
         "r.QoS.append = append\n"
         "from chatbatch.exceptions import ConfigurationError\n"
-        "from worker import kombu_mends\n"
+        "from worker.service import kombu_mends\n"
         "try:\n"
         "    kombu_mends.install()\n"
         "except ConfigurationError as error:\n"
@@ -129,7 +129,7 @@ def test_an_untested_kombu_is_refused_with_a_clear_message() -> None:
 def test_installing_twice_wraps_once() -> None:
     from kombu.transport import redis as kombu_redis
 
-    from worker import kombu_mends
+    from worker.service import kombu_mends
 
     kombu_mends.install()
     once = kombu_redis.QoS.append

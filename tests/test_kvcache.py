@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from worker.kvcache import GrowingLayer
+from worker.engine.kvcache import GrowingLayer
 
 
 def _step(rows: int, tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

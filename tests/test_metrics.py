@@ -1,4 +1,4 @@
-"""Prometheus metrics (worker/metrics.py, gateway/metrics.py, chatbatch/metrics.py), scraped from
+"""Prometheus metrics (worker/service/metrics.py, gateway/metrics.py, chatbatch/metrics.py), scraped from
 a real worker and a real gateway and parsed with prometheus-client's own parser: counters grow by
 a job's exact counts, histograms by as many observations."""
 

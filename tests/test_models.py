@@ -9,10 +9,10 @@ import pytest
 from chatbatch.settings import Settings
 from schemas import ChatCompletion, parse_chat_request
 from tests.conftest import ROOT, run_cli
-from worker.builders import tiny_hf_model
-from worker.engine import Engine
-from worker.model import build_engine, load_runner, registered_version
-from worker.runners import PyfuncRunner, TransformersRunner
+from worker.engine.scheduler import Engine
+from worker.models.builders import tiny_hf_model
+from worker.models.model import build_engine, load_runner, registered_version
+from worker.models.runners import PyfuncRunner, TransformersRunner
 
 SETTINGS = Settings(redis_url="redis://127.0.0.1:1/0")
 

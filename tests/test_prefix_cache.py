@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from worker.prefix_cache import BLOCK, PrefixCache, block_keys, reusable_blocks
+from worker.engine.prefix_cache import BLOCK, PrefixCache, block_keys, reusable_blocks
 
 
 def _block(value: float, layers: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -198,7 +198,7 @@ def test_redis_restart_mid_job(aof_redis: RedisServer, base_env: dict[str, str],
         aof_redis.process.wait(10)
         # The consumer sees Redis gone either as a lost connection, or, when the kill fell
         # between taking a message and recording it, in the mend that holds the message until
-        # Redis is back (worker/kombu_mends.py), which keeps the consumer from noticing before.
+        # Redis is back (worker/service/kombu_mends.py), which keeps the consumer from noticing before.
         wait_for(
             lambda: any(sign in worker.output() for sign in ("Connection to broker lost", "Redis went away as message")),
             60,

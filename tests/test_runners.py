@@ -1,4 +1,4 @@
-"""The whole OpenAI chat request on a real worker (worker/runners.py and its sampler stage):
+"""The whole OpenAI chat request on a real worker (worker/models/runners.py and its sampler stage):
 structured outputs, log probabilities, penalties and logit bias, the developer role, tools, and
 images refused. Every feature runs in one batch beside requests that do not use it."""
 
@@ -105,7 +105,7 @@ def test_a_schema_the_grammar_cannot_compile_is_refused_never_run_free(redis_ser
 @pytest.fixture(scope="module")
 def runner(tiny_model: Path) -> Any:
     """The tiny model, loaded in this process too: the reference for the worker's numbers."""
-    from worker.model import load_runner
+    from worker.models.model import load_runner
 
     return load_runner(str(tiny_model), Settings(redis_url="redis://127.0.0.1:1/0", dtype="float32"))
 

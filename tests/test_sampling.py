@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from worker.sampling import BatchSampler, SamplingParams, row_seed
+from worker.decode.sampling import BatchSampler, SamplingParams, row_seed
 
 PROBS = torch.tensor([0.5, 0.3, 0.2, 0.0])
 CPU = torch.device("cpu")

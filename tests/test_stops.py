@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.stops import StopFinder
+from worker.decode.stops import StopFinder
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""worker/tracking.py and model aliases: a worker serving `models:/name@alias` from a real
+"""worker/service/tracking.py and model aliases: a worker serving `models:/name@alias` from a real
 `mlflow server` reports the version it loaded, and jobs submitted with an MLflow experiment
 become runs of it (params, metrics, dataset inputs, end status), caught up when the server
 was away."""

@@ -41,7 +41,7 @@ def test_a_worker_whose_engine_dies_exits_and_its_request_is_answered_elsewhere(
     import mlflow
 
     from chatbatch.registry import live_models
-    from worker.main import EXIT_ENGINE_DIED
+    from worker.service.main import EXIT_ENGINE_DIED
 
     model = tmp_path / "exiting"
     mlflow.pyfunc.save_model(str(model), python_model=str(ROOT / "tests" / "data" / "exiting_chat_model.py"), pip_requirements=["mlflow"])

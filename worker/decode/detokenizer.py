@@ -1,6 +1,6 @@
 """A streamed row's text, decoded as its tokens come, with stop strings held back.
 
-Decoding is incremental, with worker/stops.py's `IncrementalText` (vLLM's detokenizer): a
+Decoding is incremental, with worker/decode/stops.py's `IncrementalText` (vLLM's detokenizer): a
 decoding that ends in U+FFFD waits, since the character is not whole yet (a multi-byte character
 split over tokens), or tokens only form text together.
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from worker.stops import IncrementalText
+from worker.decode.stops import IncrementalText
 
 
 class Detokenizer:

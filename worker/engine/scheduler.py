@@ -148,7 +148,7 @@ class Pending:
     #: not yet, or not known in this schedule).
     started_at: float = 0.0
     first_token_at: float = 0.0
-    #: A streamed request's sink (worker/publisher.py RequestStream): the runner hands it each
+    #: A streamed request's sink (worker/service/publisher.py RequestStream): the runner hands it each
     #: generated token (`put(choice, token)`, which sets its `sent`), and ends the request's
     #: rows at their next token once its `cancelled` is set (the client went away).
     stream: Any = None
@@ -200,7 +200,7 @@ class Runner(Protocol):
         """Generate for all items; one result or error per item, in order."""
 
     # A runner that can batch continuously also has `continuous()`: a running batch that
-    # requests join and leave at every step (see worker/continuous.py), or None where its
+    # requests join and leave at every step (see worker/engine/continuous.py), or None where its
     # current mode batches per request only.
 
 
@@ -269,7 +269,7 @@ class Engine:
         self._stopping = threading.Event()
         self._draining = threading.Event()
         #: Set when the engine thread ended on an error of its own (not a request's): the
-        #: worker must stop saying it serves (worker/main.py exits, so its tasks come back).
+        #: worker must stop saying it serves (worker/service/main.py exits, so its tasks come back).
         self.died = threading.Event()
         #: What ended the engine thread, once `died` is set.
         self.failure: BaseException | None = None
@@ -288,9 +288,9 @@ class Engine:
         #: Steps batch lines have waited for rows to free up (`_holds`).
         self._held = 0
         #: Called in the engine thread with each request that ran or was refused, and its answer
-        #: or error (the worker's metrics, worker/metrics.py); it must be quick.
+        #: or error (the worker's metrics, worker/service/metrics.py); it must be quick.
         self.observer: Callable[[Pending, ChatCompletion | RequestError], None] | None = None
-        #: The worker's set-up as a digest (worker/model.py `fingerprint`), put in every answer
+        #: The worker's set-up as a digest (worker/models/model.py `fingerprint`), put in every answer
         #: as `system_fingerprint`.
         self.fingerprint: str | None = None
 

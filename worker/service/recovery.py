@@ -27,7 +27,7 @@ from chatbatch import keys
 from chatbatch.redisconn import maybe_text, text
 
 if TYPE_CHECKING:
-    from worker.state import WorkerState
+    from worker.service.state import WorkerState
 
 logger = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ from typing import Any
 
 from chatbatch import __version__
 from chatbatch.settings import Settings
-from worker.builders import default_model
-from worker.dtypes import dtype_name
-from worker.engine import Engine
+from worker.engine.scheduler import Engine
+from worker.models.builders import default_model
+from worker.models.dtypes import dtype_name
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def load_runner(uri: str, settings: Settings, *, served_name: str | None = None)
     global LOADS
     from mlflow.models import Model
 
-    from worker.runners import PyfuncRunner, TransformersRunner
+    from worker.models.runners import PyfuncRunner, TransformersRunner
 
     with _lock:
         started = time.monotonic()

@@ -24,10 +24,10 @@ from chatbatch.queues import TASK_CALLBACK, TASK_CHAT, TASK_CHUNK, make_celery, 
 from chatbatch.settings import Settings
 from schemas.chat import parse_chat_request
 from schemas.errors import ErrorCode, RequestError
-from worker import callbacks
-from worker.chunks import ChunkRun, check_model, send_back
-from worker.publisher import RequestStream
-from worker.state import WorkerState
+from worker.service import callbacks
+from worker.service.chunks import ChunkRun, check_model, send_back
+from worker.service.publisher import RequestStream
+from worker.service.state import WorkerState
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def answer_request(task: Any, state: WorkerState, request_id: str, body: dict[st
         check_model(request.model, state.served_name)
         if requests.disconnected(request_id):  # its client went away while it was queued
             raise RequestError(ErrorCode.cancelled, "the client disconnected")
-        # Streamed or not, the sink's cancel mark is read while it runs (worker/publisher.py).
+        # Streamed or not, the sink's cancel mark is read while it runs (worker/service/publisher.py).
         stream = state.publisher.open(request_id, deliveries, request, state.served_name)
         future = state.engine.submit(request, request_id, stream=stream)
         stream.attach(future)

@@ -31,7 +31,7 @@ from chatbatch.exceptions import RefusedDestination, UnresolvedDestination
 from chatbatch.jobs import batch_object
 from chatbatch.queues import CALLBACK_QUEUE, TASK_CALLBACK
 from chatbatch.redisconn import text
-from worker.state import WorkerState
+from worker.service.state import WorkerState
 
 logger = logging.getLogger(__name__)
 

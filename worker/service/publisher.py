@@ -3,7 +3,7 @@
 The engine thread must stay fast: for a streamed request it only hands each generated token to
 the request's `RequestStream` (an append to a deque). One publisher thread per worker process
 (started with the first streamed request) drains that queue: it decodes each row's text
-incrementally (worker/detokenizer.py, stop strings held back), and adds the new text of every
+incrementally (worker/decode/detokenizer.py, stop strings held back), and adds the new text of every
 open stream as chat.completion.chunk objects to the request's Redis stream
 (`chatbatch:result:<id>:stream`), all streams in one pipelined round trip per cycle. The same
 round trip reads the cancel marks of the open streams (`Requests.disconnect`; every
@@ -38,7 +38,7 @@ from chatbatch import keys
 from chatbatch.requests import DISCONNECTED
 from chatbatch.streams import CHUNKS, DATA, DELIVERY, END, ERROR, KIND, choice_delta, chunk, final_delta, first_delta
 from schemas.chat import ChatCompletionRequest
-from worker.detokenizer import Detokenizer
+from worker.decode.detokenizer import Detokenizer
 
 logger = logging.getLogger(__name__)
 

@@ -2,9 +2,9 @@
 
 Beside Celery's consumer, a worker runs a few threads of its own (`Background`): its registry
 heartbeat, the sweeps (jobs past their window, stalled file writes, lost tasks), the callback
-relay, the MLflow tracker of jobs (worker/tracking.py), and a watchdog that ends the process
+relay, the MLflow tracker of jobs (worker/service/tracking.py), and a watchdog that ends the process
 when the engine thread dies; and, from the first
-streamed request on, the stream publisher (worker/publisher.py).
+streamed request on, the stream publisher (worker/service/publisher.py).
 """
 
 from __future__ import annotations
@@ -32,11 +32,11 @@ from chatbatch.queues import (
 )
 from chatbatch.redisconn import connect
 from chatbatch.settings import Settings
-from worker import callbacks, heap, kombu_mends, recovery, tracking
-from worker import model as model_loading
-from worker.model import build_engine, load_runner
-from worker.state import WorkerState
-from worker.tasks import create_app
+from worker.models import model as model_loading
+from worker.models.model import build_engine, load_runner
+from worker.service import callbacks, heap, kombu_mends, recovery, tracking
+from worker.service.state import WorkerState
+from worker.service.tasks import create_app
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class Background:
 
     def sweeps(self) -> None:
         """The job sweep (expiry, stalled file writes) and the callback sweep every heartbeat
-        interval, and the lost task sweep (worker/recovery.py) every half visibility timeout (1..60 s); each on one
+        interval, and the lost task sweep (worker/service/recovery.py) every half visibility timeout (1..60 s); each on one
         worker at a time, under a Redis lock."""
         settings = self.state.settings
         job_interval = settings.heartbeat_interval
@@ -142,7 +142,7 @@ class Background:
         recovery.sweep_requests(self.state, send_request, stall_seconds=stall, now=now)
 
     def tracking(self) -> None:
-        """The MLflow runs of jobs submitted with an experiment (worker/tracking.py)."""
+        """The MLflow runs of jobs submitted with an experiment (worker/service/tracking.py)."""
         tracking.run(self.state.redis, self.hostname, self.state.settings.heartbeat_interval, self.stop)
 
     def relay(self) -> None:
@@ -207,7 +207,7 @@ def run_worker(
     queues = worker_queues(list(queues or [model_queue(runner.served_name), DEFAULT_QUEUE]))
     port = metrics_port or settings.metrics_port
     if port:
-        from worker.metrics import WorkerMetrics
+        from worker.service.metrics import WorkerMetrics
 
         WorkerMetrics(engine, runner.served_name, settings.redis_url, queues, load_seconds=getattr(runner, "load_seconds", 0.0)).serve(port)
     hostname = hostname or f"chatbatch-{runner.served_name.replace('/', '_')}-{os.getpid()}@{socket.gethostname()}"

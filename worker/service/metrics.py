@@ -19,7 +19,7 @@ from prometheus_client.registry import Collector
 from chatbatch.metrics import FleetCollector, scrape_client
 from schemas.chat import ChatCompletion
 from schemas.errors import RequestError
-from worker.engine import Engine, Pending
+from worker.engine.scheduler import Engine, Pending
 
 logger = logging.getLogger(__name__)
 

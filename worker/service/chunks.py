@@ -21,8 +21,8 @@ from chatbatch.queues import TASK_CHUNK, chunk_argsrepr
 from schemas.batch import BatchRequestOutput, error_line
 from schemas.chat import ChatCompletion, ChatCompletionRequest, parse_chat_request
 from schemas.errors import ErrorCode, RequestError
-from worker.engine import Ticket
-from worker.state import STOP_CHECK_SECONDS, WorkerState
+from worker.engine.scheduler import Ticket
+from worker.service.state import STOP_CHECK_SECONDS, WorkerState
 
 logger = logging.getLogger(__name__)
 

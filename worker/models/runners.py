@@ -23,10 +23,10 @@ from schemas.chat import (
     Usage,
 )
 from schemas.errors import ErrorCode, RequestError
-from worker.chat_format import ChatFormat, parse_hermes
-from worker.engine import Pending
-from worker.grammar import Grammars, cut_calls, forced_calls
-from worker.stops import StopFinder
+from worker.decode.chat_format import ChatFormat, parse_hermes
+from worker.decode.grammar import Grammars, cut_calls, forced_calls
+from worker.decode.stops import StopFinder
+from worker.engine.scheduler import Pending
 
 logger = logging.getLogger(__name__)
 
@@ -132,8 +132,8 @@ class TransformersRunner:
     ) -> None:
         import torch
 
-        from worker.dtypes import choose
-        from worker.prefix_cache import PrefixCache
+        from worker.engine.prefix_cache import PrefixCache
+        from worker.models.dtypes import choose
 
         if getattr(tokenizer, "chat_template", None) is None:
             raise ValueError(
@@ -186,7 +186,7 @@ class TransformersRunner:
         self.default_prefill_tokens = 16_384 if self.device.type == "cuda" else 2_048
 
     def continuous(self, max_rows: int, max_tokens: int) -> Any:
-        """A continuous batch over this runner (worker/continuous.py): rows joining a growing
+        """A continuous batch over this runner (worker/engine/continuous.py): rows joining a growing
         cache in the dynamic decode, slots of one static cache in the static and compiled ones.
         None for a model whose cache is not plain per-layer tensors (sliding windows, linear
         attention): it batches per request.
@@ -196,7 +196,7 @@ class TransformersRunner:
         request longer than a slot runs per request, alone."""
         from transformers.cache_utils import DynamicLayer
 
-        from worker.continuous import ContinuousDecode, SlotDecode
+        from worker.engine.continuous import ContinuousDecode, SlotDecode
 
         if any(type(layer) is not DynamicLayer for layer in getattr(self._dynamic_cache(), "layers", [None])):
             return None
@@ -356,8 +356,8 @@ class TransformersRunner:
     def _run_dynamic(self, items: list[Pending]) -> list[ChatCompletion | RequestError]:
         """A group in the dynamic decode: the continuous decode, given the whole group at once
         and nothing after (rows leave as they finish; no prefix reuse)."""
-        from worker.continuous import ContinuousDecode
-        from worker.prefix_cache import PrefixCache
+        from worker.engine.continuous import ContinuousDecode
+        from worker.engine.prefix_cache import PrefixCache
 
         decode = ContinuousDecode(self, PrefixCache(0), max_tokens=0)
         decode.admit(items)
@@ -403,7 +403,7 @@ class TransformersRunner:
 
     def _params(self, item: Pending, choice: int) -> Any:
         """The sampling settings of one row (one choice of a request)."""
-        from worker.sampling import SamplingParams, row_seed
+        from worker.decode.sampling import SamplingParams, row_seed
 
         request: ChatCompletionRequest = item.request
         schema = item.prepared.schema
@@ -419,7 +419,7 @@ class TransformersRunner:
         )
 
     def _sampler(self, params: list[Any], *, host_logprobs: bool = False) -> Any:
-        from worker.sampling import BatchSampler
+        from worker.decode.sampling import BatchSampler
 
         return BatchSampler(params, self.device, vocab_size=self.vocab_size, grammars=self.grammars, host_logprobs=host_logprobs)
 
@@ -544,7 +544,7 @@ class TransformersRunner:
     def _decode_static(self, rows: list[_Row]) -> None:
         import torch
 
-        from worker.sampling import SamplingParams
+        from worker.decode.sampling import SamplingParams
 
         device = self.device
         count = len(rows)
@@ -664,10 +664,10 @@ class TransformersRunner:
         return True
 
     def _new_cache(self) -> Any:
-        """A DynamicCache whose plain layers grow in place (worker/kvcache.py)."""
+        """A DynamicCache whose plain layers grow in place (worker/engine/kvcache.py)."""
         from transformers.cache_utils import DynamicLayer
 
-        from worker.kvcache import GrowingLayer
+        from worker.engine.kvcache import GrowingLayer
 
         cache = self._dynamic_cache()
         cache.layers = [GrowingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]

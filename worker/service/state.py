@@ -1,4 +1,4 @@
-"""What one worker process holds, set up once by worker/main.py before it consumes."""
+"""What one worker process holds, set up once by worker/service/main.py before it consumes."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from chatbatch.jobs import Jobs, StopReason
 from chatbatch.ledger import Ledger
 from chatbatch.requests import Requests
 from chatbatch.settings import Settings
-from worker.engine import Engine
-from worker.publisher import Publisher
+from worker.engine.scheduler import Engine
+from worker.service.publisher import Publisher
 
 #: How often a task waiting on the engine checks whether its job was cancelled or expired, or
 #: its worker is stopping.

@@ -118,7 +118,7 @@ class BatchSampler:
         params: one entry per row; temperature 0 means greedy.
         device: where the logits live.
         vocab_size: the width of the logits (needed for penalties and bias).
-        grammars: the runner's `worker.grammar.Grammars`, when a row has a matcher.
+        grammars: the runner's `worker.decode.grammar.Grammars`, when a row has a matcher.
     """
 
     def __init__(
@@ -379,7 +379,7 @@ class BatchSampler:
     # Grammars.
 
     def _mask(self, constraint: _Constraint, index: torch.Tensor, logits: torch.Tensor) -> None:
-        from worker.grammar import apply_bitmask
+        from worker.decode.grammar import apply_bitmask
 
         rows = len(self._constrained_ids)
         constraint.grammars.fill([(constraint.matchers[row], k) for k, row in enumerate(self._constrained_ids)], constraint.bitmask)

@@ -37,14 +37,14 @@ from typing import TYPE_CHECKING, Any
 
 from schemas.chat import ChatCompletion, PromptTokensDetails
 from schemas.errors import ErrorCode, RequestError
-from worker.engine import JoinRefused, Pending
-from worker.kvcache import pad_left
-from worker.prefix_cache import BLOCK, PrefixCache, block_keys, reusable_blocks
+from worker.engine.kvcache import pad_left
+from worker.engine.prefix_cache import BLOCK, PrefixCache, block_keys, reusable_blocks
+from worker.engine.scheduler import JoinRefused, Pending
 
 if TYPE_CHECKING:
     import torch
 
-    from worker.runners import TransformersRunner, _Row
+    from worker.models.runners import TransformersRunner, _Row
 
 logger = logging.getLogger(__name__)
 
@@ -262,7 +262,7 @@ class ContinuousDecode:
         logits, and the column where each row's computed part starts."""
         import torch
 
-        from worker.runners import _left_padded
+        from worker.models.runners import _left_padded
 
         runner = self.runner
         device = runner.device
@@ -304,7 +304,7 @@ class ContinuousDecode:
     def _keep_blocks(self, cache: Any, prompts: list[list[int]], prefixes: list[list[Any]], starts: list[int]) -> None:
         """Copy the whole blocks just computed into the prefix cache (once per distinct
         block), the last blocks of every prompt first and the first ones last, so that a
-        shared first block outlives the blocks that follow it (see worker/prefix_cache.py)."""
+        shared first block outlives the blocks that follow it (see worker/engine/prefix_cache.py)."""
         if not self.prefix_cache.enabled:
             return
         layers = cache.layers
@@ -599,7 +599,7 @@ class SlotDecode(ContinuousDecode):
         """Copy prefilled rows into free slots, their KV ending just left of the column."""
         import torch
 
-        from worker.sampling import SamplingParams
+        from worker.decode.sampling import SamplingParams
 
         device = self.runner.device
         width, column = mask.shape[1], self._column
@@ -631,7 +631,7 @@ class SlotDecode(ContinuousDecode):
     def _step(self) -> None:
         import torch
 
-        from worker.runners import SYNC_EVERY
+        from worker.models.runners import SYNC_EVERY
 
         runner = self.runner
         count = min(SYNC_EVERY, self.length - self._column, max(self._remaining(), default=0))

@@ -25,7 +25,7 @@ from typing import Any
 from chatbatch.structured import JSON_OPTIONS
 from schemas.chat import ChatCompletionRequest, NamedToolChoice
 from schemas.errors import ErrorCode, RequestError
-from worker.chat_format import written_arguments
+from worker.decode.chat_format import written_arguments
 
 #: Compiled grammars kept (each a pristine matcher that rows copy).
 CACHE_SIZE = 256
