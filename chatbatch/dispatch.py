@@ -203,27 +203,6 @@ def check_owner(value: str | None) -> str:
     return value
 
 
-def parse_weights(spec: str) -> dict[str, float]:
-    """`CHATBATCH_OWNER_WEIGHTS`, "owner=weight,owner=weight", as a mapping.
-
-    Raises:
-        ValueError: an entry that is not owner=positive number.
-    """
-    weights: dict[str, float] = {}
-    for part in (piece.strip() for piece in spec.split(",")):
-        if not part:
-            continue
-        owner, _, value = part.rpartition("=")
-        try:
-            weight = float(value)
-        except ValueError:
-            weight = 0.0
-        if not owner or not weight > 0:
-            raise ValueError(f"CHATBATCH_OWNER_WEIGHTS entry {part!r} is not owner=weight with a positive weight")
-        weights[owner] = weight
-    return weights
-
-
 def queue_figures(client: redis.Redis, queues: list[str]) -> dict[str, tuple[int, int, int]]:
     """Queue -> (messages on the broker's list, chunks in flight, chunks held in job backlogs),
     in two pipelined round trips for all the queues."""

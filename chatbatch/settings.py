@@ -129,8 +129,6 @@ class Settings(BaseSettings):
     @field_validator("owner_weights")
     @classmethod
     def _weights(cls, value: str) -> str:
-        from chatbatch.dispatch import parse_weights
-
         parse_weights(value)
         return value
 
@@ -160,6 +158,27 @@ class Settings(BaseSettings):
     @property
     def api_key_list(self) -> list[str]:
         return [key.strip() for key in self.api_keys.split(",") if key.strip()]
+
+
+def parse_weights(spec: str) -> dict[str, float]:
+    """`CHATBATCH_OWNER_WEIGHTS`, "owner=weight,owner=weight", as a mapping.
+
+    Raises:
+        ValueError: an entry that is not owner=positive number.
+    """
+    weights: dict[str, float] = {}
+    for part in (piece.strip() for piece in spec.split(",")):
+        if not part:
+            continue
+        owner, _, value = part.rpartition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = 0.0
+        if not owner or not weight > 0:
+            raise ValueError(f"CHATBATCH_OWNER_WEIGHTS entry {part!r} is not owner=weight with a positive weight")
+        weights[owner] = weight
+    return weights
 
 
 @lru_cache(maxsize=1)

@@ -19,7 +19,6 @@ from chatbatch.dispatch import (
     Share,
     check_owner,
     check_priority,
-    parse_weights,
 )
 from chatbatch.exceptions import ConfigurationError, JobNotFoundError, RequestFailedError
 from chatbatch.idempotency import CHAT, Idempotency, body_digest
@@ -29,7 +28,7 @@ from chatbatch.ledger import Ledger
 from chatbatch.queues import DEFAULT_QUEUE, TASK_CHAT, live_queue, make_celery, model_queue, request_argsrepr
 from chatbatch.redisconn import connect, maybe_text
 from chatbatch.requests import Requests
-from chatbatch.settings import Settings, get_settings
+from chatbatch.settings import Settings, get_settings, parse_weights
 from chatbatch.storage import open_input
 from chatbatch.streams import follow
 from chatbatch.structured import check_schema

@@ -4,14 +4,24 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from chatbatch.exceptions import RequestFailedError
+from chatbatch.jobs import Jobs
+from chatbatch.requests import Requests
 from schemas.chat import ChatCompletion
 from schemas.job import BatchJob
 
-if TYPE_CHECKING:
-    from producer.client import Client
+
+class Connection(Protocol):
+    """What a handle uses of the client that made it (producer/client.py `Client`)."""
+
+    requests: Requests
+    jobs: Jobs
+
+    def waiting_notice(self, queues: list[str]) -> str | None: ...
+
+    def cancel(self, job_id: str) -> BatchJob: ...
 
 
 class RequestHandle:
@@ -19,7 +29,7 @@ class RequestHandle:
 
     __slots__ = ("id", "queue", "repeat", "_client")
 
-    def __init__(self, request_id: str, client: Client, *, queue: str | None = None, repeat: bool = False) -> None:
+    def __init__(self, request_id: str, client: Connection, *, queue: str | None = None, repeat: bool = False) -> None:
         self.id = request_id
         self._client = client
         #: True when an idempotency key named an earlier call: this is that call's request.
@@ -59,7 +69,7 @@ class JobHandle:
 
     __slots__ = ("id", "_client")
 
-    def __init__(self, job_id: str, client: Client) -> None:
+    def __init__(self, job_id: str, client: Connection) -> None:
         self.id = job_id
         self._client = client
 

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from schemas.errors import ErrorCode, RequestError
-from schemas.strict import check_strict_request
+from schemas.strict import check_strict
 
 #: Upper bounds that keep one request from occupying a worker; documented in docs/formats.md.
 MAX_N = 16
@@ -669,8 +669,20 @@ def parse_chat_request(data: Any, *, prefix: str = "", streamable: bool = False)
         raise describe_validation_error(error, prefix=prefix) from None
     _refuse_media(request, prefix)
     _check_stream(request, prefix, streamable)
-    check_strict_request(request, prefix)
+    _check_strict(request, prefix)
     return request
+
+
+def _check_strict(request: ChatCompletionRequest, prefix: str = "") -> None:
+    """Refuse a request whose `strict` schemas (its `response_format`, its tools' parameters,
+    whether or not the call is forced) strict mode does not accept; `prefix` is prepended to
+    the paths, e.g. ``"body."``."""
+    fmt = getattr(request.response_format, "json_schema", None)
+    if fmt is not None and fmt.strict:
+        check_strict(fmt.schema_, f"{prefix}response_format.json_schema.schema")
+    for index, tool in enumerate(request.tools or []):
+        if tool.function.strict:
+            check_strict(tool.function.parameters, f"{prefix}tools[{index}].function.parameters")
 
 
 def _check_stream(request: ChatCompletionRequest, prefix: str, streamable: bool) -> None:

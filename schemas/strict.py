@@ -27,12 +27,9 @@ Pure Python: schemas/ imports pydantic only.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn
 
 from schemas.errors import ErrorCode, RequestError
-
-if TYPE_CHECKING:
-    from schemas.chat import ChatCompletionRequest
 
 #: Keywords strict mode accepts.
 STRUCTURE = frozenset({"type", "properties", "required", "additionalProperties", "items", "enum", "const", "anyOf", "$ref", "$defs", "definitions"})
@@ -61,18 +58,6 @@ class _Totals:
     properties: int = 0
     enum_values: int = 0
     chars: int = 0
-
-
-def check_strict_request(request: ChatCompletionRequest, prefix: str = "") -> None:
-    """Refuse a request whose `strict` schemas (its `response_format`, its tools' parameters,
-    whether or not the call is forced) strict mode does not accept; `prefix` is prepended to
-    the paths, e.g. ``"body."``."""
-    fmt = getattr(request.response_format, "json_schema", None)
-    if fmt is not None and fmt.strict:
-        check_strict(fmt.schema_, f"{prefix}response_format.json_schema.schema")
-    for index, tool in enumerate(request.tools or []):
-        if tool.function.strict:
-            check_strict(tool.function.parameters, f"{prefix}tools[{index}].function.parameters")
 
 
 def check_strict(schema: dict[str, Any] | None, where: str) -> None:

@@ -12,10 +12,10 @@ import pytest
 import redis
 
 from chatbatch import keys, registry
-from chatbatch.dispatch import Dispatcher, Share, parse_weights, window
+from chatbatch.dispatch import Dispatcher, Share, window
 from chatbatch.jobs import Jobs
 from chatbatch.ledger import Ledger
-from chatbatch.settings import Settings
+from chatbatch.settings import Settings, parse_weights
 from producer import Client
 from tests.conftest import RedisServer, Worker, batch_line, user, wait_for
 
