@@ -85,9 +85,9 @@ def test_rows_admitted_mid_decode_answer_as_generate_alone(runner) -> None:  # t
         engine.stop()
     assert engine.stats["batches"] == len(texts), "each request joined on its own step"
     if runner.decode != "dynamic":
-        assert engine.running.shifts > 0, "the slots' columns were shifted to make room"
+        assert engine.running.shifts > 0, "the slots' columns were shifted to make room"  # type: ignore[union-attr]
     else:
-        assert engine.running.joined_in_place > 0, "rows joined into the places of rows that finished"
+        assert engine.running.joined_in_place > 0, "rows joined into the places of rows that finished"  # type: ignore[union-attr]
     alone = {text: _generate_alone(runner, text, 40) for text in PROMPTS}
     for text, outcome in zip(texts, outcomes):
         assert outcome.choices[0].message.content == alone[text], text
@@ -115,7 +115,7 @@ def test_batch_lines_join_once_an_eighth_of_the_rows_is_free(runner) -> None:  #
     runs = {}
     for hold in (0, 8):
         engine = Engine(runner, batch_wait=0.0, max_batch_size=16)
-        engine.running.hold_steps = hold
+        engine.running.hold_steps = hold  # type: ignore[union-attr]
         finishes = _run_lines(engine, lines)
         runs[hold] = (engine.stats["batches"], {name: answer.choices[0].message.content for name, answer in finishes.answers.items()})
     assert runs[8][1] == runs[0][1]
@@ -133,7 +133,7 @@ def test_single_requests_waiting_for_a_full_batch_join_a_few_at_a_time(runner) -
     runs = {}
     for hold in (0, 8):
         engine = Engine(runner, batch_wait=0.0, max_batch_size=16)
-        engine.running.hold_steps = hold
+        engine.running.hold_steps = hold  # type: ignore[union-attr]
         futures = [engine.submit(request, f"s{i}") for i, request in enumerate(requests)]
         engine.start()
         try:
@@ -233,7 +233,7 @@ def test_a_request_no_slot_can_hold_runs_alone_and_the_rest_go_on(runner) -> Non
     runs per request, alone, once the batch has emptied; its neighbours run in the batch."""
     engine = Engine(runner, batch_wait=0.0, max_batch_size=2, max_batch_tokens=128)
     if runner.decode != "dynamic":
-        assert (engine.running.slots, engine.running.length) == (1, 128)
+        assert (engine.running.slots, engine.running.length) == (1, 128)  # type: ignore[union-attr]
     wide = engine.submit(_request("many", n=3, max_tokens=4), "wide")
     plain = engine.submit(_request("one", max_tokens=4), "plain")
     long = engine.submit(_request("long", max_tokens=120), "long")

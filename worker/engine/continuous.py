@@ -1,5 +1,5 @@
-"""Continuous batching for the transformers runner: one decode that rows join and leave at
-every step (the `dynamic` decode mode).
+"""Continuous batching: one decode that rows join and leave at every step (the `dynamic`
+decode mode; the slot layout of the other modes is worker/engine/slots.py).
 
 The batch's KV lives in one DynamicCache, one row per sequence, left-padded to a common width,
 with an attention mask and explicit positions per row, so a row's answer does not depend on
@@ -37,14 +37,14 @@ from typing import TYPE_CHECKING, Any
 
 from schemas.chat import ChatCompletion, PromptTokensDetails
 from schemas.errors import ErrorCode, RequestError
-from worker.engine.kvcache import pad_left
+from worker.engine.interface import StepModel
+from worker.engine.kvcache import left_padded, pad_left
+from worker.engine.pending import JoinRefused, Pending
 from worker.engine.prefix_cache import BLOCK, PrefixCache, block_keys, reusable_blocks
-from worker.engine.scheduler import JoinRefused, Pending
+from worker.engine.rows import Row
 
 if TYPE_CHECKING:
     import torch
-
-    from worker.models.runners import TransformersRunner, _Row
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class _Admitted:
     """A request in the running batch."""
 
     item: Pending
-    rows: list[_Row]
+    rows: list[Row]
     #: Rows not finished yet.
     left: int
     #: Prompt tokens whose KV came from the prefix cache.
@@ -72,15 +72,16 @@ def prefix_keys(item: Pending) -> list[bytes]:
 
 
 class ContinuousDecode:
-    """The running batch of a TransformersRunner in `dynamic` mode. Only the engine thread uses it.
+    """The running batch of the `dynamic` decode mode (a ContinuousBatch). Only the engine
+    thread uses it.
 
     Args:
-        runner: the runner whose model, tokenizer and sampler this decode uses.
+        runner: the runner whose forward passes, rows, sampler and answers this decode uses.
         prefix_cache: where prompt blocks are found and kept.
         max_tokens: most KV tokens the batch may hold, padding included.
     """
 
-    def __init__(self, runner: TransformersRunner, prefix_cache: PrefixCache, *, max_tokens: int) -> None:
+    def __init__(self, runner: StepModel, prefix_cache: PrefixCache, *, max_tokens: int) -> None:
         self.runner = runner
         self.prefix_cache = prefix_cache
         self.max_tokens = max_tokens
@@ -91,7 +92,7 @@ class ContinuousDecode:
         self._requests: dict[int, _Admitted] = {}
         #: The rows in the batch, in cache order (None where a place is vacant), and their ids
         #: in the sampler.
-        self.rows: list[_Row | None] = []
+        self.rows: list[Row | None] = []
         self._ids: list[int] = []
         # Set while rows are in the batch (torch tensors; Any, as they are None between runs).
         self._cache: Any = None
@@ -120,7 +121,7 @@ class ContinuousDecode:
         """Rows running in the batch."""
         return sum(row is not None for row in self.rows)
 
-    def _running(self) -> list[_Row]:
+    def _running(self) -> list[Row]:
         return [row for row in self.rows if row is not None]
 
     def cached_prefix(self, item: Pending) -> int:
@@ -142,7 +143,7 @@ class ContinuousDecode:
     capacity: int | None = None
     #: Most steps waiting requests wait for an eighth of the rows to be free before they join
     #: (each join is a prefill forward pass of its own, costing about one decode step however
-    #: few rows it brings; the engine's `_holds`).
+    #: few rows it brings; worker/engine/admission.py `_holds`).
     hold_steps = 8
 
     def fits_ever(self, item: Pending) -> bool:
@@ -178,7 +179,7 @@ class ContinuousDecode:
         with torch.inference_mode():
             self._admit(items)
 
-    def _prefilled(self, items: list[Pending]) -> tuple[list[_Row], list[list[int]], Any, torch.Tensor, torch.Tensor]:
+    def _prefilled(self, items: list[Pending]) -> tuple[list[Row], list[list[int]], Any, torch.Tensor, torch.Tensor]:
         """Take requests in and compute their prompts' KV, changing nothing of the running
         batch: their rows, each row's prompt, and the prefill's cache, mask and logits.
 
@@ -211,16 +212,16 @@ class ContinuousDecode:
     def _admit(self, items: list[Pending]) -> None:
         self._place(*self._prefilled(items))
 
-    def _register(self, items: list[Pending]) -> tuple[list[_Row], list[list[int]], list[list[list[tuple[Any, Any]]]]]:
+    def _register(self, items: list[Pending]) -> tuple[list[Row], list[list[int]], list[list[list[tuple[Any, Any]]]]]:
         """Take requests in: their rows, each row's prompt, and the cached blocks each starts with."""
-        new_rows: list[_Row] = []
+        new_rows: list[Row] = []
         prompts: list[list[int]] = []
         prefixes: list[list[list[tuple[Any, Any]]]] = []
         for item in items:
             key = next(self._keys)
             prompt = item.prepared.prompt_ids
             blocks = self.prefix_cache.take(prefix_keys(item), len(prompt)) if self.prefix_cache.enabled else []
-            rows = [self.runner._row(key, choice, item) for choice in range(item.request.n)]
+            rows = [self.runner.row(key, choice, item) for choice in range(item.request.n)]
             self._requests[key] = _Admitted(item, rows, left=len(rows), cached=len(blocks) * BLOCK)
             self.prompt_tokens += len(prompt)
             self.cached_tokens += len(blocks) * BLOCK
@@ -229,14 +230,14 @@ class ContinuousDecode:
             prefixes += [blocks] * len(rows)
         return new_rows, prompts, prefixes
 
-    def _place(self, rows: list[_Row], prompts: list[list[int]], cache: Any, mask: torch.Tensor, logits: torch.Tensor) -> None:
+    def _place(self, rows: list[Row], prompts: list[list[int]], cache: Any, mask: torch.Tensor, logits: torch.Tensor) -> None:
         """Put prefilled rows in the batch: into vacant places first, then at the end."""
         import torch
 
         positions = torch.tensor([len(prompt) for prompt in prompts], device=self.runner.device)
         params = [row.params for row in rows]
         if self._sampler is None or not self.rows:
-            self._sampler = self.runner._sampler(params, host_logprobs=True)
+            self._sampler = self.runner.sampler(params, host_logprobs=True)
             self._cache, self._mask, self._next_pos, self._logits = cache, mask, positions, logits
             self.rows, self._ids = list(rows), list(self._sampler.ids)
             return
@@ -262,15 +263,13 @@ class ContinuousDecode:
         logits, and the column where each row's computed part starts."""
         import torch
 
-        from worker.models.runners import _left_padded
-
         runner = self.runner
         device = runner.device
         cached = [len(blocks) * BLOCK for blocks in prefixes]
         width_p = max(cached)
         rest = [prompt[c:] for prompt, c in zip(prompts, cached)]
         width_s = max(len(r) for r in rest)
-        input_ids, suffix_mask = _left_padded(rest, len(rest), width_s, runner.pad_id)
+        input_ids, suffix_mask = left_padded(rest, len(rest), width_s, runner.pad_id)
         prefix_mask = torch.zeros((len(rest), width_p), dtype=torch.long)
         for i, c in enumerate(cached):
             if c:
@@ -278,10 +277,10 @@ class ContinuousDecode:
         mask = torch.cat([prefix_mask, suffix_mask], dim=1).to(device)
         input_ids, suffix_mask = input_ids.to(device), suffix_mask.to(device)
         positions = (suffix_mask.cumsum(-1) - 1).clamp(min=0) + torch.tensor(cached, device=device)[:, None]
-        cache = runner._new_cache()
+        cache = runner.new_cache()
         if width_p:
             self._put_prefixes(cache, prefixes, width_p)
-        logits = runner._last_logits(input_ids, mask, positions, cache, logits_to_keep=1)
+        logits = runner.last_logits(input_ids, mask, positions, cache, logits_to_keep=1)
         starts = [width_p + width_s - len(r) for r in rest]
         return cache, mask, logits, starts
 
@@ -334,7 +333,7 @@ class ContinuousDecode:
         widen = mask.shape[1] - self._mask.shape[1]
         if widen > 0:
             for layer in self._cache.layers:
-                layer.widen(widen)  # every layer is a GrowingLayer (TransformersRunner._new_cache)
+                layer.widen(widen)  # every layer is a GrowingLayer (the runner's `new_cache`)
             self._mask = pad_left(self._mask, widen, dim=1)
         pad = self._mask.shape[1] - mask.shape[1]
         mask = pad_left(mask, pad, dim=1)
@@ -384,16 +383,16 @@ class ContinuousDecode:
             self._next_pos[torch.tensor(vacant, device=runner.device)] = 0
         self._mask = torch.cat([self._mask, self._mask.new_ones((self._mask.shape[0], 1))], dim=1)
         runner.decode_steps += 1
-        self._logits = runner._last_logits(tokens[:, None], self._mask, self._next_pos[:, None], self._cache)
+        self._logits = runner.last_logits(tokens[:, None], self._mask, self._next_pos[:, None], self._cache)
         self._next_pos = self._next_pos + 1
 
-    def _advance(self, row: _Row, tokens: tuple[int, ...] | list[int]) -> bool:
-        """Give a row its new tokens (`runner._advance`, up to the one that finishes it); True
+    def _advance(self, row: Row, tokens: tuple[int, ...] | list[int]) -> bool:
+        """Give a row its new tokens (`runner.advance`, up to the one that finishes it); True
         once it is finished. A row whose own work fails (its stop strings, its stream) is
         finished with that failure, and the batch goes on without it."""
         try:
             for token in tokens:
-                if self.runner._advance(row, token):
+                if self.runner.advance(row, token):
                     return True
             return False
         except Exception as error:
@@ -430,7 +429,7 @@ class ContinuousDecode:
             for layer in self._cache.layers:
                 layer.drop_leading(first)
 
-    def _settle(self, finished: list[tuple[_Row, int]]) -> None:
+    def _settle(self, finished: list[tuple[Row, int]]) -> None:
         """Give finished rows (with their sampler ids) their text, log probabilities and
         grammar state; answer each request whose rows have all finished (into `_settled`)."""
         sampler = self._sampler
@@ -455,7 +454,7 @@ class ContinuousDecode:
 
     def _answer(self, entry: _Admitted, created: int) -> ChatCompletion | RequestError:
         try:
-            completion = self.runner._completion(entry.item, entry.rows, created)
+            completion = self.runner.completion(entry.item, entry.rows, created)
         except RequestError as error:
             return error
         except Exception as error:  # this request's answer cannot be built; the batch goes on
@@ -479,189 +478,6 @@ class ContinuousDecode:
         with torch.inference_mode():
             self._reset()
         return answers
-
-
-class SlotDecode(ContinuousDecode):
-    """The running batch of the `static` and `compiled` decodes: a fixed number of slots in one
-    StaticCache, so every decode step has the same shapes (and, compiled, replays one CUDA
-    graph).
-
-    All slots write their next token's KV at one shared column, which moves right by one each
-    step. A request joins a free slot with its prefilled prompt copied just left of that column
-    (the columns before it masked, and the columns after it written as it decodes); its
-    position ids are its own. A request joins only where its prompt fits left of the column and
-    its max_tokens right of it: when not, the columns every running row has left behind are
-    shifted out first, and the column may jump right past a gap the running rows mask. A slot
-    whose row finished is masked and free for the next request.
-
-    The device runs up to SYNC_EVERY steps between two looks from the host, which then settles
-    finished rows (EOS, stop strings, max_tokens) and frees their slots: a slot waits at most
-    that many steps to be reused.
-    """
-
-    #: Slots are freed at host syncs, every SYNC_EVERY steps: they join then.
-    hold_steps = 0
-
-    def __init__(self, runner: TransformersRunner, prefix_cache: PrefixCache, *, slots: int, length: int) -> None:
-        import torch
-        from transformers import StaticCache
-
-        super().__init__(runner, prefix_cache, max_tokens=slots * length)
-        device = runner.device
-        self.capacity = self.slots = slots
-        self.length = length
-        self._slots: list[_Row | None] = [None] * slots
-        self._slot_ids = [-1] * slots
-        #: First column each slot's row uses, and the shared column of the next token.
-        self._starts = [0] * slots
-        self._column = 0
-        #: Times the columns were shifted left to make room.
-        self.shifts = 0
-        # Its own cache (not one of the runner's per-request shapes, which are reset for reuse).
-        self._cache = StaticCache(config=runner.model.config, max_cache_len=length)
-        config = runner.model.config
-        config = getattr(config, "get_text_config", lambda: config)()
-        heads = config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        self._cache.early_initialization(slots, kv_heads, head_dim, runner.model.dtype, device)
-        self._mask = torch.ones((slots, length), dtype=torch.long, device=device)
-        self._next_pos = torch.zeros((slots, 1), dtype=torch.long, device=device)
-        self._logits = torch.zeros((slots, runner.vocab_size), device=device)
-
-    def __len__(self) -> int:
-        return sum(row is not None for row in self._slots)
-
-    def _remaining(self) -> list[int]:
-        """Tokens each running row may still generate (max_tokens less what it has)."""
-        return [row.prepared.max_new - row.generated for row in self._slots if row is not None]
-
-    def _plan(self, items: list[Pending]) -> tuple[int, int] | None:
-        """Where requests would join: (columns to shift out first, the shared column after
-        they join), or None when they cannot join now."""
-        width = self.prefill_width(items)
-        longest = max(item.prepared.max_new for item in items)
-        remaining = self._remaining()
-        running = [start for start, row in zip(self._starts, self._slots) if row is not None]
-        for shift in (0, min(running, default=self._column)):
-            column = max(self._column - shift, width)
-            if column + longest <= self.length and all(column + left <= self.length for left in remaining):
-                return shift, column
-        return None
-
-    def fits_ever(self, item: Pending) -> bool:
-        return item.request.n <= self.slots and len(item.prepared.prompt_ids) + item.prepared.max_new <= self.length
-
-    def fits(self, items: list[Pending]) -> bool:
-        rows = sum(item.request.n for item in items)
-        return rows <= self._slots.count(None) and self._plan(items) is not None
-
-    def _admit(self, items: list[Pending]) -> None:
-        plan = self._plan(items)
-        if plan is None or sum(item.request.n for item in items) > self._slots.count(None):
-            raise RuntimeError("admitted requests that do not fit the slots")  # the engine asks `fits` first
-        shift, column = plan
-        # Prefilled first, apart from the slots: a failure leaves them as they were.
-        joining = self._prefilled(items)
-        if shift:
-            self._shift(shift)
-        self._move_to(column)
-        self._place(*joining)
-
-    def _shift(self, count: int) -> None:
-        """Move every slot's columns `count` to the left (the running rows left them all)."""
-        if not len(self):
-            self._set_column(self._column - count)  # nothing to keep
-            return
-        self.shifts += 1
-        for layer in self._cache.layers:
-            layer.keys[:, :, : self.length - count] = layer.keys[:, :, count:].clone()
-            layer.values[:, :, : self.length - count] = layer.values[:, :, count:].clone()
-        self._mask[:, : self.length - count] = self._mask[:, count:].clone()
-        self._mask[:, self.length - count :] = 1
-        self._starts = [max(0, start - count) for start in self._starts]
-        self._set_column(self._column - count)
-
-    def _move_to(self, column: int) -> None:
-        """Jump the shared column right; the running rows mask the columns skipped."""
-        if column > self._column:
-            running = [j for j, row in enumerate(self._slots) if row is not None]
-            if running:
-                self._mask[running, self._column : column] = 0
-            self._set_column(column)
-
-    def _set_column(self, column: int) -> None:
-        self._column = column
-        for layer in self._cache.layers:
-            layer.cumulative_length.fill_(column)
-
-    def _place(self, rows: list[_Row], prompts: list[list[int]], cache: Any, mask: torch.Tensor, logits: torch.Tensor) -> None:
-        """Copy prefilled rows into free slots, their KV ending just left of the column."""
-        import torch
-
-        from worker.decode.sampling import SamplingParams
-
-        device = self.runner.device
-        width, column = mask.shape[1], self._column
-        free = [j for j, row in enumerate(self._slots) if row is None][: len(rows)]
-        index = torch.tensor(free, device=device)
-        for mine, theirs in zip(self._cache.layers, cache.layers):
-            mine.keys[index, :, column - width : column] = theirs.keys
-            mine.values[index, :, column - width : column] = theirs.values
-        self._mask[index] = 1
-        self._mask[index, :column] = 0
-        self._mask[index, column - width : column] = mask
-        self._next_pos[index, 0] = torch.tensor([len(prompt) for prompt in prompts], device=device)
-        self._logits[index] = logits
-        firsts = (mask != 0).int().argmax(dim=1).tolist()
-        if self._sampler is None:
-            filler = SamplingParams(0.0, 1.0, 0)
-            # Log probabilities stay on the device between host syncs (`flush` brings them).
-            self._sampler = self.runner._sampler([filler] * self.slots)
-        ids = self._sampler.extend([row.params for row in rows])
-        # Each new row's sampler state moves to its slot; the finished rows' there are dropped.
-        order = list(range(self.slots))
-        for k, slot in enumerate(free):
-            order[slot] = self.slots + k
-        self._sampler.select(torch.tensor(order, device=device), order)
-        for k, (slot, row) in enumerate(zip(free, rows)):
-            self._slots[slot], self._slot_ids[slot] = row, ids[k]
-            self._starts[slot] = column - width + firsts[k]
-
-    def _step(self) -> None:
-        import torch
-
-        from worker.models.runners import SYNC_EVERY
-
-        runner = self.runner
-        count = min(SYNC_EVERY, self.length - self._column, max(self._remaining(), default=0))
-        produced = []
-        for _ in range(count):
-            tokens = self._sampler.choose(self._logits)
-            produced.append(tokens)
-            cache_position = torch.tensor([self._column], device=runner.device)
-            self._logits = runner._step(tokens[:, None], self._next_pos, cache_position, self._mask, self._cache)
-            self._next_pos = self._next_pos + 1
-            self._column += 1
-        by_slot = torch.stack(produced, dim=1).tolist()
-        self._sampler.flush()
-        done = [slot for slot, row in enumerate(self._slots) if row is not None and self._advance(row, by_slot[slot])]
-        if done:
-            self._settle([(self._slots[slot], self._slot_ids[slot]) for slot in done])  # type: ignore[misc]
-            for slot in done:
-                self._free(slot)
-
-    def _free(self, slot: int) -> None:
-        self._slots[slot] = None
-        self._mask[slot] = 1
-        self._next_pos[slot] = 0
-
-    def _reset(self) -> None:
-        self._slots = [None] * self.slots
-        self._mask.fill_(1)
-        self._next_pos.zero_()
-        self._sampler = None
-        self._set_column(0)
 
 
 def _replace(layer: Any, keys: torch.Tensor, values: torch.Tensor) -> None:

@@ -133,3 +133,22 @@ def pad_left(tensor: torch.Tensor, count: int, dim: int = 2) -> torch.Tensor:
     shape = list(tensor.shape)
     shape[dim] = count
     return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+def left_padded(prompts: list[list[int]], rows: int, width: int, pad_id: int) -> tuple[Any, Any]:
+    """The prompts' token ids left-padded to `width`, in `rows` rows (the rows after the
+    prompts, a static batch's fillers, hold one token: padding only), and their attention mask
+    (0 over the padding), as CPU tensors.
+
+    Filled in numpy (~0.1 ms for a batch of 32 short prompts): a torch operation per row
+    costs tens of microseconds, ~1 ms per batch, about a tenth of a batch on the tiny model.
+    """
+    import numpy as np
+
+    ids = np.full((rows, width), pad_id, dtype=np.int64)
+    mask = np.zeros((rows, width), dtype=np.int64)
+    mask[:, -1] = 1
+    for i, prompt in enumerate(prompts):
+        ids[i, width - len(prompt) :] = prompt
+        mask[i, width - len(prompt) :] = 1
+    return torch.from_numpy(ids), torch.from_numpy(mask)

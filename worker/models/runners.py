@@ -5,7 +5,6 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from chatbatch.ids import new_id
@@ -26,7 +25,9 @@ from schemas.errors import ErrorCode, RequestError
 from worker.decode.chat_format import ChatFormat, parse_hermes
 from worker.decode.grammar import Grammars, cut_calls, forced_calls
 from worker.decode.stops import StopFinder
-from worker.engine.scheduler import Pending
+from worker.engine.interface import ContinuousBatch
+from worker.engine.pending import Pending
+from worker.engine.rows import Prepared, Row
 
 logger = logging.getLogger(__name__)
 
@@ -45,67 +46,8 @@ DECODE_MODES = ("dynamic", "static", "compiled")
 CPU_BATCH_SIZE = 32
 CPU_BATCH_TOKENS = 65_536
 CUDA_BATCH_SIZE = 512
-#: Tokens generated between two host checks of a static decode (all rows done? a stop string?).
-SYNC_EVERY = 16
-
-
-#: The shortest slot of a static continuous batch, where the model's context allows: fewer,
-#: longer slots rather than slots too short for common requests.
-SLOT_TOKENS = 4_096
-
-
 def _round_up(value: int, step: int) -> int:
     return -(-value // step) * step
-
-
-def slot_shape(max_rows: int, max_tokens: int, context: int) -> tuple[int, int]:
-    """Slots and tokens per slot of a static continuous batch within `max_tokens` KV tokens:
-    up to `max_rows` slots, each as long as the context where that fits, else halving the slots
-    until each holds SLOT_TOKENS (or the context, when shorter); lengths in multiples of 256."""
-    floor = min(context, SLOT_TOKENS)
-    slots = max(1, max_rows)
-    while slots > 1 and max_tokens // slots < floor:
-        slots //= 2
-    length = min(context, max_tokens // slots)
-    if length >= 256:
-        length -= length % 256
-    return slots, max(1, length)
-
-
-@dataclass
-class Prepared:
-    prompt_ids: list[int]
-    max_new: int
-    stops: list[str]
-    #: The JSON Schema the answer must follow, and the field it comes from.
-    schema: tuple[dict[str, Any], str] | None = None
-    #: The keys of the prompt's blocks the prefix cache may serve, once hashed.
-    prefix_keys: list[bytes] | None = None
-
-
-@dataclass
-class _Row:
-    item: int
-    choice: int
-    prepared: Prepared
-    params: Any
-    tokens: list[int] = field(default_factory=list)
-    generated: int = 0
-    finish: str | None = None
-    text: str | None = None
-    #: Per returned token: (its log probability, [(alternative, log probability)]).
-    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
-    #: How many of `tokens` the answer returns, when a stop string cut it.
-    kept: int | None = None
-    #: Why the row's grammar failed, when it did.
-    grammar_error: str | None = None
-    #: Watches the text for the row's stop strings, when it has some.
-    finder: StopFinder | None = None
-    #: The request's stream sink, when it is streamed (`Pending.stream`).
-    stream: Any = None
-    #: Why the row's own work failed (its stop strings, stream or text), when it did: the row
-    #: ended there, and its request gets internal_error.
-    failure: str | None = None
 
 
 class TransformersRunner:
@@ -185,9 +127,10 @@ class TransformersRunner:
         #: Most prompt tokens prefilled per continuous step, unless configured.
         self.default_prefill_tokens = 16_384 if self.device.type == "cuda" else 2_048
 
-    def continuous(self, max_rows: int, max_tokens: int) -> Any:
-        """A continuous batch over this runner (worker/engine/continuous.py): rows joining a growing
-        cache in the dynamic decode, slots of one static cache in the static and compiled ones.
+    def continuous(self, max_rows: int, max_tokens: int) -> ContinuousBatch | None:
+        """A continuous batch over this runner: rows joining a growing cache in the dynamic
+        decode (worker/engine/continuous.py), slots of one static cache in the static and
+        compiled ones (worker/engine/slots.py).
         None for a model whose cache is not plain per-layer tensors (sliding windows, linear
         attention): it batches per request.
 
@@ -196,7 +139,8 @@ class TransformersRunner:
         request longer than a slot runs per request, alone."""
         from transformers.cache_utils import DynamicLayer
 
-        from worker.engine.continuous import ContinuousDecode, SlotDecode
+        from worker.engine.continuous import ContinuousDecode
+        from worker.engine.slots import SlotDecode, slot_shape
 
         if any(type(layer) is not DynamicLayer for layer in getattr(self._dynamic_cache(), "layers", [None])):
             return None
@@ -262,7 +206,7 @@ class TransformersRunner:
             logger.warning("encoding %d prompts together failed (%s): encoding each alone", len(texts), type(failure).__name__)
         return [ids for text in texts for ids in self._encode_each([text])]
 
-    def text_of(self, row: _Row) -> str:
+    def text_of(self, row: Row) -> str:
         """A finished row's text, from its tokens."""
         return str(self.tokenizer.decode(row.tokens, skip_special_tokens=True))
 
@@ -335,17 +279,17 @@ class TransformersRunner:
             return self._run_dynamic(items)
         import torch
 
-        rows = [self._row(index, choice, item) for index, item in enumerate(items) for choice in range(item.request.n)]
+        rows = [self.row(index, choice, item) for index, item in enumerate(items) for choice in range(item.request.n)]
         with torch.inference_mode():
             self._decode_static(rows)
         created = int(time.time())
-        by_item: list[list[_Row]] = [[] for _ in items]
+        by_item: list[list[Row]] = [[] for _ in items]
         for row in rows:
             by_item[row.item].append(row)
         results: list[ChatCompletion | RequestError] = []
         for item, mine in zip(items, by_item):
             try:
-                results.append(self._completion(item, mine, created))
+                results.append(self.completion(item, mine, created))
             except RequestError as error:  # this request's answer cannot be given; its neighbours' can
                 results.append(error)
             except Exception as error:
@@ -366,12 +310,12 @@ class TransformersRunner:
             answers.update((id(item), result) for item, result in decode.step())
         return [answers[id(item)] for item in items]
 
-    def _row(self, index: int, choice: int, item: Pending) -> _Row:
+    def row(self, index: int, choice: int, item: Pending) -> Row:
         stops = item.prepared.stops
-        return _Row(item=index, choice=choice, prepared=item.prepared, params=self._params(item, choice),
+        return Row(item=index, choice=choice, prepared=item.prepared, params=self._params(item, choice),
                     finder=StopFinder(self.tokenizer, stops) if stops else None, stream=item.stream)
 
-    def _completion(self, item: Pending, rows: list[_Row], created: int) -> ChatCompletion:
+    def completion(self, item: Pending, rows: list[Row], created: int) -> ChatCompletion:
         """A request's chat.completion, built without validation (model_construct): every value
         comes from the code above, and this runs once per request on the engine thread.
 
@@ -418,13 +362,13 @@ class TransformersRunner:
             matcher=self.grammars.matcher(*schema) if schema is not None else None,
         )
 
-    def _sampler(self, params: list[Any], *, host_logprobs: bool = False) -> Any:
+    def sampler(self, params: list[Any], *, host_logprobs: bool = False) -> Any:
         from worker.decode.sampling import BatchSampler
 
         return BatchSampler(params, self.device, vocab_size=self.vocab_size, grammars=self.grammars, host_logprobs=host_logprobs)
 
     @staticmethod
-    def _keep_logprobs(rows: list[_Row], sampler: Any) -> None:
+    def _keep_logprobs(rows: list[Row], sampler: Any) -> None:
         """Give each row what the sampler kept for it: log probabilities, a grammar's failure."""
         for index, error in sampler.failed_grammars().items():
             rows[index].grammar_error = error
@@ -435,7 +379,7 @@ class TransformersRunner:
             if row.params.logprobs is not None:
                 row.logprobs = found.get(index, [])
 
-    def _choice(self, row: _Row, request: ChatCompletionRequest) -> ChatCompletionChoice:
+    def _choice(self, row: Row, request: ChatCompletionRequest) -> ChatCompletionChoice:
         """One choice of the answer: its text or tool calls, finish reason and log probabilities."""
         finish = row.finish or "length"
         content, calls = self._calls(row.text or "", finish, request)
@@ -464,7 +408,7 @@ class TransformersRunner:
             return content, calls[:1] if request.parallel_tool_calls is False else calls
         return text, []
 
-    def _token_logprobs(self, row: _Row) -> list[TokenLogprob]:
+    def _token_logprobs(self, row: Row) -> list[TokenLogprob]:
         """The log probabilities of the tokens the answer returns (a stop string's tokens and
         the EOS token are not returned)."""
         kept = len(row.tokens) if row.kept is None else row.kept
@@ -505,7 +449,21 @@ class TransformersRunner:
         self._static_caches[key] = cache
         return cache
 
-    def _last_logits(self, input_ids: Any, mask: Any, positions: Any, cache: Any, **extra: Any) -> Any:
+    def slot_cache(self, slots: int, length: int) -> Any:
+        """A static KV cache of `slots` rows of `length` tokens, allocated now (the slot
+        layout's own, apart from the per-request shapes, which are reset for reuse)."""
+        from transformers import StaticCache
+
+        cache = StaticCache(config=self.model.config, max_cache_len=length)
+        config = self.model.config
+        config = getattr(config, "get_text_config", lambda: config)()
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        cache.early_initialization(slots, kv_heads, head_dim, self.model.dtype, self.device)
+        return cache
+
+    def last_logits(self, input_ids: Any, mask: Any, positions: Any, cache: Any, **extra: Any) -> Any:
         """One forward pass that fills `cache`; the float32 logits of each row's last position."""
         out = self.model(
             input_ids=input_ids,
@@ -518,13 +476,14 @@ class TransformersRunner:
         return out.logits[:, -1, :].float()
 
     def _forward_step(self, tokens: Any, positions: Any, cache_position: Any, mask: Any, cache: Any) -> Any:
-        return self._last_logits(tokens, mask, positions, cache, cache_position=cache_position)
+        return self.last_logits(tokens, mask, positions, cache, cache_position=cache_position)
 
-    def _step(self, *args: Any) -> Any:
-        """One decode step, compiled when the decode mode says so (falling back to eager, with
-        a warning, if this model or torch cannot compile it)."""
+    def decode_step(self, tokens: Any, positions: Any, cache_position: Any, mask: Any, cache: Any) -> Any:
+        """One decode step over a static cache, compiled when the decode mode says so (falling
+        back to eager, with a warning, if this model or torch cannot compile it)."""
         import torch
 
+        args = (tokens, positions, cache_position, mask, cache)
         # Counted here, outside the compiled function: a Python int that changes every step
         # would be a new graph input each time.
         self.decode_steps += 1
@@ -541,10 +500,12 @@ class TransformersRunner:
         # CUDA graphs reuse their output buffer on the next replay.
         return logits.clone()
 
-    def _decode_static(self, rows: list[_Row]) -> None:
+    def _decode_static(self, rows: list[Row]) -> None:
         import torch
 
         from worker.decode.sampling import SamplingParams
+        from worker.engine.kvcache import left_padded
+        from worker.engine.slots import SYNC_EVERY
 
         device = self.device
         count = len(rows)
@@ -553,15 +514,15 @@ class TransformersRunner:
         size, length = self._static_shape(count, width + max_new)
         # The attention mask spans the whole cache: left padding is masked; slots not written
         # yet are excluded by causality. Filler rows (up to the bucketed size) hold one token.
-        input_ids, prompt_mask = _left_padded([row.prepared.prompt_ids for row in rows], size, width, self.pad_id)
+        input_ids, prompt_mask = left_padded([row.prepared.prompt_ids for row in rows], size, width, self.pad_id)
         mask = torch.ones((size, length), dtype=torch.long)
         mask[:, :width] = prompt_mask
         input_ids, mask = input_ids.to(device), mask.to(device)
         positions = (mask[:, :width].cumsum(-1) - 1).clamp(min=0)
         cache = self._static_cache(size, length)
-        logits = self._last_logits(input_ids, mask, positions, cache, cache_position=torch.arange(width, device=device), logits_to_keep=1)
+        logits = self.last_logits(input_ids, mask, positions, cache, cache_position=torch.arange(width, device=device), logits_to_keep=1)
         params = [row.params for row in rows] + [SamplingParams(0.0, 1.0, 0)] * (size - count)
-        sampler = self._sampler(params)
+        sampler = self.sampler(params)
         limits = torch.tensor([row.prepared.max_new for row in rows] + [1] * (size - count), device=device)
         eos = torch.tensor(sorted(self.eos_ids) or [-1], device=device)
         produced = torch.full((size, max_new), self.pad_id, dtype=torch.long, device=device)
@@ -587,7 +548,7 @@ class TransformersRunner:
                         done[torch.tensor(hit, device=device)] = True
                 if bool(done.all()):
                     break
-            logits = self._step(tokens[:, None], next_pos, cache_position, mask, cache)
+            logits = self.decode_step(tokens[:, None], next_pos, cache_position, mask, cache)
             next_pos = next_pos + 1
             cache_position = cache_position + 1
         for row, tokens in zip(rows, produced[:count, :step].tolist()):
@@ -613,7 +574,7 @@ class TransformersRunner:
                 return True
         return False
 
-    def _finish(self, row: _Row, tokens: list[int]) -> str | None:
+    def _finish(self, row: Row, tokens: list[int]) -> str | None:
         """Settle a row from the tokens a static decode produced for it: cut at its first EOS,
         stop string or max_tokens, as the dynamic decode would have. Returns its finish reason,
         or None while it is still running."""
@@ -621,11 +582,11 @@ class TransformersRunner:
         if row.finder is not None:
             row.finder = StopFinder(self.tokenizer, row.finder.stops)
         for token in tokens:
-            if self._advance(row, token):
+            if self.advance(row, token):
                 break
         return row.finish
 
-    def _advance(self, row: _Row, token: int) -> bool:
+    def advance(self, row: Row, token: int) -> bool:
         """Add one generated token to a row; True once the row is finished (EOS, a stop
         string, its max_tokens, or its stream's client gone: `cancelled`), with its finish
         reason set. A streamed row's token goes to its stream's sink (a queue append)."""
@@ -647,7 +608,7 @@ class TransformersRunner:
             return True
         return False
 
-    def _hit_stop(self, row: _Row) -> bool:
+    def _hit_stop(self, row: Row) -> bool:
         """Cut a row's answer at the first stop string of its whole text (decoded once, when
         the incremental text shows one)."""
         text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
@@ -663,7 +624,7 @@ class TransformersRunner:
         row.kept = kept
         return True
 
-    def _new_cache(self) -> Any:
+    def new_cache(self) -> Any:
         """A DynamicCache whose plain layers grow in place (worker/engine/kvcache.py)."""
         from transformers.cache_utils import DynamicLayer
 
@@ -748,23 +709,3 @@ class PyfuncRunner:
                 logger.exception("pyfunc predict failed for %s", item.request_id)
                 results.append(RequestError(ErrorCode.internal_error, f"the model failed: {error}"))
         return results
-
-
-def _left_padded(prompts: list[list[int]], rows: int, width: int, pad_id: int) -> tuple[Any, Any]:
-    """The prompts' token ids left-padded to `width`, in `rows` rows (the rows after the
-    prompts, a static batch's fillers, hold one token: padding only), and their attention mask
-    (0 over the padding), as CPU tensors.
-
-    Filled in numpy (~0.1 ms for a batch of 32 short prompts): a torch operation per row
-    costs tens of microseconds, ~1 ms per batch, about a tenth of a batch on the tiny model.
-    """
-    import numpy as np
-    import torch
-
-    ids = np.full((rows, width), pad_id, dtype=np.int64)
-    mask = np.zeros((rows, width), dtype=np.int64)
-    mask[:, -1] = 1
-    for i, prompt in enumerate(prompts):
-        ids[i, width - len(prompt) :] = prompt
-        mask[i, width - len(prompt) :] = 1
-    return torch.from_numpy(ids), torch.from_numpy(mask)

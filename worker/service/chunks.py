@@ -21,7 +21,7 @@ from chatbatch.queues import TASK_CHUNK, chunk_argsrepr
 from schemas.batch import BatchRequestOutput, error_line
 from schemas.chat import ChatCompletion, ChatCompletionRequest, parse_chat_request
 from schemas.errors import ErrorCode, RequestError
-from worker.engine.scheduler import Ticket
+from worker.engine.pending import Ticket
 from worker.service.state import STOP_CHECK_SECONDS, WorkerState
 
 logger = logging.getLogger(__name__)
@@ -233,7 +233,7 @@ class ChunkRun:
         """Store the answers that are ready, in one Redis call."""
         entries = [entry(item, outcome, self._stopped) for item, outcome in self._ready]
         self._ready.clear()
-        self.state.jobs.record_lines(self.job_id, entries, model=self.state.served_name, lineage=getattr(self.state.engine.runner, "lineage", None))
+        self.state.jobs.record_lines(self.job_id, entries, model=self.state.served_name, lineage=self.state.engine.info.lineage)
         failed = sum(kind == "error" for _, kind, _, _ in entries)
         self._answered += len(entries) - failed
         self._errors += failed
@@ -330,7 +330,7 @@ class ChunkRun:
                 stopped = self._wait(future)
         if isinstance(outcome, Future) and outcome.cancelled() and state.engine.draining:
             return False
-        state.jobs.record_lines(self.job_id, [entry(item, outcome, stopped)], model=state.served_name, lineage=getattr(state.engine.runner, "lineage", None))
+        state.jobs.record_lines(self.job_id, [entry(item, outcome, stopped)], model=state.served_name, lineage=state.engine.info.lineage)
         return True
 
     def _wait(self, future: Future[ChatCompletion]) -> StopReason | None:

@@ -69,22 +69,23 @@ class Background:
     def heartbeats(self) -> None:
         """Announce the model and queues every heartbeat interval, while the engine lives."""
         state = self.state
+        served = state.engine.info
         while not self.stop.is_set() and not state.engine.died.is_set():
             try:
-                info = {
+                info: dict[str, object] = {
                     "pid": os.getpid(),
                     "queues": self.queues,
                     "model_loads": model_loading.LOADS,
                     # Where the model runs: cpu, cuda:0, ... (a pyfunc model: pyfunc).
-                    "device": str(getattr(state.engine.runner, "device", "pyfunc")),
+                    "device": served.device,
                     # What the model runs in: bfloat16, float32, ... (a pyfunc model: null).
-                    "dtype": getattr(state.engine.runner, "dtype", None),
+                    "dtype": served.dtype,
                     # The URI served and, for models:/ URIs, the registered name and version loaded.
-                    **getattr(state.engine.runner, "lineage", {}),
+                    **(served.lineage or {}),
                     # The answers' system_fingerprint: workers that share it share a set-up.
                     "system_fingerprint": state.engine.fingerprint,
                     "frozen_objects": self.frozen,
-                    **state.engine.stats,
+                    **state.engine.counters(),
                     "engine": state.engine.figures(),
                 }
                 registry.heartbeat(state.redis, state.served_name, self.hostname, info, state.settings.heartbeat_interval)

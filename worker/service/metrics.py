@@ -19,7 +19,8 @@ from prometheus_client.registry import Collector
 from chatbatch.metrics import FleetCollector, scrape_client
 from schemas.chat import ChatCompletion
 from schemas.errors import RequestError
-from worker.engine.scheduler import Engine, Pending
+from worker.engine.interface import InferenceEngine
+from worker.engine.pending import Pending
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 class EngineCollector(Collector):
     """Gauges of the engine, read at scrape time."""
 
-    def __init__(self, engine: Engine, model: str) -> None:
+    def __init__(self, engine: InferenceEngine, model: str) -> None:
         self.engine = engine
         self.model = model
 
@@ -53,8 +54,8 @@ class EngineCollector(Collector):
         budget = GaugeMetricFamily("chatbatch_kv_budget_tokens", "Most prompt-plus-new tokens the batch may hold (its KV budget).", labels=["model"])
         budget.add_metric([self.model], float(self.engine.max_batch_tokens))
         yield budget
-        device = getattr(self.engine.runner, "device", None)
-        if device is None or getattr(device, "type", "") != "cuda":
+        device = self.engine.info.device
+        if not device.startswith("cuda"):
             return
         import torch
 
@@ -74,7 +75,7 @@ class WorkerMetrics:
         load_seconds: how long the model took to load.
     """
 
-    def __init__(self, engine: Engine, model: str, redis_url: str, queues: list[str], *, load_seconds: float) -> None:
+    def __init__(self, engine: InferenceEngine, model: str, redis_url: str, queues: list[str], *, load_seconds: float) -> None:
         self.registry = CollectorRegistry()
         self.model = model
         labels = ["model"]

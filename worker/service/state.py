@@ -14,7 +14,7 @@ from chatbatch.jobs import Jobs, StopReason
 from chatbatch.ledger import Ledger
 from chatbatch.requests import Requests
 from chatbatch.settings import Settings
-from worker.engine.scheduler import Engine
+from worker.engine.interface import InferenceEngine
 from worker.service.publisher import Publisher
 
 #: How often a task waiting on the engine checks whether its job was cancelled or expired, or
@@ -76,7 +76,7 @@ class WorkerState:
 
     settings: Settings
     redis: redis.Redis
-    engine: Engine
+    engine: InferenceEngine
     served_name: str
     jobs: Jobs = field(init=False)
     requests: Requests = field(init=False)
@@ -99,5 +99,5 @@ class WorkerState:
         self.dispatcher = Dispatcher(self.redis, job_ttl=settings.job_ttl)
         self.stop_reasons = StopReasons(self.jobs)
         self.publisher = Publisher(
-            self.redis, getattr(self.engine.runner, "tokenizer", None), ttl=settings.result_ttl, fingerprint=self.engine.fingerprint
+            self.redis, self.engine.info.tokenizer, ttl=settings.result_ttl, fingerprint=self.engine.fingerprint
         )
