@@ -178,6 +178,22 @@ class Held:
         return self.runner.run_batch(items)
 
 
+def test_a_continuous_batch_is_checked_when_the_engine_is_set_up(runner) -> None:  # type: ignore[no-untyped-def]
+    """A runner offers a continuous batch through `continuous()`: what it gives must be a
+    ContinuousBatch, or the engine refuses to be set up; a runner without one batches per
+    request."""
+
+    class Offers(Held):
+        def continuous(self, max_rows: int, max_tokens: int) -> object:
+            return object()
+
+    with pytest.raises(TypeError, match="not a ContinuousBatch"):
+        Engine(Offers(runner))
+    assert Engine(Offers(runner), schedule="request").schedule == "request"
+    assert Engine(Held(runner)).schedule == "request"
+    assert Engine(runner).schedule == "continuous"
+
+
 def test_drain_cancels_what_has_not_started_and_finishes_the_running_batch(runner) -> None:  # type: ignore[no-untyped-def]
     from concurrent.futures import wait
 
@@ -240,7 +256,7 @@ def test_submit_many_answers_each_ticket_once_through_its_callback(runner) -> No
     an answer or an error, or from the canceller; a cancelled ticket never runs."""
     from concurrent.futures import CancelledError, InvalidStateError
 
-    from worker.engine.scheduler import Ticket
+    from worker.engine.pending import Ticket
 
     held = Held(runner)
     calls: list[tuple[Ticket, str]] = []
@@ -293,7 +309,7 @@ def test_a_chunks_answers_are_freed_as_soon_as_its_task_lets_go(runner) -> None:
     import time
     import weakref
 
-    from worker.engine.scheduler import Ticket
+    from worker.engine.pending import Ticket
 
     class Task:
         def __init__(self) -> None:
@@ -427,7 +443,7 @@ def test_stop_strings_do_not_cut_an_answer_a_grammar_shapes(runner) -> None:  # 
 def test_a_later_chunk_goes_in_turn_with_an_earlier_one(runner) -> None:  # type: ignore[no-untyped-def]
     """Batch lines of two chunks are taken and admitted in turn, so a small chunk queued behind
     a large one is answered early, not after the whole of it (docs/scheduling.md)."""
-    from worker.engine.scheduler import Ticket
+    from worker.engine.pending import Ticket
 
     finished: list[str] = []
     lock = threading.Lock()
@@ -455,7 +471,7 @@ def test_a_later_chunk_goes_in_turn_with_an_earlier_one(runner) -> None:  # type
 def test_service_tiers_order_single_requests_and_batch_lines(runner) -> None:  # type: ignore[no-untyped-def]
     """`priority` requests go before `default` ones of their kind, and `flex` single requests
     wait behind batch lines (docs/scheduling.md); every answer names the tier it ran in."""
-    from worker.engine.scheduler import Ticket
+    from worker.engine.pending import Ticket
 
     finished: list[str] = []
     lock = threading.Lock()
