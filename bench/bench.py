@@ -572,9 +572,18 @@ def worker_figures(harness: Harness, model: str, pid: int) -> dict[str, Any]:
     return {}
 
 
+def long_bodies(lines: int, max_tokens: int) -> list[dict[str, object]]:
+    """Lines that all ask for essays and lists running to max_tokens."""
+    return [{"messages": [{"role": "user", "content": LONG_TASKS[i % len(LONG_TASKS)].format(WORDS[i % len(WORDS)])}],
+             "max_tokens": max_tokens, "temperature": 0} for i in range(lines)]
+
+
 def continuous_mode(args: argparse.Namespace, workdir: Path) -> None:
-    """Answers of very different lengths, end to end on the default model: per-step admission
-    against per-request batches."""
+    """Answers of very different lengths, end to end on the default model: how well the engine
+    is fed (the mixed file against a file of long answers only, on one worker), then per-step
+    admission against per-request batches."""
+    _feeding(args, workdir, batch_file(workdir / "fed-mixed.jsonl", mixed_length_bodies(args.lines, FEED_MAX_TOKENS)),
+             batch_file(workdir / "fed-long.jsonl", long_bodies(args.lines, FEED_MAX_TOKENS)))
     source = batch_file(workdir / "mixed.jsonl", mixed_length_bodies(args.lines, args.max_tokens))
     best = _schedules(args, workdir, source, {"request": {"CHATBATCH_SCHEDULE": "request"}, "continuous": {"CHATBATCH_SCHEDULE": "continuous"}})
     ratio = best["continuous"]["tok_s"] / best["request"]["tok_s"]
@@ -583,6 +592,50 @@ def continuous_mode(args: argparse.Namespace, workdir: Path) -> None:
     log(step="ratios", continuous_over_request=round(ratio, 2), mean_occupancy=occupancy, continuous_occupancy_while_waiting=waiting,
         targets={"continuous_over_request": 1.5, "occupancy_while_waiting": 0.9},
         met=ratio >= 1.5 and float(waiting or 0) >= 0.9)
+
+
+#: max_tokens of the feeding comparison's files: long answers three to six times the short ones.
+FEED_MAX_TOKENS = 96
+
+
+def _feeding(args: argparse.Namespace, workdir: Path, mixed: Path, long: Path) -> None:
+    """One warm worker (defaults), the long-only file and the mixed file in turn, `--repeat`
+    times: the mixed file's tokens/s over the long file's just before it, and the engine's
+    occupancy over every step of each job up to its last admission (rows left empty while the
+    job's lines wait off the engine count against it)."""
+    harness = Harness(workdir)
+    ratios: list[float] = []
+    fed: list[float] = []
+    try:
+        model = args.model or harness.chatbatch("model", "default")
+        name = served_name(model)
+        worker = harness.start_worker(model, name)
+        end_to_end(harness, batch_file(workdir / "warm.jsonl", long_bodies(8, 8)))
+        before = worker_figures(harness, name, worker.pid)
+        for _ in range(args.repeat):
+            rates = {}
+            for label, source in (("long", long), ("mixed", mixed)):
+                seconds, tokens, counts = end_to_end(harness, source)
+                after = worker_figures(harness, name, worker.pid)
+                steps = after["steps_fed"] - before["steps_fed"]
+                occupancy = (after["occupancy_fed"] - before["occupancy_fed"]) / steps if steps else 0.0
+                before = after
+                rates[label] = tokens / seconds
+                if label == "mixed":
+                    fed.append(occupancy)
+                log(step=f"feed_{label}", s=round(seconds, 1), tokens=tokens, tok_s=round(rates[label], 1), counts=counts,
+                    occupancy_until_last_admission=round(occupancy, 3), max_rows=after.get("max_rows"))
+            ratios.append(rates["mixed"] / rates["long"])
+    finally:
+        harness.close()
+    log(step="feeding", mixed_over_long=[round(r, 3) for r in ratios], min_median_max=_spread(ratios),
+        mixed_occupancy_until_last_admission=_spread(fed), targets={"mixed_over_long_each_run": 0.9, "occupancy": 0.9},
+        met=min(ratios) >= 0.9 and statistics.median(fed) >= 0.9)
+
+
+def _spread(values: list[float]) -> list[float]:
+    """min, median and max."""
+    return [round(min(values), 3), round(statistics.median(values), 3), round(max(values), 3)] if values else []
 
 
 def shared_prompt(tokens: int) -> str:

@@ -171,17 +171,35 @@ class _Figures:
     def __init__(self) -> None:
         self.steps_waiting = 0
         self.occupancy_waiting = 0.0
+        #: All steps, and their share of rows in use summed.
+        self.steps = 0
+        self.occupancy = 0.0
+        #: The same at the last step that admitted requests: the steps after it only drain the
+        #: batch (no work was left to give it), so "while work came" ends there.
+        self.steps_fed = 0
+        self.occupancy_fed = 0.0
         #: Requests in the engine's backlog (taken from the queue, not admitted yet).
         self.backlog = 0
 
-    def step(self, rows: int, most: int, *, waiting: bool) -> None:
+    def step(self, rows: int, most: int, *, waiting: bool, admitted: bool) -> None:
+        if rows:  # (a batch with no rows runs no step)
+            self.steps += 1
+            self.occupancy += rows / most
         if waiting:
             self.steps_waiting += 1
             self.occupancy_waiting += rows / most
+        if admitted:
+            self.steps_fed, self.occupancy_fed = self.steps, self.occupancy
 
     def mean_occupancy(self) -> float:
         """Mean share of rows in use over the steps at which requests were waiting."""
         return self.occupancy_waiting / self.steps_waiting if self.steps_waiting else 0.0
+
+    def mean_occupancy_fed(self) -> float:
+        """Mean share of rows in use over every step up to the last that admitted requests,
+        whether requests waited or not (a batch starved of work between two admissions
+        counts, its drain at the end does not)."""
+        return self.occupancy_fed / self.steps_fed if self.steps_fed else 0.0
 
 
 class Runner(Protocol):
@@ -543,7 +561,7 @@ class Engine:
                 self.stats["batches"] += 1
                 self.stats["largest_batch"] = max(self.stats["largest_batch"], len(running))
             occupied = len(running)
-            self._figures.step(occupied, self._most_rows(), waiting=bool(backlog or self._waiting or self._waiting_now))
+            self._figures.step(occupied, self._most_rows(), waiting=bool(backlog or self._waiting or self._waiting_now), admitted=bool(admitted))
             answers = running.step() if occupied else []
             # The step chose the first token of the rows that joined it.
             chosen = time.monotonic()
@@ -783,6 +801,11 @@ class Engine:
             "requests_waiting": waiting + self._figures.backlog,
             "occupancy": round(rows / self._most_rows(), 4),
             "mean_occupancy_waiting": round(self._figures.mean_occupancy(), 4),
+            # Over every step of the continuous batch up to its last admission, and those steps
+            # (a job's figure is the difference of two readings).
+            "mean_occupancy_fed": round(self._figures.mean_occupancy_fed(), 4),
+            "steps_fed": self._figures.steps_fed,
+            "occupancy_fed": round(self._figures.occupancy_fed, 4),
             # Tokens generated per decode step over most rows, in either schedule.
             "mean_occupancy": round(generated / (steps * self._most_rows()), 4) if steps else 0.0,
             "decode_steps": steps,
