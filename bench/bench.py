@@ -1005,8 +1005,17 @@ class Peer:
         self.process.stdin.flush()
         return self._read()
 
+    def pause(self) -> None:
+        """Stop vLLM's processes (SIGSTOP) while chatbatch runs: its CPU workers may spin
+        between runs, and would take the cores chatbatch is measured on."""
+        os.killpg(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.killpg(self.process.pid, signal.SIGCONT)
+
     def close(self) -> None:
         if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGCONT)
             assert self.process.stdin is not None
             self.process.stdin.close()
             try:
@@ -1063,7 +1072,12 @@ def peer_mode(args: argparse.Namespace, workdir: Path) -> None:
             repeat=args.repeat)
         rounds = []
         for round_ in range(args.repeat):
-            ours, theirs = chatbatch_answers(harness, source), peer.run()
+            peer.pause()
+            try:
+                ours = chatbatch_answers(harness, source)
+            finally:
+                peer.resume()
+            theirs = peer.run()
             rounds.append((ours, theirs))
             log(step="round", round=round_, chatbatch_tok_s=round(ours["tokens"] / ours["s"], 1),
                 vllm_tok_s=round(theirs["tokens"] / theirs["s"], 1), chatbatch_tokens=ours["tokens"], vllm_tokens=theirs["tokens"],
