@@ -10,8 +10,11 @@ the ratios, which are measured in the same run.
                                       # worker memory over a long run
     python bench/bench.py structured  # default model, 64 lines of JSON by a schema: constrained vs
                                       # plain text vs a different schema every 8 lines
-    python bench/bench.py continuous  # default model, 128 lines, 3 in 4 ending within 32 tokens, the
-                                      # rest at max_tokens 256: continuous vs per-request batching
+    python bench/bench.py continuous  # default model, 128 lines: first a mixed file (3 in 4 ending
+                                      # within 32 tokens, the rest at max_tokens 96) against a
+                                      # long-only one on one 32-row worker (5 runs), with the
+                                      # engine's occupancy up to each job's last admission; then,
+                                      # at max_tokens 256, continuous vs per-request batching
     python bench/bench.py prefix      # default model, 128 lines sharing a ~1,000-token system
                                       # prompt, max_tokens 16: prefix reuse vs none
     python bench/bench.py mixed       # tiny model, one worker: a 20,000-line job (max_tokens 4), then
@@ -594,25 +597,29 @@ def continuous_mode(args: argparse.Namespace, workdir: Path) -> None:
         met=ratio >= 1.5 and float(waiting or 0) >= 0.9)
 
 
-#: max_tokens of the feeding comparison's files: long answers three to six times the short ones.
+#: max_tokens of the feeding comparison's files (long answers three to six times the short
+#: ones), its runs, and its worker's rows: a file of four batches' worth, so that lines wait
+#: off the engine, as a large job's do.
 FEED_MAX_TOKENS = 96
+FEED_RUNS = 5
+FEED_ROWS = 32
 
 
 def _feeding(args: argparse.Namespace, workdir: Path, mixed: Path, long: Path) -> None:
-    """One warm worker (defaults), the long-only file and the mixed file in turn, `--repeat`
-    times: the mixed file's tokens/s over the long file's just before it, and the engine's
-    occupancy over every step of each job up to its last admission (rows left empty while the
-    job's lines wait off the engine count against it)."""
+    """One warm worker (FEED_ROWS rows), the long-only file and the mixed file in turn,
+    FEED_RUNS times: the mixed file's tokens/s over the long file's just before it, and the
+    engine's occupancy over every step of each job up to its last admission (rows left empty
+    while the job's lines wait off the engine count against it)."""
     harness = Harness(workdir)
     ratios: list[float] = []
     fed: list[float] = []
     try:
         model = args.model or harness.chatbatch("model", "default")
         name = served_name(model)
-        worker = harness.start_worker(model, name)
+        worker = harness.start_worker(model, name, {"CHATBATCH_MAX_BATCH_SIZE": str(FEED_ROWS)})
         end_to_end(harness, batch_file(workdir / "warm.jsonl", long_bodies(8, 8)))
         before = worker_figures(harness, name, worker.pid)
-        for _ in range(args.repeat):
+        for _ in range(FEED_RUNS):
             rates = {}
             for label, source in (("long", long), ("mixed", mixed)):
                 seconds, tokens, counts = end_to_end(harness, source)
