@@ -624,8 +624,8 @@ def _feeding(args: argparse.Namespace, workdir: Path, mixed: Path, long: Path) -
             for label, source in (("long", long), ("mixed", mixed)):
                 seconds, tokens, counts = end_to_end(harness, source)
                 after = worker_figures(harness, name, worker.pid)
-                steps = after["steps_fed"] - before["steps_fed"]
-                occupancy = (after["occupancy_fed"] - before["occupancy_fed"]) / steps if steps else 0.0
+                steps = after["steps_fed"] - before["steps"]
+                occupancy = (after["occupancy_sum_fed"] - before["occupancy_sum"]) / steps if steps else 0.0
                 before = after
                 rates[label] = tokens / seconds
                 if label == "mixed":

@@ -801,11 +801,14 @@ class Engine:
             "requests_waiting": waiting + self._figures.backlog,
             "occupancy": round(rows / self._most_rows(), 4),
             "mean_occupancy_waiting": round(self._figures.mean_occupancy(), 4),
-            # Over every step of the continuous batch up to its last admission, and those steps
-            # (a job's figure is the difference of two readings).
+            # Over every step of the continuous batch up to its last admission; and the sums:
+            # steps and their occupancy, in all and up to the last admission (a job's own
+            # figure: its fed sums at its end less the sums in all at its start).
             "mean_occupancy_fed": round(self._figures.mean_occupancy_fed(), 4),
+            "steps": self._figures.steps,
+            "occupancy_sum": round(self._figures.occupancy, 4),
             "steps_fed": self._figures.steps_fed,
-            "occupancy_fed": round(self._figures.occupancy_fed, 4),
+            "occupancy_sum_fed": round(self._figures.occupancy_fed, 4),
             # Tokens generated per decode step over most rows, in either schedule.
             "mean_occupancy": round(generated / (steps * self._most_rows()), 4) if steps else 0.0,
             "decode_steps": steps,
