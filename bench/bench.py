@@ -271,6 +271,7 @@ def main() -> None:
     parser.add_argument("--skip-memory", action="store_true", help="queue: skip the producer memory run")
     parser.add_argument("--pyfunc-requests", type=int, default=0, help="throughput: requests of the pyfunc baseline (default: all)")
     parser.add_argument("--memory-requests", type=int, default=5000, help="throughput: requests of the worker memory run (0 skips it)")
+    parser.add_argument("--peer-dtype", default="auto", help="peer: the dtype vLLM runs in (auto: vLLM's own choice, bfloat16 on CPU)")
     args = parser.parse_args()
     structured = args.mode == "structured"
     lines = {"structured": 64, "continuous": 128, "prefix": 128, "parquet": 50_000, "live": 128, "peer": 128}
@@ -983,7 +984,7 @@ def peer_model_dir(model: Path, out: Path) -> Path:
 class Peer:
     """bench/peer.py in the vLLM environment: loaded once, then one run of the file per call."""
 
-    def __init__(self, python: Path, model_dir: Path, source: Path, log_path: Path) -> None:
+    def __init__(self, python: Path, model_dir: Path, source: Path, log_path: Path, dtype: str = "auto") -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("CHATBATCH_")}
         # vLLM's CPU backend: GiB of KV cache (128 lines of a few hundred tokens need far less
         # than this), and its cores (`auto`: vLLM's own choice); both left as set if set.
@@ -992,7 +993,7 @@ class Peer:
         self.settings = {k: env[k] for k in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND")}
         self.log = log_path.open("wb")
         self.process = subprocess.Popen(
-            [str(python), str(ROOT / "bench" / "peer.py"), str(model_dir), str(model_dir), str(source)],
+            [str(python), str(ROOT / "bench" / "peer.py"), str(model_dir), str(model_dir), str(source), dtype],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, env=env, text=True, start_new_session=True)
 
     def _read(self) -> dict[str, Any]:
@@ -1069,7 +1070,7 @@ def peer_mode(args: argparse.Namespace, workdir: Path) -> None:
         name = served_name(str(model))
         source = batch_file(workdir / "peer.jsonl", mixed_length_bodies(args.lines, args.max_tokens))
         warm = batch_file(workdir / "warm.jsonl", mixed_length_bodies(8, 8))
-        peer = Peer(python, peer_model_dir(model, workdir / "peer-model"), source, workdir / "peer.log")
+        peer = Peer(python, peer_model_dir(model, workdir / "peer-model"), source, workdir / "peer.log", args.peer_dtype)
         worker = harness.start_worker(str(model), name)
         chatbatch_answers(harness, warm)
         ready = peer.ready()
