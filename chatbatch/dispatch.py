@@ -6,9 +6,12 @@ A producer puts a job's chunks in the job's backlog (one Redis list per job and 
 of on the broker. `Dispatcher.dispatch(queue)` then releases chunks until the lines in flight on
 that queue fill its window (`window`: twice the rows of the live workers that consume it, and
 at least two chunks per worker), so the workers always have the next chunk at hand while most
-of the job waits off the broker. It runs wherever a window may have room: after a producer adds
-chunks, after a worker finishes a chunk, and on every worker's sweep (a chunk finished by a
-worker that died, a worker that joined). Each release is one Lua step:
+of the job waits off the broker. A chunk in flight counts the lines it has not answered yet:
+its worker takes its answers off as it stores them (`answered`), so a chunk whose last line is a
+long answer holds one line of the window, not all of its lines, and the engine's rows do not sit
+empty behind it. A release runs wherever a window may have room: after a producer adds chunks,
+after a worker stores answers, and on every worker's sweep (a chunk finished by a worker that
+died, a worker that joined). Each release is one Lua step:
 
 - the in-flight set drops the chunks that are no longer pending (answered in full, or their job
   ended);
@@ -168,6 +171,20 @@ end
 """
 
 
+# KEYS: the queue's in-flight chunks, its backlogged jobs. ARGV: "job TAB chunk", lines answered.
+# Takes the answered lines off the chunk's count (never below 0); returns the jobs backlogged on
+# the queue (0: no release can follow).
+_ANSWERED = """
+local value = redis.call('HGET', KEYS[1], ARGV[1])
+if value then
+  local count, rest = string.match(value, '^([^\t]*)(\t.*)$')
+  local left = math.max(0, tonumber(count) - tonumber(ARGV[2]))
+  redis.call('HSET', KEYS[1], ARGV[1], tostring(left) .. rest)
+end
+return redis.call('HLEN', KEYS[2])
+"""
+
+
 @dataclass(frozen=True)
 class Share:
     """How a job takes its turns: its priority, its owner and the owner's weight."""
@@ -250,6 +267,7 @@ class Dispatcher:
         self.idle_rows = idle_rows
         self._release = client.register_script(_RELEASE)
         self._started = client.register_script(_STARTED)
+        self._answered = client.register_script(_ANSWERED)
         #: The live workers' heartbeats, and when they were read.
         self._heartbeats: tuple[float, list[dict[str, Any]]] = (-_WINDOW_SECONDS, [])
 
@@ -293,6 +311,13 @@ class Dispatcher:
         """A worker took a chunk in flight: while that worker is live, the chunk holds room in
         the window; once it is not, its room goes to the live workers."""
         self._started(keys=[keys.queue_in_flight(queue)], args=[f"{job_id}\t{chunk}", worker])
+
+    def answered(self, queue: str, job_id: str, chunk: str, lines: int, send: Callable[..., Any]) -> int:
+        """A worker stored `lines` answers of a chunk in flight: they leave the queue's window,
+        and what the window then has room for is released and sent (as `dispatch`); returns
+        the chunks sent."""
+        backlogged = self._answered(keys=[keys.queue_in_flight(queue), keys.queue_backlogged(queue)], args=[f"{job_id}\t{chunk}", lines])
+        return self.dispatch(queue, send) if int(backlogged) else 0
 
     def release(self, queue: str) -> list[tuple[str, str, int, str]]:
         """Move chunks from the backlogs to the pending chunks until the queue's window is

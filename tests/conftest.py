@@ -183,6 +183,10 @@ def base_env(redis_server: RedisServer, chatbatch_home: Path, s3_server: S3Serve
         # greedy answer does not depend on what shares its batch, in bfloat16 it may
         # (docs/engine.md). tests/test_dtypes.py runs the other dtypes and `auto`.
         CHATBATCH_DTYPE="float32",
+        # Workers on CPU size their batches from a timed step (worker/models/sizing.py): tests run
+        # them at a fixed size, as their windows and orders are written for;
+        # tests/test_sizing.py runs the sizing.
+        CHATBATCH_MAX_BATCH_SIZE="32",
         HF_HUB_OFFLINE="1",
         TRANSFORMERS_OFFLINE="1",
         MLFLOW_TRACKING_URI=f"file://{chatbatch_home}/mlruns",

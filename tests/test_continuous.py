@@ -145,6 +145,28 @@ def test_single_requests_waiting_for_a_full_batch_join_a_few_at_a_time(runner) -
     assert runs[8][0] < runs[0][0], f"{runs[8][0]} joins holding against {runs[0][0]} joining at every step"
 
 
+def test_occupancy_up_to_the_last_admission_counts_steps_starved_of_work(runner) -> None:  # type: ignore[no-untyped-def]
+    """A batch that runs one row of four while the next request is still to come reads a low
+    occupancy over its steps up to the last admission, though no request ever waited."""
+    engine = Engine(runner, batch_wait=0.0, max_batch_size=4)
+    no_eos = {str(t): -100 for t in runner.eos_ids}
+    steps_before = runner.decode_steps
+    engine.start()
+    try:
+        first = engine.submit(_request("the first", max_tokens=48, logit_bias=no_eos), "first")
+        while runner.decode_steps < steps_before + 16:
+            time.sleep(0.005)
+        second = engine.submit(_request("the second", max_tokens=4, logit_bias=no_eos), "second")
+        first.result(timeout=120), second.result(timeout=120)
+    finally:
+        engine.stop()
+    figures = engine.figures()
+    steps, fed, mean = int(figures["steps"]), int(figures["steps_fed"]), float(figures["mean_occupancy_fed"])
+    assert steps > fed >= 1
+    assert mean < 0.5, figures
+    assert mean == pytest.approx(float(figures["occupancy_sum_fed"]) / fed, abs=1e-3)
+
+
 def test_a_single_request_is_admitted_ahead_of_waiting_batch_lines(runner) -> None:  # type: ignore[no-untyped-def]
     engine = Engine(runner, batch_wait=0.0, max_batch_size=2)
     finishes = Finishes()

@@ -76,6 +76,31 @@ def test_released_chunks_are_pending_and_the_rest_wait_in_the_backlog(client: re
     assert [chunk for _, chunk, _, _ in dispatcher.release(QUEUE)] == ["batch_window-2"]
 
 
+def test_answered_lines_leave_the_window_while_their_chunk_is_still_running(client: redis.Redis) -> None:
+    """A chunk holds room for the lines it has not answered: one long answer left in a chunk
+    does not keep the window full."""
+    jobs, ledger, dispatcher = Jobs(client, job_ttl=600), Ledger(client, job_ttl=600), Dispatcher(client, job_ttl=600)
+    job = _job(jobs, "batch_answered")
+    _hold(dispatcher, job, 5, Share())
+    first = dispatcher.release(QUEUE)
+    assert len(first) == 2 and dispatcher.release(QUEUE) == [], "two chunks of 40 fill the window of 64"
+    sent: list[tuple[str, list[str]]] = []
+
+    def send(name: str, *, args: list[str], **_: object) -> None:
+        sent.append((name, args))
+
+    assert dispatcher.answered(QUEUE, job, first[0][1], 8, send) == 0, "72 lines unanswered: still full"
+    assert dispatcher.answered(QUEUE, job, first[0][1], 31, send) == 1, "1 + 40 unanswered: room for one chunk"
+    assert [args[1] for _, args in sent] == ["batch_answered-2"]
+    assert set(ledger.pending(job)) == {"batch_answered-0", "batch_answered-1", "batch_answered-2"}, "chunk 0 runs on"
+    # Answers counted twice (two deliveries of a line) never make room the chunk does not have.
+    dispatcher.answered(QUEUE, job, first[0][1], 40, send)
+    dispatcher.answered(QUEUE, job, first[1][1], 40, send)
+    assert len(sent) == 2, "0 + 0 + 40 unanswered: room for one more chunk"
+    entry = client.hget(keys.queue_in_flight(QUEUE), f"{job}\t{first[0][1]}")
+    assert isinstance(entry, bytes) and entry.startswith(b"0\t"), entry
+
+
 def test_chunks_held_by_a_worker_that_died_leave_the_window(client: redis.Redis) -> None:
     """A dead worker's chunks wait for the broker to give them back (the visibility timeout):
     meanwhile the live workers get their room."""

@@ -24,18 +24,36 @@ class Figures:
         }
         self.steps_waiting = 0
         self.occupancy_waiting = 0.0
+        #: All steps, and their share of rows in use summed.
+        self.steps = 0
+        self.occupancy = 0.0
+        #: The same at the last step that admitted requests: the steps after it only drain the
+        #: batch (no work was left to give it), so "while work came" ends there.
+        self.steps_fed = 0
+        self.occupancy_fed = 0.0
         #: Requests in the engine's backlog (taken from the queue, not admitted yet).
         self.backlog = 0
 
-    def step(self, rows: int, most: int, *, waiting: bool) -> None:
+    def step(self, rows: int, most: int, *, waiting: bool, admitted: bool) -> None:
         """A step of the continuous batch with `rows` of `most` rows in use."""
+        if rows:  # (a batch with no rows runs no step)
+            self.steps += 1
+            self.occupancy += rows / most
         if waiting:
             self.steps_waiting += 1
             self.occupancy_waiting += rows / most
+        if admitted:
+            self.steps_fed, self.occupancy_fed = self.steps, self.occupancy
 
     def mean_occupancy(self) -> float:
         """Mean share of rows in use over the steps at which requests were waiting."""
         return self.occupancy_waiting / self.steps_waiting if self.steps_waiting else 0.0
+
+    def mean_occupancy_fed(self) -> float:
+        """Mean share of rows in use over every step up to the last that admitted requests,
+        whether requests waited or not (a batch starved of work between two admissions
+        counts, its drain at the end does not)."""
+        return self.occupancy_fed / self.steps_fed if self.steps_fed else 0.0
 
     def report(self, schedule: str, running: ContinuousBatch | None, most: int, *, waiting: int, steps: int) -> dict[str, float | str]:
         """Rows running and most rows, requests waiting, occupancy (rows in use / most rows)
@@ -54,6 +72,14 @@ class Figures:
             "requests_waiting": waiting + self.backlog,
             "occupancy": round(rows / most, 4),
             "mean_occupancy_waiting": round(self.mean_occupancy(), 4),
+            # Over every step of the continuous batch up to its last admission; and the sums:
+            # steps and their occupancy, in all and up to the last admission (a job's own
+            # figure: its fed sums at its end less the sums in all at its start).
+            "mean_occupancy_fed": round(self.mean_occupancy_fed(), 4),
+            "steps": self.steps,
+            "occupancy_sum": round(self.occupancy, 4),
+            "steps_fed": self.steps_fed,
+            "occupancy_sum_fed": round(self.occupancy_fed, 4),
             # Tokens generated per decode step over most rows, in either schedule.
             "mean_occupancy": round(generated / (steps * most), 4) if steps else 0.0,
             "decode_steps": steps,

@@ -336,7 +336,7 @@ class Engine:
                 self.stats["batches"] += 1
                 self.stats["largest_batch"] = max(self.stats["largest_batch"], len(running))
             occupied = len(running)
-            self._figures.step(occupied, admission.most_rows, waiting=bool(backlog or self._arrivals))
+            self._figures.step(occupied, admission.most_rows, waiting=bool(backlog or self._arrivals), admitted=bool(admitted))
             answers = running.step() if occupied else []
             # The step chose the first token of the rows that joined it.
             chosen = time.monotonic()

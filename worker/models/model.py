@@ -184,7 +184,7 @@ def build_engine(runner: Any, settings: Settings) -> Engine:
 def fingerprint(runner: Any, engine: Engine, settings: Settings) -> str:
     """The answers' `system_fingerprint`: a digest of what decides how a request is answered —
     the model (its registered version, or the id of the saved model), the runner, device kind
-    and dtype, the decode mode and batch limits, the prefix cache, the default max_tokens, and
+    and dtype, the decode mode and batch limits as configured, the prefix cache, the default max_tokens, and
     the versions of chatbatch, torch and transformers. Workers with the same fingerprint answer
     a seeded request alike; a change of any of these changes it."""
     import importlib.metadata
@@ -207,8 +207,11 @@ def fingerprint(runner: Any, engine: Engine, settings: Settings) -> str:
         "dtype": str(getattr(model, "dtype", "")),
         "decode": getattr(runner, "decode", ""),
         "schedule": engine.schedule,
-        "max_batch_size": engine.max_batch_size,
-        "max_batch_tokens": engine.max_batch_tokens,
+        # As configured: where unset they are measured at start (rows on a CPU from a timed
+        # step, KV tokens on CUDA from free memory), which varies between starts of the same
+        # set-up while answers do not.
+        "max_batch_size": settings.max_batch_size or "auto",
+        "max_batch_tokens": settings.max_batch_tokens or "auto",
         "max_prefill_tokens": engine.max_prefill_tokens,
         "prefix_cache_mb": settings.prefix_cache_mb,
         "default_max_tokens": settings.default_max_tokens,

@@ -28,6 +28,7 @@ from worker.decode.stops import StopFinder
 from worker.engine.interface import ContinuousBatch
 from worker.engine.pending import Pending
 from worker.engine.rows import Prepared, Row
+from worker.models.sizing import kv_bytes_per_token, size_for_cpu, timed
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +43,9 @@ def completion_id() -> str:
 #: every few tokens; `compiled` is `static` with the decode step compiled by torch.compile into
 #: CUDA graphs (the default on CUDA). `auto` picks `compiled` on CUDA, `dynamic` elsewhere.
 DECODE_MODES = ("dynamic", "static", "compiled")
-#: Default batch limits on CPU; on CUDA the token limit comes from free memory.
+#: Batch limits of a runner that does not time its steps (a transformers runner sizes its
+#: batches on CPU from memory and its measured step cost, worker/models/sizing.py; on CUDA its token
+#: limit comes from free device memory).
 CPU_BATCH_SIZE = 32
 CPU_BATCH_TOKENS = 65_536
 CUDA_BATCH_SIZE = 512
@@ -155,11 +158,37 @@ class TransformersRunner:
         on CUDA the defaults come from free device memory, and no configured value may exceed
         what fits."""
         if self.device.type != "cuda":
-            return max_batch_size or CPU_BATCH_SIZE, max_batch_tokens or CPU_BATCH_TOKENS
+            sizing = size_for_cpu(self.model, self.time_step, max_rows=max_batch_size, max_tokens=max_batch_tokens)
+            return sizing.rows, sizing.tokens
         fits = self._tokens_that_fit()
         tokens = min(max_batch_tokens or fits, fits)
         logger.info("batches of up to %d padded tokens fit in free %s memory", fits, self.device)
         return max_batch_size or CUDA_BATCH_SIZE, tokens
+
+    def time_step(self, rows: int, width: int) -> float:
+        """Seconds of one decode step of `rows` rows over a cache `width` tokens wide (zeros:
+        a step costs the same whatever the values), the fastest of two."""
+        import torch
+
+        with torch.inference_mode():
+            cache = self.new_cache()
+            config = self.model.config
+            config = getattr(config, "get_text_config", lambda: config)()
+            heads = config.num_attention_heads
+            kv_heads = getattr(config, "num_key_value_heads", None) or heads
+            head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+            for layer in range(config.num_hidden_layers):
+                shape = (rows, kv_heads, width, head_dim)
+                cache.update(torch.zeros(shape, dtype=self.model.dtype, device=self.device),
+                             torch.zeros(shape, dtype=self.model.dtype, device=self.device), layer)
+            tokens = torch.full((rows, 1), self.pad_id, device=self.device)
+
+            def step() -> None:
+                seen = cache.get_seq_length()
+                mask = torch.ones((rows, seen + 1), dtype=torch.long, device=self.device)
+                self.last_logits(tokens, mask, torch.full((rows, 1), seen, device=self.device), cache)
+
+            return timed(step)
 
     def _tokens_that_fit(self) -> int:
         """Padded tokens whose KV cache fits in free device memory, with room for activations,
@@ -170,11 +199,7 @@ class TransformersRunner:
         free, _ = torch.cuda.mem_get_info(self.device)
         config = self.model.config
         config = getattr(config, "get_text_config", lambda: config)()
-        heads = config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        element = torch.finfo(self.model.dtype).bits // 8
-        per_token = 2 * config.num_hidden_layers * kv_heads * head_dim * element
+        per_token = kv_bytes_per_token(self.model)
         # Logits, softmax, top-p sort and the sampling noise: about 40 bytes per vocabulary
         # entry per row, for the largest batch.
         sampling = CUDA_BATCH_SIZE * 2 * config.vocab_size * 40

@@ -26,9 +26,12 @@ from worker.service.state import STOP_CHECK_SECONDS, WorkerState
 
 logger = logging.getLogger(__name__)
 
-#: Answers are stored as they come, this many at a time (and whatever is left at the end), so
-#: a job's progress moves within a chunk and a crash loses little.
+#: Answers are stored as they come, this many at a time, or what has come after STORE_SECONDS
+#: (and whatever is left at the end), so a job's progress moves within a chunk, a crash loses
+#: little, and answered lines leave the queue's window (chatbatch/dispatch.py) while the chunk's
+#: longer answers run on: the next chunk's lines reach the engine as its rows free up.
 RECORD_EVERY = 32
+STORE_SECONDS = 0.5
 
 #: A stored line: (input line, "output" | "error", the BatchRequestOutput as a dict or JSON
 #: text, its (prompt, generated, cached) tokens).
@@ -124,6 +127,7 @@ class ChunkRun:
         self._handed_back = 0
         self._answered = 0
         self._errors = 0
+        self._stored_at = time.monotonic()
 
     def run(self) -> None:
         """Answer what the chunk has left unanswered, once per (job, chunk) at a time in this
@@ -211,7 +215,7 @@ class ChunkRun:
             if time.monotonic() >= next_check:
                 next_check = time.monotonic() + STOP_CHECK_SECONDS
                 self.check_stop()
-            if len(self._ready) >= RECORD_EVERY:
+            if len(self._ready) >= RECORD_EVERY or (self._ready and time.monotonic() - self._stored_at >= STORE_SECONDS):
                 self.store_answers()
         self.store_answers()
 
@@ -233,10 +237,15 @@ class ChunkRun:
         """Store the answers that are ready, in one Redis call."""
         entries = [entry(item, outcome, self._stopped) for item, outcome in self._ready]
         self._ready.clear()
-        self.state.jobs.record_lines(self.job_id, entries, model=self.state.served_name, lineage=self.state.engine.info.lineage)
+        self._stored_at = time.monotonic()
+        if not entries:
+            return
+        stored = self.state.jobs.record_lines(self.job_id, entries, model=self.state.served_name, lineage=self.state.engine.info.lineage)
         failed = sum(kind == "error" for _, kind, _, _ in entries)
         self._answered += len(entries) - failed
         self._errors += failed
+        if stored:
+            self._in_window(lambda queue: self.state.dispatcher.answered(queue, self.job_id, self.chunk, stored, self.task.app.send_task))
 
     def check_stop(self) -> None:
         """Once the job is cancelled or expired, cancel the lines that have not started (the
