@@ -161,9 +161,10 @@ def test_occupancy_up_to_the_last_admission_counts_steps_starved_of_work(runner)
     finally:
         engine.stop()
     figures = engine.figures()
-    assert figures["steps"] > figures["steps_fed"] >= 1
-    assert figures["mean_occupancy_fed"] < 0.5, figures
-    assert figures["mean_occupancy_fed"] == pytest.approx(figures["occupancy_sum_fed"] / figures["steps_fed"], abs=1e-3)
+    steps, fed, mean = int(figures["steps"]), int(figures["steps_fed"]), float(figures["mean_occupancy_fed"])
+    assert steps > fed >= 1
+    assert mean < 0.5, figures
+    assert mean == pytest.approx(float(figures["occupancy_sum_fed"]) / fed, abs=1e-3)
 
 
 def test_a_single_request_is_admitted_ahead_of_waiting_batch_lines(runner) -> None:  # type: ignore[no-untyped-def]
